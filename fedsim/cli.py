@@ -1,0 +1,180 @@
+"""Command line: ``fedsim run|validate|list|topology|plot|compare``.
+
+Exit codes: 0 success, 2 bad input (one line naming file, key, value and what is allowed),
+1 runtime failure. Heavy libraries (torch, flwr, mpi4py) load only inside the commands that
+need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from fedsim.errors import ConfigError
+
+LISTABLE = ("strategies", "topologies", "datasets", "partitions", "models", "participation",
+            "engines", "compressors")
+
+
+def _registry(what: str) -> Any:
+    if what == "strategies":
+        from strategies import STRATEGIES as r
+    elif what == "topologies":
+        from topologies import TOPOLOGIES as r
+    elif what in ("datasets", "partitions"):
+        from fedsim import data
+        r = data.DATASETS if what == "datasets" else data.PARTITIONS
+    elif what == "models":
+        from fedsim.models import MODELS as r
+    elif what == "participation":
+        from fedsim.participation import PARTICIPATION as r
+    elif what == "engines":
+        from fedsim.engines import ENGINES as r
+    else:
+        from strategies.compress import COMPRESSORS as r
+    return r
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.config import load_scenario
+    from fedsim.run import execute
+
+    extra = {"engine": {"kind": args.engine}} if args.engine else None
+    sc = load_scenario(args.scenario, args.set, extra=extra)
+    path, summary = execute(sc, out_dir=args.out, quiet=args.quiet)
+    if path:
+        print(path)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from fedsim.config import load_scenario
+    from fedsim.setup import build_setup
+
+    sc = load_scenario(args.scenario, args.set)
+    setup = build_setup(sc)
+    print(f"ok: {args.scenario}: {sc.strategy.name} on {sc.data.dataset} "
+          f"({setup.num_clients} clients, {setup.model.spec.size} parameters, {sc.rounds} rounds, "
+          f"engine {sc.engine.kind})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    reg = _registry(args.what)
+    names = reg.names()
+    width = max((len(n) for n in names), default=0)
+    for n in names:
+        print(f"{n:<{width}}  {reg.describe(n)}")
+    return 0
+
+
+def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise ConfigError("parameter must look like key=value", key=flag, value=it)
+        out[k] = yaml.safe_load(v) if v else ""
+    return out
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    from topologies import build_topology, describe
+
+    params = _kv(args.params, "topology params")
+    try:
+        topo = build_topology(args.kind, params, n=args.nodes, seed=args.seed)
+    except ConfigError as err:
+        raise err.at(prefix="topology") from None
+    info = describe(topo, rule=args.mixing)
+    for k, v in info.items():
+        print(f"{k:<14} {v:.6f}" if isinstance(v, float) else f"{k:<14} {v}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fedsim.plot import plot_runs
+
+    out = plot_runs(args.runs, x=args.x, y=args.y, output=args.output)
+    print(out)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedsim.plot import compare_table
+
+    print(compare_table(args.runs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedsim", description="Federated and decentralized training simulator.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a scenario and print its run folder")
+    r.add_argument("scenario")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario key, e.g. --set strategy.lr=0.1 (repeatable)")
+    r.add_argument("--out", help="parent folder of the run folder (default: output.dir)")
+    r.add_argument("--engine", help="engine kind (overrides engine.kind)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("validate", help="check a scenario (exit 0, or 2 with the reason)")
+    v.add_argument("scenario")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(fn=cmd_validate)
+
+    ls = sub.add_parser("list", help="list registered plug-ins")
+    ls.add_argument("what", choices=LISTABLE)
+    ls.set_defaults(fn=cmd_list)
+
+    t = sub.add_parser("topology", help="describe a topology: edges, degrees, connectivity, spectral gap")
+    t.add_argument("kind")
+    t.add_argument("--nodes", type=int, required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--mixing", choices=("metropolis", "max_degree"), default="metropolis")
+    t.add_argument("params", nargs="*", metavar="KEY=VALUE", help="topology parameters, e.g. degree=4")
+    t.set_defaults(fn=cmd_topology)
+
+    pl = sub.add_parser("plot", help="overlay runs: metric against round or bytes")
+    pl.add_argument("runs", nargs="+")
+    pl.add_argument("--x", choices=("round", "bytes", "wall"), default="round")
+    pl.add_argument("--y", choices=("test_accuracy", "test_loss", "train_loss", "consensus_distance",
+                                    "node_accuracy_mean"), default="test_accuracy")
+    pl.add_argument("-o", "--output", default=None, help="PNG file (default: plot.png)")
+    pl.set_defaults(fn=cmd_plot)
+
+    c = sub.add_parser("compare", help="table of final metrics of runs")
+    c.add_argument("runs", nargs="+")
+    c.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "nodes", 1) is not None and getattr(args, "nodes", 1) < 1:
+        print("error: --nodes: must be >= 1 (got %d)" % args.nodes, file=sys.stderr)
+        return 2
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # runtime failure: short message; traceback on request
+        if os.environ.get("FEDSIM_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (set FEDSIM_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Scenario files: YAML validated into typed, frozen objects with every default filled.
+
+A scenario has the top-level keys ``name, seed, rounds, data, model, topology, participation,
+strategy, engine, eval, output``. Sections that pick a plug-in by ``kind``/``name``/``dataset``
+take that plug-in's own keyword arguments next to it; they are validated against the
+factory's signature, so unknown keys and bad values are errors that name the file, the key
+path, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedsim.errors import ConfigError
+from fedsim.registry import pydantic_to_config_error
+
+TOP_KEYS = ("name", "seed", "rounds", "data", "model", "topology", "participation", "strategy",
+            "engine", "eval", "output")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _PluginSection(BaseModel):
+    """A section whose extra keys are the selected plug-in's parameters (validated later)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PartitionCfg(_PluginSection):
+    kind: str = "iid"
+
+
+class DataCfg(_PluginSection):
+    dataset: str = "digits"
+    clients: int = Field(10, gt=0)
+    partition: PartitionCfg = PartitionCfg()
+
+
+class ModelCfg(_PluginSection):
+    kind: str = "mlp"
+    init: Literal["shared", "independent"] = "shared"  # independent: one keyed init per client/node
+
+
+class TopologyCfg(_PluginSection):
+    kind: str = "star"
+    mixing: Literal["metropolis", "max_degree"] = "metropolis"
+
+
+class ParticipationCfg(_PluginSection):
+    kind: str = "full"
+
+
+class StrategyCfg(_PluginSection):
+    name: str = "fedavg"
+    batch_size: int | None = Field(32, gt=0)
+
+
+class EngineCfg(_PluginSection):
+    kind: str = "multiplex"
+    device: str = "cpu"
+    dtype: Literal["float32", "float64"] = "float32"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", v):
+            raise ValueError("device must be cpu, cuda, cuda:N or auto")
+        return v
+
+
+class EvalCfg(_Section):
+    every: int = Field(1, gt=0)
+    batch_size: int = Field(2048, gt=0)
+
+
+class OutputCfg(_Section):
+    dir: str = "runs"
+
+
+class Scenario(_Section):
+    name: str = "run"
+    seed: int = 0
+    rounds: int = Field(10, gt=0)
+    data: DataCfg = DataCfg()
+    model: ModelCfg = ModelCfg()
+    topology: TopologyCfg = TopologyCfg()
+    participation: ParticipationCfg = ParticipationCfg()
+    strategy: StrategyCfg = StrategyCfg()
+    engine: EngineCfg = EngineCfg()
+    eval: EvalCfg = EvalCfg()
+    output: OutputCfg = OutputCfg()
+    source: str | None = Field(None, exclude=True)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw scenario dict."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path or any(not p for p in path.split(".")):
+            raise ConfigError("override must look like dotted.key=value", key="--set", value=item)
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = path.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError("cannot set a key inside a non-mapping value",
+                                  key=".".join(parts[: i + 1]), value=nxt)
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a scenario mapping from `path` (ConfigError for missing/unreadable/bad YAML)."""
+    if not os.path.exists(path):
+        raise ConfigError("scenario file not found", file=path)
+    if os.path.isdir(path):
+        raise ConfigError("scenario path is a directory, expected a YAML file", file=path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"invalid YAML{where}: {problem}", file=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read scenario: {exc}", file=path) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("a scenario must be a YAML mapping of top-level keys", file=path,
+                          value=type(raw).__name__, allowed=", ".join(TOP_KEYS))
+    return raw
+
+
+def parse_scenario(raw: dict[str, Any], source: str | None = None) -> "Scenario":
+    """Validate a raw mapping (structure and every plug-in's parameters)."""
+    try:
+        try:
+            sc = Scenario(**raw)
+        except ValidationError as exc:
+            err = pydantic_to_config_error(exc, list(TOP_KEYS))
+            raise err from None
+        except TypeError as exc:  # non-string keys
+            raise ConfigError(f"bad scenario structure: {exc}") from None
+        sc = resolve_plugins(sc)
+    except ConfigError as err:
+        raise err.at(file=source) from None
+    return sc.model_copy(update={"source": source})
+
+
+def load_scenario(path: str, overrides: list[str] | None = None,
+                  extra: dict[str, Any] | None = None) -> Scenario:
+    """Read, override, validate and resolve a scenario file."""
+    raw = read_yaml(path)
+    try:
+        raw = apply_overrides(raw, overrides or [])
+    except ConfigError as err:
+        raise err.at(file=path) from None
+    if extra:
+        raw = _merge(raw, extra)
+    return parse_scenario(raw, source=path)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolved(section: _PluginSection, head: dict[str, Any], registry: Any, name: str,
+              prefix: str) -> dict[str, Any]:
+    try:
+        params = registry.validate(name, section.params())
+    except ConfigError as err:
+        raise err.at(prefix=prefix) from None
+    return {**head, **params}
+
+
+def resolve_plugins(sc: Scenario) -> Scenario:
+    """Validate every plug-in section against its factory and fill in the factory defaults."""
+    from fedsim.data import DATASETS, PARTITIONS
+    from fedsim.engines import ENGINES
+    from fedsim.models import MODELS
+    from fedsim.participation import PARTICIPATION
+    from strategies import STRATEGIES
+    from topologies import TOPOLOGIES
+
+    d = sc.data
+    part = _resolved(d.partition, {"kind": d.partition.kind}, PARTITIONS, d.partition.kind,
+                     "data.partition")
+    data = _resolved(d, {"dataset": d.dataset, "clients": d.clients}, DATASETS, d.dataset, "data")
+    data["partition"] = PartitionCfg(**part)
+    model = ModelCfg(**_resolved(sc.model, {"kind": sc.model.kind, "init": sc.model.init}, MODELS,
+                                 sc.model.kind, "model"))
+    topo = TopologyCfg(**_resolved(sc.topology, {"kind": sc.topology.kind, "mixing": sc.topology.mixing},
+                                   TOPOLOGIES, sc.topology.kind, "topology"))
+    part_cfg = ParticipationCfg(**_resolved(sc.participation, {"kind": sc.participation.kind},
+                                            PARTICIPATION, sc.participation.kind, "participation"))
+    strat = StrategyCfg(**_resolved(sc.strategy, {"name": sc.strategy.name,
+                                                   "batch_size": sc.strategy.batch_size},
+                                    STRATEGIES, sc.strategy.name, "strategy"))
+    eng = EngineCfg(**_resolved(sc.engine, {"kind": sc.engine.kind, "device": sc.engine.device,
+                                            "dtype": sc.engine.dtype},
+                                ENGINES, sc.engine.kind, "engine"))
+    return sc.model_copy(update={"data": DataCfg(**data), "model": model, "topology": topo,
+                                 "participation": part_cfg, "strategy": strat, "engine": eng})
+
+
+def to_dict(sc: Scenario) -> dict[str, Any]:
+    """Plain, YAML-serialisable dict of the resolved scenario (the run folder's config.yaml)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, BaseModel):
+            d = {k: plain(getattr(v, k)) for k in type(v).model_fields if k != "source"}
+            d.update({k: plain(x) for k, x in (v.model_extra or {}).items()})
+            return d
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, BaseModel.__mro__[0]) and hasattr(v, "model_dump"):
+            return v.model_dump()
+        return v
+    return plain(sc)

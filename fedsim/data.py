@@ -1,0 +1,231 @@
+"""Datasets: generators and local files only (no network at run time).
+
+Built in (``DATASETS``): ``synthetic`` (LEAF Synthetic(alpha, beta)), ``logistic`` (a convex
+binary problem with a known generator), ``digits`` (scikit-learn's bundled real data) and
+``npz`` (arrays from a local file). All randomness is keyed by (seed, ``rng.DATASET``, ...):
+the generators give the same arrays on every process. Partitions live in `fedsim.partition`
+and are re-exported here (``PARTITIONS``, ``partition``, ``label_distribution``).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, replace
+from typing import Annotated
+
+import numpy as np
+from pydantic import Field
+
+from fedsim import rng
+from fedsim.errors import ConfigError
+from fedsim.registry import Registry
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNeg = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train/test arrays of one dataset.
+
+    ``x_*`` are float32 ``[n, *feature_shape]`` (images ``[n, C, H, W]``), ``y_*`` int64 ``[n]``
+    in ``[0, num_classes)``. ``natural_split`` holds per-client train index arrays when the
+    generator defines clients itself (used by the ``natural`` partition).
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    natural_split: list[np.ndarray] | None = None
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+DATASETS = Registry("datasets", builtins=("fedsim.data",), reserved=("num_clients", "seed"))
+
+
+def load_dataset(name: str, params: dict, *, num_clients: int, seed: int) -> Dataset:
+    """Build dataset `name` with scenario `params`; arrays cast to float32 / int64."""
+    ds = DATASETS.build(name, params, num_clients=num_clients, seed=seed)
+    if not isinstance(ds, Dataset):
+        raise ConfigError("dataset factory did not return a fedsim.data.Dataset", value=name)
+    return replace(ds, x_train=np.asarray(ds.x_train, np.float32),
+                   x_test=np.asarray(ds.x_test, np.float32),
+                   y_train=np.asarray(ds.y_train, np.int64), y_test=np.asarray(ds.y_test, np.int64))
+
+
+# ---- per-client generators (LEAF synthetic, logistic) ---------------------------------------
+
+def _client_sizes(num_clients: int, mean: int, skew: float, seed: int) -> np.ndarray:
+    """Samples per client: `mean` each, or lognormal(-skew^2/2, skew) * mean (mean kept), >= 1."""
+    if skew == 0:
+        return np.full(num_clients, mean, dtype=np.int64)
+    z = rng.np_rng(seed, rng.DATASET, -1).standard_normal(num_clients)
+    return np.maximum(1, np.rint(mean * np.exp(skew * z - skew**2 / 2))).astype(np.int64)
+
+
+def _assemble(name: str, blocks: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
+              test_fraction: float) -> Dataset:
+    """Split each client's block into train/test (test pooled); natural split = train blocks."""
+    n_all = np.array([len(y) for _, y in blocks])
+    n_test = np.minimum(np.rint(n_all * test_fraction).astype(np.int64), n_all - 1)
+    n_train = n_all - n_test
+    ends = np.cumsum(n_train)
+    split = [np.arange(e - n, e, dtype=np.int64) for e, n in zip(ends, n_train)]
+    x_tr = np.concatenate([x[:n] for (x, _), n in zip(blocks, n_train)])
+    y_tr = np.concatenate([y[:n] for (_, y), n in zip(blocks, n_train)])
+    x_te = np.concatenate([x[n:] for (x, _), n in zip(blocks, n_train)])
+    y_te = np.concatenate([y[n:] for (_, y), n in zip(blocks, n_train)])
+    return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes, split)
+
+
+@DATASETS.register("synthetic")
+def synthetic(*, alpha: NonNeg = 1.0, beta: NonNeg = 1.0, dim: PosInt = 60, classes:
+              Annotated[int, Field(ge=2)] = 10, samples_per_client: PosInt = 200,
+              size_skew: NonNeg = 0.0, test_fraction: Fraction = 0.2,
+              num_clients: int, seed: int) -> Dataset:
+    """LEAF Synthetic(alpha, beta): per-client softmax-regression data (FedProx, arXiv 1812.06127).
+
+    Client k (Li et al. 2020, §5.1, and the LEAF/FedProx generator): u_k ~ N(0, alpha),
+    B_k ~ N(0, beta) (alpha and beta are used as standard deviations, as in the reference code;
+    identical for the usual 0/0.5/1), W_k ~ N(u_k, 1) [dim, classes], b_k ~ N(u_k, 1),
+    v_k ~ N(B_k, 1) [dim], x ~ N(v_k, diag(j^-1.2)), y = argmax(W_k^T x + b_k). Features are left
+    on their natural O(1) scale, as in LEAF. alpha controls model heterogeneity, beta data
+    heterogeneity. Client k draws from its own stream (seed, DATASET, k), so its data do not
+    depend on the number of clients.
+
+    Sizes: `samples_per_client` each when `size_skew` = 0, else lognormal with sigma `size_skew`
+    and mean `samples_per_client` (LEAF itself uses lognormal(4, 2) + 50). A `test_fraction` of
+    each client's samples (rounded, leaving >= 1 for training) is pooled into the test set.
+    The train rows are stored client after client; `natural_split` gives each client's block.
+    """
+    sizes = _client_sizes(num_clients, samples_per_client, size_skew, seed)
+    sd = (np.arange(1, dim + 1, dtype=np.float64) ** -0.6).astype(np.float32)
+    blocks = []
+    for k, n in enumerate(sizes):
+        g = rng.np_rng(seed, rng.DATASET, k)
+        u, big_b = g.normal(0.0, alpha), g.normal(0.0, beta)
+        w = g.normal(u, 1.0, (dim, classes)).astype(np.float32)
+        b = g.normal(u, 1.0, classes).astype(np.float32)
+        v = g.normal(big_b, 1.0, dim).astype(np.float32)
+        x = g.standard_normal((int(n), dim), dtype=np.float32)
+        x *= sd
+        x += v
+        blocks.append((x, np.argmax(x @ w + b, axis=1).astype(np.int64)))
+    return _assemble("synthetic", blocks, classes, test_fraction)
+
+
+@DATASETS.register("logistic")
+def logistic(*, dim: PosInt = 20, samples_per_client: PosInt = 100,
+             noise: Annotated[float, Field(ge=0, lt=0.5)] = 0.1, heterogeneity: NonNeg = 0.0,
+             margin: Annotated[float, Field(gt=0)] = 4.0, size_skew: NonNeg = 0.0,
+             test_fraction: Fraction = 0.2, num_clients: int, seed: int) -> Dataset:
+    """Convex binary logistic regression with a planted model (labels {0,1}, 2 classes).
+
+    Generator: w* ~ N(0, I) rescaled to norm `margin` (stream (seed, DATASET, -2)). Client k
+    (stream (seed, DATASET, k)): w_k = w* + heterogeneity * margin * e_k / sqrt(dim),
+    e_k ~ N(0, I) (concept shift), mean m_k = heterogeneity * N(0, I) (covariate shift),
+    x ~ N(m_k, I), y = 1[x . w_k > 0], flipped with probability `noise`. With heterogeneity 0
+    the clients are i.i.d. and the Bayes classifier is sign(x . w*); noise > 0 keeps the
+    logistic-loss optimum finite (the classes are not separable). Sizes and the train/test
+    split as for `synthetic`; `natural_split` gives each client's block.
+    """
+    sizes = _client_sizes(num_clients, samples_per_client, size_skew, seed)
+    w_star = rng.np_rng(seed, rng.DATASET, -2).standard_normal(dim)
+    w_star *= margin / np.linalg.norm(w_star)
+    blocks = []
+    for k, n in enumerate(sizes):
+        g = rng.np_rng(seed, rng.DATASET, k)
+        w = w_star + heterogeneity * margin / np.sqrt(dim) * g.standard_normal(dim)
+        mean = heterogeneity * g.standard_normal(dim)
+        x = (mean + g.standard_normal((int(n), dim))).astype(np.float32)
+        y = (x @ w > 0) ^ (g.random(int(n)) < noise)
+        blocks.append((x, y.astype(np.int64)))
+    return _assemble("logistic", blocks, 2, test_fraction)
+
+
+# ---- real data on disk ---------------------------------------------------------------------
+
+@DATASETS.register("digits")
+def digits(*, flatten: bool = True, test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
+           num_clients: int, seed: int) -> Dataset:
+    """scikit-learn's bundled handwritten digits (UCI, 1797 8x8 images, 10 classes), in [0, 1].
+
+    Features are pixel / 16 (64 floats, or [n, 1, 8, 8] images when `flatten` is false).
+    The train/test split is a permutation keyed by (seed, DATASET, 0).
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    if not flatten:
+        x = x.reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    perm = rng.np_rng(seed, rng.DATASET, 0).permutation(len(y))
+    n_test = int(round(len(y) * test_fraction))
+    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    return Dataset("digits", x[tr], y[tr], x[te], y[te], 10)
+
+
+@DATASETS.register("npz")
+def npz(*, path: str, num_classes: PosInt | None = None, num_clients: int, seed: int) -> Dataset:
+    """Arrays x_train, y_train, x_test, y_test from a local .npz file (numpy.savez).
+
+    Features are used as stored (cast to float32), except uint8 arrays, scaled to [0, 1].
+    Labels must be non-negative integers (integer dtype, or floats with integral values);
+    `num_classes` defaults to max label + 1. A relative `path` is relative to the working dir.
+    """
+    arrays = _read_npz(path)
+    x_tr, y_tr, x_te, y_te = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    for xs, ys, part in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
+        if ys.ndim != 1 or len(xs) != len(ys):
+            raise ConfigError(f"x_{part} and y_{part} lengths differ (y_{part} must be 1-D)",
+                              file=path, value=(xs.shape, ys.shape))
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise ConfigError("x_train and x_test feature shapes differ", file=path,
+                          value=(x_tr.shape[1:], x_te.shape[1:]))
+    y_tr, y_te = _int_labels(y_tr, path, "y_train"), _int_labels(y_te, path, "y_test")
+    top = int(max(y_tr.max(initial=-1), y_te.max(initial=-1))) + 1
+    if num_classes is not None and top > num_classes:
+        raise ConfigError("a label is >= num_classes", file=path, key="num_classes",
+                          value=num_classes, allowed=f">= {top}")
+    return Dataset("npz", _features(x_tr), y_tr, _features(x_te), y_te, num_classes or top)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise ConfigError("data file not found", file=path, key="path", value=path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise ConfigError(f"missing array {missing[0]!r} in .npz file", file=path,
+                                  allowed="arrays x_train, y_train, x_test, y_test")
+            return {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"cannot read .npz file: {exc}", file=path) from None
+
+
+def _int_labels(y: np.ndarray, path: str, name: str) -> np.ndarray:
+    ok = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0)))
+    if not ok or (y.size and y.min() < 0):
+        raise ConfigError(f"{name} must hold non-negative integer labels", file=path,
+                          value=str(y.dtype))
+    return y.astype(np.int64)
+
+
+def _features(x: np.ndarray) -> np.ndarray:
+    return (x / np.float32(255) if x.dtype == np.uint8 else x).astype(np.float32)
+
+
+from fedsim.partition import PARTITIONS, label_distribution, partition  # noqa: E402  (re-export)
+
+__all__ = ["DATASETS", "Dataset", "PARTITIONS", "label_distribution", "load_dataset", "partition"]

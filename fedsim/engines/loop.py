@@ -1,0 +1,238 @@
+"""The round loop shared by the in-process (multiplex) and MPI engines.
+
+One process owns a set of clients (all of them in-process; a fixed slice on an MPI rank) and
+trains the participants among them in memory-bounded chunks, each chunk one stacked
+computation. Reductions are sums (a monoid), so chunking and rank layout change only the
+floating-point summation order, never the algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fedsim.comm import ByteCounter, LocalComm, add_into, tree_bytes, weighted_sum
+from fedsim.oracle import BlockOracle, ClientData, evaluate
+from fedsim.setup import Setup
+from fedsim.store import ClientStore
+from fedsim.types import RoundCtx, Tree
+
+
+def auto_chunk(setup: Setup, memory_mb: int) -> int:
+    """Clients per stacked computation so that one chunk stays within `memory_mb`.
+
+    Estimate per client: ~8 flat parameter-sized buffers (model, gradient, strategy state,
+    payload, autograd scratch) plus ~4 activation copies of the minibatch.
+    """
+    p = setup.model.spec.size
+    feat = math.prod(setup.dataset.feature_shape)
+    batch = setup.scenario.strategy.batch_size or int(setup.sizes.max())
+    per_client = (8 * p + 4 * batch * max(feat, 1) * 4) * torch.finfo(setup.dtype).bits // 8
+    return max(1, int(memory_mb * 2**20 // max(per_client, 1)))
+
+
+@dataclass
+class LoopState:
+    server: Tree
+    store: ClientStore
+    bytes: ByteCounter = field(default_factory=ByteCounter)
+    fifo: list[Tree] = field(default_factory=list)
+    round: int = 0
+
+
+class RoundLoop:
+    """Runs the rounds of one scenario for the clients this process owns.
+
+    Args:
+      setup: the built scenario. comm: LocalComm or an MPI comm.
+      owned: sorted client ids this process trains (all ids in-process).
+      chunk_size: max clients per stacked computation.
+      on_eval: called with the metrics dict after each evaluation (rank 0 writes it).
+    """
+
+    def __init__(self, setup: Setup, comm: Any = None, owned: np.ndarray | None = None,
+                 chunk_size: int | None = None, on_eval: Callable[[dict], None] | None = None) -> None:
+        self.setup, self.comm = setup, comm or LocalComm()
+        n = setup.num_clients
+        self.owned = np.arange(n) if owned is None else np.asarray(owned)
+        self.chunk = chunk_size or n
+        self.on_eval = on_eval or (lambda m: None)
+        dev, dt = setup.device, setup.dtype
+        full = ClientData.from_parts(setup.dataset.x_train, setup.dataset.y_train, setup.parts, dev, dt)
+        self.data = full if len(self.owned) == n else full.subset(self.owned)
+        self.x_test = torch.as_tensor(setup.dataset.x_test, dtype=dt, device=dev)
+        self.y_test = torch.as_tensor(setup.dataset.y_test, dtype=torch.int64, device=dev)
+        self.sizes = torch.as_tensor(setup.sizes, device=dev)
+        strat = setup.strategy
+        self.state = LoopState(strat.init_server(setup.x0),
+                               ClientStore(strat.init_clients, setup.initial_models, n, dev))
+        self.mixing: dict[str, torch.Tensor] = {}
+        self._mixing_round: int | None = None
+        self.t0 = time.perf_counter()
+        self.train_loss = (0.0, 0)
+
+    # ---- one round -----------------------------------------------------------------------
+    def participants(self, t: int) -> np.ndarray:
+        if self.setup.strategy.comm == "mix":
+            return np.ones(self.setup.num_clients, dtype=bool)
+        return np.asarray(self.setup.participation.mask(t), dtype=bool)
+
+    def ctx(self, t: int, ids: torch.Tensor, mask: torch.Tensor, denom: torch.Tensor) -> RoundCtx:
+        n_i = self.sizes[ids]
+        return RoundCtx(round=t, seed=self.setup.scenario.seed, ids=ids, num_samples=n_i,
+                        weight=n_i.to(self.setup.dtype) / denom, participants=mask,
+                        total_samples=self.sizes, num_clients=self.setup.num_clients)
+
+    def step(self, t: int) -> None:
+        s, strat, dev = self.state, self.setup.strategy, self.setup.device
+        mask_np = self.participants(t)
+        mask = torch.as_tensor(mask_np, device=dev)
+        denom = self.sizes[mask].sum().to(self.setup.dtype).clamp_min(1)
+        mine = torch.as_tensor(self.owned[mask_np[self.owned]], device=dev)
+        partial: Tree | None = None
+        payload_rows: list[Tree] = []
+        up = down = 0
+        loss_sum, loss_n = 0.0, 0
+        down_per = tree_bytes({k: s.server[k][None] for k in strat.broadcast if k in s.server},
+                              rows=False)
+        batch = self.setup.scenario.strategy.batch_size
+        for c in range(0, mine.numel(), self.chunk):
+            ids = mine[c:c + self.chunk]
+            ctx = self.ctx(t, ids, mask, denom)
+            clients = s.store.gather(ids)
+            oracle = BlockOracle(self.setup.model, self.data, ids, t, ctx.seed, batch)
+            payload, clients, info = strat.local(s.server, clients, oracle, ctx)
+            s.store.scatter(ids, clients)
+            if "loss" in info:
+                loss_sum += float(info["loss"].double().sum())
+                loss_n += ids.numel()
+            bits = info.get("up_bits")
+            up_rows = (bits.double() / 8).ceil() if bits is not None else tree_bytes(payload)
+            if strat.comm == "reduce":
+                w = strat.weights(s.server, ctx) if strat.weights else ctx.weight
+                partial = add_into(partial, weighted_sum(payload, w))
+                up += int(up_rows.sum())
+                down += int(down_per) * ids.numel()
+            else:
+                payload_rows.append(payload)
+                deg = self.degrees(t)[ids]
+                up += int((up_rows * deg).sum())
+        self.train_loss = (self.train_loss[0] + loss_sum, self.train_loss[1] + loss_n)
+        if strat.comm == "reduce":
+            self.finish_reduce(t, partial, mask, denom)
+        else:
+            self.finish_mix(t, payload_rows, mine, mask, denom)
+            down = up
+        up_down = self.comm.allreduce_scalars(torch.tensor([up, down], dtype=torch.float64))
+        s.bytes.add(int(up_down[0]), int(up_down[1]))
+        s.round = t + 1
+
+    def finish_reduce(self, t: int, partial: Tree | None, mask: torch.Tensor, denom: torch.Tensor) -> None:
+        s, strat = self.state, self.setup.strategy
+        reduced = self.comm.allreduce(partial) if self.comm.size > 1 else (partial or {})
+        if strat.staleness:
+            s.fifo.append(reduced)
+            if len(s.fifo) <= strat.staleness:
+                return
+            reduced = s.fifo.pop(0)
+        all_ids = torch.nonzero(mask).flatten()
+        s.server = strat.server_update(s.server, reduced, self.ctx(t, all_ids, mask, denom))
+
+    def finish_mix(self, t: int, payload_rows: list[Tree], mine: torch.Tensor, mask: torch.Tensor,
+                   denom: torch.Tensor) -> None:
+        s, strat = self.state, self.setup.strategy
+        payload = {k: torch.cat([p[k] for p in payload_rows]) for k in payload_rows[0]}
+        mixed = self.comm.mix(self.mixing_ops(t), payload, mine, dict(strat.mixing))
+        for c in range(0, mine.numel(), self.chunk):
+            ids = mine[c:c + self.chunk]
+            rows = {k: v[c:c + self.chunk] for k, v in mixed.items()}
+            clients = strat.node_update(s.store.gather(ids), rows, self.ctx(t, ids, mask, denom))
+            s.store.scatter(ids, clients)
+
+    def mixing_ops(self, t: int) -> dict[str, torch.Tensor]:
+        topo = self.setup.topology
+        key = 0 if topo.static else t
+        if self._mixing_round != key:
+            mm = topo.mixing(t, rule=self.setup.scenario.topology.mixing)
+            self.mixing = {"W": mm.to_torch(self.setup.device, self.setup.dtype),
+                           "mean": _neighbour_mean(mm, self.setup.device, self.setup.dtype)}
+            self._degrees = torch.as_tensor(np.diff(mm.indptr), device=self.setup.device) - 1
+            self._mixing_round = key
+        return self.mixing
+
+    def degrees(self, t: int) -> torch.Tensor:
+        self.mixing_ops(t)
+        return self._degrees
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def models_for_eval(self) -> torch.Tensor:
+        """The global model [P] (reduce) or the average node model (mix)."""
+        s, strat = self.state, self.setup.strategy
+        if strat.comm == "reduce":
+            return s.server[strat.model_key]
+        ids = torch.as_tensor(self.owned, device=self.setup.device)
+        total = s.store.gather(ids)[strat.model_key].sum(0)
+        return self.comm.allreduce({"x": total})["x"] / self.setup.num_clients
+
+    def evaluate(self, t: int) -> dict[str, Any]:
+        s, strat = self.state, self.setup.strategy
+        x = self.models_for_eval()
+        loss, acc = evaluate(self.setup.model, x[None], self.x_test, self.y_test,
+                             self.setup.scenario.eval.batch_size)
+        tl = self.comm.allreduce_scalars(torch.tensor(self.train_loss, dtype=torch.float64))
+        self.train_loss = (0.0, 0)
+        m: dict[str, Any] = {"round": t + 1,
+                             "train_loss": float(tl[0] / tl[1]) if tl[1] > 0 else None,
+                             "test_loss": float(loss[0]), "test_accuracy": float(acc[0]),
+                             "bytes_up": s.bytes.up, "bytes_down": s.bytes.down}
+        if strat.comm == "mix":
+            m.update(self.node_metrics(x))
+        m["wall_s"] = round(time.perf_counter() - self.t0, 4)
+        return m
+
+    def node_metrics(self, avg: torch.Tensor) -> dict[str, float]:
+        """Consensus distance (mean squared distance to the average model) and node accuracy."""
+        s, strat = self.state, self.setup.strategy
+        sq = torch.zeros(2, dtype=torch.float64, device=self.setup.device)
+        ids_all = torch.as_tensor(self.owned, device=self.setup.device)
+        for c in range(0, ids_all.numel(), self.chunk):
+            xs = s.store.gather(ids_all[c:c + self.chunk])[strat.model_key]
+            _, acc = evaluate(self.setup.model, xs, self.x_test, self.y_test,
+                              self.setup.scenario.eval.batch_size)
+            sq[0] += ((xs - avg) ** 2).sum().double()
+            sq[1] += acc.sum()
+        tot = self.comm.allreduce_scalars(sq.cpu())
+        n = self.setup.num_clients
+        return {"consensus_distance": float(tot[0] / n), "node_accuracy_mean": float(tot[1] / n)}
+
+    def run(self, progress: Callable[[int, dict | None], None] | None = None) -> list[dict]:
+        sc = self.setup.scenario
+        history = []
+        for t in range(self.state.round, sc.rounds):
+            self.step(t)
+            m = None
+            if (t + 1) % sc.eval.every == 0 or t + 1 == sc.rounds:
+                m = self.evaluate(t)
+                history.append(m)
+                self.on_eval(m)
+            if progress:
+                progress(t, m)
+        return history
+
+
+def _neighbour_mean(mm: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Sparse [n, n]: row i averages the in-neighbours of i uniformly (self excluded)."""
+    indptr, indices = np.asarray(mm.indptr), np.asarray(mm.indices)
+    rows = np.repeat(np.arange(mm.n), np.diff(indptr))
+    keep = indices != rows
+    r, c = rows[keep], indices[keep]
+    deg = np.bincount(r, minlength=mm.n).astype(np.float64)
+    vals = 1.0 / np.maximum(deg[r], 1)
+    coo = torch.sparse_coo_tensor(torch.as_tensor(np.stack([r, c])), torch.as_tensor(vals),
+                                  (mm.n, mm.n))
+    return coo.coalesce().to_sparse_csr().to(device=device, dtype=dtype)

@@ -1,0 +1,49 @@
+"""The default engine: every client of a round trained together on one device.
+
+All participants of a round (or memory-bounded chunks of them) form one stacked computation:
+their parameters are the rows of one [m, P] tensor, their minibatches one [m, B, ...] tensor,
+and a local step is one batched forward/backward pass (no Python loop over clients).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Callable
+
+import torch
+from pydantic import Field
+
+from fedsim.engines import ENGINES
+from fedsim.engines.loop import RoundLoop, auto_chunk
+from fedsim.setup import Setup
+
+
+class MultiplexEngine:
+    """In-process engine (see module docstring)."""
+
+    name = "multiplex"
+
+    def __init__(self, chunk_size: int | None, memory_mb: int, threads: int | None) -> None:
+        self.chunk_size, self.memory_mb, self.threads = chunk_size, memory_mb, threads
+
+    def run(self, setup: Setup, on_eval: Callable[[dict], None],
+            progress: Callable[[int, dict | None], None] | None = None) -> list[dict[str, Any]]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        chunk = self.chunk_size or auto_chunk(setup, self.memory_mb)
+        loop = RoundLoop(setup, chunk_size=chunk, on_eval=on_eval)
+        self.loop = loop
+        return loop.run(progress)
+
+
+@ENGINES.register("multiplex")
+def multiplex(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
+              memory_mb: Annotated[int, Field(gt=0)] = 2048,
+              threads: Annotated[int, Field(gt=0)] | None = None) -> MultiplexEngine:
+    """All clients of a round as one stacked computation on one device (CPU or CUDA).
+
+    Args:
+      chunk_size: clients per stacked computation; None picks it from `memory_mb`.
+      memory_mb: memory bound for one chunk's working set when chunk_size is None.
+      threads: torch intra-op threads (None: torch's default).
+    """
+    return MultiplexEngine(chunk_size, memory_mb, threads)

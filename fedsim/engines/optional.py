@@ -1,0 +1,1 @@
+"""Registration of engines whose heavy dependencies load only when they run."""

@@ -1,0 +1,33 @@
+"""Errors that the CLI turns into exit codes: bad input is exit 2, a clear one-line message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(Exception):
+    """Bad user input (scenario file, CLI flag, data file).
+
+    The message names the file, the dotted key path, the bad value and what is allowed,
+    on one line. The CLI prints it without a traceback and exits with code 2.
+    """
+
+    def __init__(self, msg: str, *, file: str | None = None, key: str | None = None,
+                 value: Any = ..., allowed: str | None = None) -> None:
+        self.file, self.key, self.value, self.allowed, self.msg = file, key, value, allowed, msg
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = ": ".join(p for p in (self.file, self.key) if p)
+        text = self.msg
+        if self.value is not ...:
+            text = f"{text} (got {self.value!r})"
+        if self.allowed:
+            text = f"{text}; allowed: {self.allowed}"
+        return f"{where}: {text}" if where else text
+
+    def at(self, *, file: str | None = None, prefix: str | None = None) -> "ConfigError":
+        """Return the same error located in `file` and/or under key `prefix`."""
+        key = ".".join(p for p in (prefix, self.key) if p) or None
+        return ConfigError(self.msg, file=file or self.file, key=key, value=self.value,
+                           allowed=self.allowed)

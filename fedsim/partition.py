@@ -1,0 +1,222 @@
+"""Partitions of a training set over clients: iid, Dirichlet label skew, shards, natural.
+
+A partition factory takes keyword parameters from the scenario plus the runtime keywords
+``labels`` (int64 [n]), ``num_clients``, ``seed`` and ``natural_split``, and returns one sorted
+int64 index array per client. Every sample is used at most once and every client gets at least
+one sample (`partition` checks both). Randomness is keyed by (seed, ``rng.PARTITION``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import numpy as np
+from pydantic import Field
+
+from fedsim import rng
+from fedsim.errors import ConfigError
+from fedsim.registry import Registry
+
+if TYPE_CHECKING:
+    from fedsim.data import Dataset
+
+PARTITIONS = Registry("partitions", builtins=("fedsim.partition",),
+                      reserved=("labels", "num_clients", "seed", "natural_split"))
+SizeSkew = Annotated[float, Field(ge=0)]
+
+
+def partition(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
+              seed: int) -> list[np.ndarray]:
+    """Split ``ds.x_train`` over `num_clients` with partition `kind`; checked, sorted int64 arrays."""
+    n = len(ds.y_train)
+    if num_clients > n:
+        raise ConfigError("needs at least one sample per client", key="clients",
+                          value=num_clients, allowed=f"at most {n} (training samples)")
+    parts = PARTITIONS.build(kind, params, labels=ds.y_train, num_clients=num_clients,
+                             seed=seed, natural_split=ds.natural_split)
+    parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    if len(parts) != num_clients:
+        raise ConfigError(f"partition {kind!r} gave {len(parts)} clients", key="clients",
+                          value=num_clients)
+    if min(len(p) for p in parts) < 1:
+        raise ConfigError(f"partition {kind!r} left a client without samples", key="clients",
+                          value=num_clients)
+    flat = np.concatenate(parts)
+    if flat.min() < 0 or flat.max() >= n or np.bincount(flat, minlength=n).max() > 1:
+        raise ConfigError(f"partition {kind!r} gave out-of-range or repeated sample indices")
+    return parts
+
+
+def label_distribution(y: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """Label proportions q[n, c] of each client's samples, float64 [N, C] (rows of empty clients 0)."""
+    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    owner = np.repeat(np.arange(len(parts)), sizes)
+    labels = y[np.concatenate(parts)] if len(parts) else np.zeros(0, np.int64)
+    counts = np.bincount(owner * num_classes + labels, minlength=len(parts) * num_classes)
+    counts = counts.reshape(len(parts), num_classes).astype(np.float64)
+    return counts / np.maximum(sizes, 1)[:, None]
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
+    """Integers >= 0 summing to `total`, proportional to `weights` (Hamilton's method)."""
+    raw = total * weights / weights.sum()
+    out = np.floor(raw).astype(np.int64)
+    order = np.argsort(-(raw - out), kind="stable")
+    out[order[: total - out.sum()]] += 1
+    return out
+
+
+def _cum_round(total: int, weights: np.ndarray) -> np.ndarray:
+    """Integers summing to `total` from floored cumulative shares (as NIID-Bench's cut points).
+
+    A client with an expected count below 1 still gets a sample with probability about that
+    count (largest-remainder rounding would starve it in every class).
+    """
+    bounds = np.floor(np.cumsum(weights) / weights.sum() * total).astype(np.int64)
+    bounds[-1] = total
+    return np.diff(bounds, prepend=0)
+
+
+def _size_weights(num_clients: int, size_skew: float, seed: int) -> np.ndarray:
+    """Relative client sizes: 1 each, or lognormal(0, size_skew) keyed by (seed, PARTITION, -1)."""
+    if size_skew == 0:
+        return np.ones(num_clients)
+    return rng.np_rng(seed, rng.PARTITION, -1).lognormal(0.0, size_skew, num_clients)
+
+
+def _cut(indices: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    return np.split(indices, np.cumsum(counts)[:-1])
+
+
+# ---- partitions ------------------------------------------------------------------------------
+
+@PARTITIONS.register("iid")
+def iid(*, size_skew: SizeSkew = 0.0, labels: np.ndarray, num_clients: int, seed: int,
+        natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Uniformly random split; sizes equal (+-1) or lognormal-skewed with sigma `size_skew`.
+
+    With size_skew > 0, client n gets 1 + a share of the other n - N samples proportional to
+    w_n ~ LogNormal(0, size_skew) (largest-remainder rounding): the total is unchanged and
+    every client keeps at least one sample.
+    """
+    n = len(labels)
+    perm = rng.np_rng(seed, rng.PARTITION, 0).permutation(n)
+    counts = 1 + _largest_remainder(n - num_clients, _size_weights(num_clients, size_skew, seed))
+    return _cut(perm, counts)
+
+
+@PARTITIONS.register("dirichlet")
+def dirichlet(*, alpha: Annotated[float, Field(gt=0)], min_size: Annotated[int, Field(ge=1)] = 1,
+              size_skew: SizeSkew = 0.0, scheme: Literal["per_class", "per_client"] = "per_class",
+              max_tries: Annotated[int, Field(ge=1)] = 1000, labels: np.ndarray,
+              num_clients: int, seed: int,
+              natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Label skew: class proportions from Dirichlet(alpha); small alpha = few labels per client.
+
+    `per_class` (Yurochkin et al. 2019; Wang et al. 2020 FedMA; Li et al. 2022 NIID-Bench): for
+    each class c, shares over clients ~ Dir(alpha 1_N), times the size weights w_n, with clients
+    already above their target size n w_n / sum(w) masked out (the NIID-Bench balancing
+    rule); the class's shuffled
+    samples are cut at the cumulative shares. `per_client` (Hsu et al. 2019, arXiv 1909.06335;
+    the FedAU reference code): client label mixtures q_n ~ Dir(alpha 1_C), times w_n; the samples
+    of class c go to clients in proportion to q_{n,c}. Draw t uses stream (seed, PARTITION, t, c);
+    draws are repeated (t = 0, 1, ...) until every client has >= `min_size` samples.
+    `size_skew`: w_n ~ LogNormal(0, size_skew) (1 when 0), as for `iid`.
+    """
+    classes = int(labels.max()) + 1 if len(labels) else 0
+    by_class = [np.flatnonzero(labels == c) for c in range(classes)]
+    weights = _size_weights(num_clients, size_skew, seed)
+    draw = _dirichlet_per_class if scheme == "per_class" else _dirichlet_per_client
+    for t in range(max_tries):
+        parts = draw(by_class, alpha, weights, seed, t)
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    raise ConfigError(f"no Dirichlet draw in {max_tries} tries gave every client >= min_size "
+                      "samples", key="alpha", value=alpha,
+                      allowed="a larger alpha, fewer clients, a smaller min_size or "
+                      "size_skew, or scheme: per_client")
+
+
+def _dirichlet_per_class(by_class: list[np.ndarray], alpha: float, weights: np.ndarray,
+                         seed: int, t: int) -> list[np.ndarray]:
+    num_clients = len(weights)
+    cap = sum(len(ix) for ix in by_class) * weights / weights.sum()
+    sizes = np.zeros(num_clients, dtype=np.int64)
+    pieces: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c, ix in enumerate(by_class):
+        g = rng.np_rng(seed, rng.PARTITION, t, c)
+        share = g.dirichlet(np.full(num_clients, alpha)) * weights * (sizes < cap)
+        share = share / share.sum() if share.sum() > 0 else weights / weights.sum()
+        counts = _cum_round(len(ix), share)
+        for n, piece in enumerate(_cut(g.permutation(ix), counts)):
+            pieces[n].append(piece)
+        sizes += counts
+    return [np.concatenate(p) if p else np.zeros(0, np.int64) for p in pieces]
+
+
+def _dirichlet_per_client(by_class: list[np.ndarray], alpha: float, weights: np.ndarray,
+                          seed: int, t: int) -> list[np.ndarray]:
+    num_clients, classes = len(weights), len(by_class)
+    q = rng.np_rng(seed, rng.PARTITION, t, -1).dirichlet(np.full(classes, alpha), num_clients)
+    q = np.nan_to_num(q) * weights[:, None]
+    pieces: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c, ix in enumerate(by_class):
+        share = q[:, c] if q[:, c].sum() > 0 else weights
+        g = rng.np_rng(seed, rng.PARTITION, t, c)
+        for n, piece in enumerate(_cut(g.permutation(ix), _cum_round(len(ix), share))):
+            pieces[n].append(piece)
+    return [np.concatenate(p) if p else np.zeros(0, np.int64) for p in pieces]
+
+
+@PARTITIONS.register("shards")
+def shards(*, classes_per_client: Annotated[int, Field(ge=1)] = 2, labels: np.ndarray,
+           num_clients: int, seed: int,
+           natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Pathological non-IID shards (McMahan et al. 2017, arXiv 1602.05629): <= k labels each.
+
+    The samples are sorted by label (shuffled within a label) and cut into
+    num_clients * classes_per_client shards; each client gets classes_per_client random shards.
+    Unlike a plain cut of the sorted array, shards never straddle two labels: each label gets a
+    number of shards proportional to its size (at least one while shards remain), so a client
+    holds at most classes_per_client labels. All samples are used when
+    num_clients * classes_per_client >= number of labels; otherwise the smallest labels are left out.
+    """
+    g = rng.np_rng(seed, rng.PARTITION, 0)
+    classes = int(labels.max()) + 1
+    by_class = [g.permutation(np.flatnonzero(labels == c)) for c in range(classes)]
+    sizes = np.array([len(ix) for ix in by_class], dtype=np.int64)
+    per_label = _shards_per_label(sizes, num_clients * classes_per_client)
+    cuts = [s for ix, k in zip(by_class, per_label) if k for s in np.array_split(ix, k)]
+    order = g.permutation(len(cuts)).reshape(num_clients, classes_per_client)
+    return [np.concatenate([cuts[j] for j in row]) for row in order]
+
+
+def _shards_per_label(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Shard counts per label: sum `total`, <= label size, >= 1 for present labels if possible."""
+    present = np.flatnonzero(sizes > 0)
+    if sizes.sum() < total:
+        raise ConfigError("fewer samples than shards", key="classes_per_client",
+                          allowed=f"num_clients * classes_per_client <= {int(sizes.sum())}")
+    out = np.zeros(len(sizes), dtype=np.int64)
+    keep = present[np.argsort(-sizes[present], kind="stable")][:total]
+    out[keep] = 1
+    while out.sum() < total:  # largest remainder, capped by label size; at most a few passes
+        room = np.where(out < sizes, sizes.astype(np.float64), 0.0)
+        out += np.minimum(_largest_remainder(total - int(out.sum()), room), sizes - out)
+    return out
+
+
+@PARTITIONS.register("natural")
+def natural(*, labels: np.ndarray, num_clients: int, seed: int,
+            natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """The clients defined by the dataset generator itself (e.g. LEAF synthetic, logistic)."""
+    if natural_split is None:
+        raise ConfigError("this dataset defines no natural split", value="natural",
+                          allowed="iid, dirichlet, shards (or a dataset with clients: "
+                          "synthetic, logistic)")
+    if len(natural_split) != num_clients:
+        raise ConfigError("the dataset's natural split has a different number of clients",
+                          key="clients", value=num_clients, allowed=str(len(natural_split)))
+    return [np.asarray(p, dtype=np.int64) for p in natural_split]

@@ -1,0 +1,39 @@
+"""Local-training building blocks shared by strategies (pure, batched over clients)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fedsim.types import Oracle
+
+
+def broadcast_rows(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x [P] or [m, P] -> a fresh [m, P] tensor (never a view of the input)."""
+    return x.expand(m, -1).clone() if x.dim() == 1 else x.clone()
+
+
+def local_sgd(x: torch.Tensor, oracle: Oracle, steps: int, lr: float,
+              direction: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`steps` steps of y <- y - lr * d(g, k) on every client row at once.
+
+    Args:
+      x: [m, P] starting points (not modified).
+      oracle: minibatch gradients for this block and round.
+      steps: number of local steps K.
+      lr: local step size.
+      direction: maps (stochastic gradient [m, P], step k) to the step direction; None uses
+        the gradient (plain SGD). SCAFFOLD passes g - c_i + c, FedAvg-M beta*g + (1-beta)*g_server.
+
+    Returns:
+      (y [m, P] after K steps, mean training loss over the K steps [m]).
+    """
+    y = x
+    loss_sum = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for k in range(steps):
+        loss, g = oracle(y, k)
+        loss_sum += loss.double()
+        y = y - lr * (g if direction is None else direction(g, k))
+    return y, loss_sum / max(steps, 1)
