@@ -217,14 +217,33 @@ def resolve_plugins(sc: Scenario) -> Scenario:
                                    TOPOLOGIES, sc.topology.kind, "topology"))
     part_cfg = ParticipationCfg(**_resolved(sc.participation, {"kind": sc.participation.kind},
                                             PARTICIPATION, sc.participation.kind, "participation"))
-    strat = StrategyCfg(**_resolved(sc.strategy, {"name": sc.strategy.name,
-                                                   "batch_size": sc.strategy.batch_size},
-                                    STRATEGIES, sc.strategy.name, "strategy"))
+    strat = StrategyCfg(**_resolve_strategy(sc.strategy, STRATEGIES))
     eng = EngineCfg(**_resolved(sc.engine, {"kind": sc.engine.kind, "device": sc.engine.device,
                                             "dtype": sc.engine.dtype},
                                 ENGINES, sc.engine.kind, "engine"))
     return sc.model_copy(update={"data": DataCfg(**data), "model": model, "topology": topo,
                                  "participation": part_cfg, "strategy": strat, "engine": eng})
+
+
+def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
+    """Strategy params; a `compressor` the factory does not take itself wraps its uplink."""
+    head = {"name": cfg.name, "batch_size": cfg.batch_size}
+    params = cfg.params()
+    comp = None
+    if "compressor" in params and "compressor" not in registry.params(cfg.name):
+        from strategies.compress import validate_compressor
+
+        try:
+            comp = validate_compressor(params.pop("compressor"))
+        except ConfigError as err:
+            raise err.at(prefix="strategy.compressor") from None
+    try:
+        out = {**head, **registry.validate(cfg.name, params)}
+    except ConfigError as err:
+        raise err.at(prefix="strategy") from None
+    if comp is not None:
+        out["compressor"] = comp
+    return out
 
 
 def to_dict(sc: Scenario) -> dict[str, Any]:

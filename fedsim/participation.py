@@ -33,6 +33,7 @@ Prob = Annotated[float, Field(gt=0, le=1)]
 class Participation(Protocol):
     num_clients: int
     probabilities: np.ndarray | None  # long-run participation rate p_n [N] (oracle use only)
+    # built-ins also have `p_nominal` [N]: the configured p_n (differs from the rate for cyclic)
 
     def mask(self, round: int) -> np.ndarray: ...
 
@@ -48,8 +49,9 @@ class _Memoryless:
     """A pattern whose mask of round t is a pure function of t."""
 
     def __init__(self, num_clients: int, probabilities: np.ndarray | None,
-                 fn: Callable[[int], np.ndarray]) -> None:
+                 fn: Callable[[int], np.ndarray], p_nominal: np.ndarray | None = None) -> None:
         self.num_clients, self.probabilities, self._fn = num_clients, probabilities, fn
+        self.p_nominal = probabilities if p_nominal is None else p_nominal
 
     def mask(self, round: int) -> np.ndarray:
         if round < 0:
@@ -75,8 +77,8 @@ def resolve_p(*, p: float | list[float] | None, p_range: list[float] | None,
     defaults p_mean = 0.1, p_min = 0.02, dirichlet_alpha = 0.1. Values above 1 (possible when
     p_mean * C > 1) are clipped to 1.
     """
-    given = [k for k, v in (("p", p), ("p_range", p_range), ("p_from_labels", p_from_labels or None))
-             if v is not None]
+    given = [k for k, v in (("p", p), ("p_range", p_range),
+                            ("p_from_labels", p_from_labels or None)) if v is not None]
     if len(given) != 1:
         raise ConfigError("give exactly one of p, p_range, p_from_labels", value=given or None)
     extra = [k for k, v in (("p_mean", p_mean), ("p_min", p_min),
@@ -141,7 +143,8 @@ def uniform(*, clients_per_round: Annotated[int, Field(ge=1)] | None = None,
     smallest keyed uniforms u(seed, PARTICIPATION, n, t): the same set on every process.
     """
     if (clients_per_round is None) == (fraction is None):
-        raise ConfigError("give exactly one of clients_per_round, fraction", key="clients_per_round")
+        raise ConfigError("give exactly one of clients_per_round, fraction",
+                          key="clients_per_round")
     k = clients_per_round if fraction is None else max(1, int(round(fraction * num_clients)))
     if k > num_clients:
         raise ConfigError("more clients per round than clients", key="clients_per_round",
@@ -192,9 +195,7 @@ def cyclic(*, period: Annotated[int, Field(ge=2)] = 100, p: float | list[float] 
 
     def fn(t: int) -> np.ndarray:
         return (t >= start) & ((t - start) % (act + ina) < act)
-    part = _Memoryless(num_clients, act / (act + ina), fn)
-    part.p_nominal = pn  # type: ignore[attr-defined]
-    return part
+    return _Memoryless(num_clients, act / (act + ina), fn, p_nominal=pn)
 
 
 class _Markov:
@@ -203,7 +204,7 @@ class _Markov:
     _EVERY = 256  # checkpoint stride (rounds)
 
     def __init__(self, pn: np.ndarray, q: float, seed: int) -> None:
-        self.num_clients, self.probabilities, self._seed = len(pn), pn, seed
+        self.num_clients, self.probabilities, self.p_nominal, self._seed = len(pn), pn, pn, seed
         off = q * (1.0 / pn - 1.0)
         over = off > 1
         self.q_on = np.where(over, q / np.where(over, off, 1.0), q)  # §2.4 q-adjustment
@@ -237,9 +238,9 @@ def markov(*, q: Prob = 0.05, p: float | list[float] | None = None,
            p_mean: float | None = None, p_min: float | None = None,
            dirichlet_alpha: float | None = None, num_clients: int, seed: int,
            label_dist: np.ndarray | None = None) -> Participation:
-    """Markov chain with stationary p_n: P(off->on) = q, P(on->off) = q (1/p_n - 1) (FedAU `markov-q`).
+    """Two-state Markov chain, stationary p_n: P(off->on) = q, P(on->off) = q (1/p_n - 1).
 
-    If q (1/p_n - 1) > 1 it is set to 1 and P(off->on) to q / (q (1/p_n - 1)) = p_n / (1 - p_n),
+    As the FedAU reference `markov-q` (ALGORITHMS.md §2.4): if q (1/p_n - 1) > 1 it is set to 1 and P(off->on) to q / (q (1/p_n - 1)) = p_n / (1 - p_n),
     keeping p_n stationary. Initial state ~ Bernoulli(p_n) (keyed per client); the state is
     updated with the draw u(seed, PARTICIPATION, n, t) before it is read in round t.
     """

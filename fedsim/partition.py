@@ -27,7 +27,7 @@ SizeSkew = Annotated[float, Field(ge=0)]
 
 def partition(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
               seed: int) -> list[np.ndarray]:
-    """Split ``ds.x_train`` over `num_clients` with partition `kind`; checked, sorted int64 arrays."""
+    """Split ``ds.x_train`` over `num_clients` by partition `kind`: checked, sorted int64 arrays."""
     n = len(ds.y_train)
     if num_clients > n:
         raise ConfigError("needs at least one sample per client", key="clients",
@@ -48,7 +48,7 @@ def partition(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
 
 
 def label_distribution(y: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """Label proportions q[n, c] of each client's samples, float64 [N, C] (rows of empty clients 0)."""
+    """Label proportions q[n, c] of each client's samples, float64 [N, C] (empty clients: 0)."""
     sizes = np.array([len(p) for p in parts], dtype=np.int64)
     owner = np.repeat(np.arange(len(parts)), sizes)
     labels = y[np.concatenate(parts)] if len(parts) else np.zeros(0, np.int64)
@@ -79,11 +79,18 @@ def _cum_round(total: int, weights: np.ndarray) -> np.ndarray:
     return np.diff(bounds, prepend=0)
 
 
-def _size_weights(num_clients: int, size_skew: float, seed: int) -> np.ndarray:
-    """Relative client sizes: 1 each, or lognormal(0, size_skew) keyed by (seed, PARTITION, -1)."""
-    if size_skew == 0:
-        return np.ones(num_clients)
-    return rng.np_rng(seed, rng.PARTITION, -1).lognormal(0.0, size_skew, num_clients)
+def _target_sizes(n: int, num_clients: int, size_skew: float, seed: int, floor: int) -> np.ndarray:
+    """Client sizes summing to n: `floor` each plus a share of the rest proportional to w_n.
+
+    w_n = 1 (size_skew = 0: sizes equal within 1) or w_n ~ LogNormal(0, size_skew), keyed by
+    (seed, PARTITION, -1); largest-remainder rounding.
+    """
+    if n < floor * num_clients:
+        raise ConfigError(f"needs at least {floor} sample(s) per client", key="clients",
+                          value=num_clients, allowed=f"at most {n // floor} for {n} samples")
+    w = np.ones(num_clients) if size_skew == 0 else \
+        rng.np_rng(seed, rng.PARTITION, -1).lognormal(0.0, size_skew, num_clients)
+    return floor + _largest_remainder(n - floor * num_clients, w)
 
 
 def _cut(indices: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
@@ -99,12 +106,10 @@ def iid(*, size_skew: SizeSkew = 0.0, labels: np.ndarray, num_clients: int, seed
 
     With size_skew > 0, client n gets 1 + a share of the other n - N samples proportional to
     w_n ~ LogNormal(0, size_skew) (largest-remainder rounding): the total is unchanged and
-    every client keeps at least one sample.
+    every client keeps at least one sample. The permutation uses stream (seed, PARTITION, 0).
     """
-    n = len(labels)
-    perm = rng.np_rng(seed, rng.PARTITION, 0).permutation(n)
-    counts = 1 + _largest_remainder(n - num_clients, _size_weights(num_clients, size_skew, seed))
-    return _cut(perm, counts)
+    perm = rng.np_rng(seed, rng.PARTITION, 0).permutation(len(labels))
+    return _cut(perm, _target_sizes(len(labels), num_clients, size_skew, seed, 1))
 
 
 @PARTITIONS.register("dirichlet")
@@ -115,59 +120,55 @@ def dirichlet(*, alpha: Annotated[float, Field(gt=0)], min_size: Annotated[int, 
               natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Label skew: class proportions from Dirichlet(alpha); small alpha = few labels per client.
 
+    Target sizes s_n follow the `iid` rule with floor `min_size` (equal when size_skew = 0).
     `per_class` (Yurochkin et al. 2019; Wang et al. 2020 FedMA; Li et al. 2022 NIID-Bench): for
-    each class c, shares over clients ~ Dir(alpha 1_N), times the size weights w_n, with clients
-    already above their target size n w_n / sum(w) masked out (the NIID-Bench balancing
-    rule); the class's shuffled
-    samples are cut at the cumulative shares. `per_client` (Hsu et al. 2019, arXiv 1909.06335;
-    the FedAU reference code): client label mixtures q_n ~ Dir(alpha 1_C), times w_n; the samples
-    of class c go to clients in proportion to q_{n,c}. Draw t uses stream (seed, PARTITION, t, c);
-    draws are repeated (t = 0, 1, ...) until every client has >= `min_size` samples.
-    `size_skew`: w_n ~ LogNormal(0, size_skew) (1 when 0), as for `iid`.
+    each class c, shares over clients ~ Dir(alpha 1_N) times s_n, with clients already at their
+    target masked out (NIID-Bench's balancing rule); the class's shuffled samples are cut at the
+    floored cumulative shares. `per_client` (Hsu et al. 2019, arXiv 1909.06335; the FedAU
+    reference code): label mixtures q_n ~ Dir(alpha 1_C); class c goes to clients in proportion
+    to q_{n,c} s_n. Draw t uses streams (seed, PARTITION, t, c); draws are repeated
+    (t = 0, 1, ...) until every client has >= `min_size` samples, else a ConfigError.
     """
-    classes = int(labels.max()) + 1 if len(labels) else 0
-    by_class = [np.flatnonzero(labels == c) for c in range(classes)]
-    weights = _size_weights(num_clients, size_skew, seed)
+    by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+    avail = np.array([len(ix) for ix in by_class], dtype=np.int64)
+    target = _target_sizes(len(labels), num_clients, size_skew, seed, min_size).astype(float)
     draw = _dirichlet_per_class if scheme == "per_class" else _dirichlet_per_client
     for t in range(max_tries):
-        parts = draw(by_class, alpha, weights, seed, t)
-        if min(len(p) for p in parts) >= min_size:
-            return parts
+        counts = draw(avail, alpha, target, seed, t)  # [C, N]
+        if counts.sum(0).min() >= min_size:
+            return _assign(by_class, counts, seed, t)
     raise ConfigError(f"no Dirichlet draw in {max_tries} tries gave every client >= min_size "
                       "samples", key="alpha", value=alpha,
                       allowed="a larger alpha, fewer clients, a smaller min_size or "
                       "size_skew, or scheme: per_client")
 
 
-def _dirichlet_per_class(by_class: list[np.ndarray], alpha: float, weights: np.ndarray,
-                         seed: int, t: int) -> list[np.ndarray]:
-    num_clients = len(weights)
-    cap = sum(len(ix) for ix in by_class) * weights / weights.sum()
-    sizes = np.zeros(num_clients, dtype=np.int64)
-    pieces: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for c, ix in enumerate(by_class):
-        g = rng.np_rng(seed, rng.PARTITION, t, c)
-        share = g.dirichlet(np.full(num_clients, alpha)) * weights * (sizes < cap)
-        share = share / share.sum() if share.sum() > 0 else weights / weights.sum()
-        counts = _cum_round(len(ix), share)
-        for n, piece in enumerate(_cut(g.permutation(ix), counts)):
-            pieces[n].append(piece)
-        sizes += counts
-    return [np.concatenate(p) if p else np.zeros(0, np.int64) for p in pieces]
+def _dirichlet_per_class(avail: np.ndarray, alpha: float, target: np.ndarray, seed: int,
+                         t: int) -> np.ndarray:
+    sizes = np.zeros(len(target))
+    counts = np.zeros((len(avail), len(target)), dtype=np.int64)
+    for c, n_c in enumerate(avail):
+        share = rng.np_rng(seed, rng.PARTITION, t, c).dirichlet(np.full(len(target), alpha))
+        share = share * target * (sizes < target)
+        counts[c] = _cum_round(int(n_c), share if share.sum() > 0 else target)
+        sizes += counts[c]
+    return counts
 
 
-def _dirichlet_per_client(by_class: list[np.ndarray], alpha: float, weights: np.ndarray,
-                          seed: int, t: int) -> list[np.ndarray]:
-    num_clients, classes = len(weights), len(by_class)
-    q = rng.np_rng(seed, rng.PARTITION, t, -1).dirichlet(np.full(classes, alpha), num_clients)
-    q = np.nan_to_num(q) * weights[:, None]
-    pieces: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for c, ix in enumerate(by_class):
-        share = q[:, c] if q[:, c].sum() > 0 else weights
-        g = rng.np_rng(seed, rng.PARTITION, t, c)
-        for n, piece in enumerate(_cut(g.permutation(ix), _cum_round(len(ix), share))):
-            pieces[n].append(piece)
-    return [np.concatenate(p) if p else np.zeros(0, np.int64) for p in pieces]
+def _dirichlet_per_client(avail: np.ndarray, alpha: float, target: np.ndarray, seed: int,
+                          t: int) -> np.ndarray:
+    g = rng.np_rng(seed, rng.PARTITION, t, -1)
+    q = np.nan_to_num(g.dirichlet(np.full(len(avail), alpha), len(target))) * target[:, None]
+    return np.stack([_cum_round(int(n_c), q[:, c] if q[:, c].sum() > 0 else target)
+                     for c, n_c in enumerate(avail)])
+
+
+def _assign(by_class: list[np.ndarray], counts: np.ndarray, seed: int, t: int) -> list[np.ndarray]:
+    """Client n gets counts[c, n] random samples of class c (shuffles keyed (t, c, 1))."""
+    idx = np.concatenate([rng.np_rng(seed, rng.PARTITION, t, c, 1).permutation(ix)
+                          for c, ix in enumerate(by_class)])
+    owner = np.concatenate([np.repeat(np.arange(counts.shape[1]), row) for row in counts])
+    return _cut(idx[np.argsort(owner, kind="stable")], counts.sum(0))
 
 
 @PARTITIONS.register("shards")
@@ -181,7 +182,8 @@ def shards(*, classes_per_client: Annotated[int, Field(ge=1)] = 2, labels: np.nd
     Unlike a plain cut of the sorted array, shards never straddle two labels: each label gets a
     number of shards proportional to its size (at least one while shards remain), so a client
     holds at most classes_per_client labels. All samples are used when
-    num_clients * classes_per_client >= number of labels; otherwise the smallest labels are left out.
+    num_clients * classes_per_client >= number of labels; otherwise the smallest labels are
+    left out.
     """
     g = rng.np_rng(seed, rng.PARTITION, 0)
     classes = int(labels.max()) + 1

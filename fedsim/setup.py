@@ -14,7 +14,9 @@ from fedsim.config import TOP_KEYS, Scenario
 from fedsim.data import Dataset, label_distribution, load_dataset, partition
 from fedsim.errors import ConfigError
 from fedsim.models import ParamSpec, StackedModel, build_model, init_params
+from fedsim.oracle import ClientData
 from fedsim.participation import build_participation
+from fedsim.problem import DataProblem
 from fedsim.types import Strategy, StrategyRuntime
 
 
@@ -34,6 +36,15 @@ class Setup:
     topology: Any | None
     device: torch.device
     dtype: torch.dtype
+
+    def problem(self) -> DataProblem:
+        """The scenario's data and model as a `fedsim.problem.Problem` (data moved to the device)."""
+        ds, sc = self.dataset, self.scenario
+        data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype)
+        return DataProblem(self.model, data,
+                           torch.as_tensor(ds.x_test, dtype=self.dtype, device=self.device),
+                           torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
+                           self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size)
 
     @property
     def num_clients(self) -> int:
@@ -99,7 +110,14 @@ def build_setup(sc: Scenario) -> Setup:
     with _located(sc.source, "strategy"):
         factory = STRATEGIES.get(sc.strategy.name)
         extra = {"runtime": runtime} if "runtime" in inspect.signature(factory).parameters else {}
-        strategy = STRATEGIES.build(sc.strategy.name, sc.strategy.params(), **extra)
+        params = sc.strategy.params()
+        uplink = None if "compressor" in STRATEGIES.params(sc.strategy.name) \
+            else params.pop("compressor", None)
+        strategy = STRATEGIES.build(sc.strategy.name, params, **extra)
+        if uplink is not None:
+            from strategies.compress import compress_uplink
+
+            strategy = compress_uplink(strategy, uplink, runtime)
         if strategy.comm == "mix" and sc.participation.kind != "full":
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")

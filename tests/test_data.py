@@ -153,7 +153,8 @@ def test_npz_round_trip(tmp_path) -> None:
     assert ds.feature_shape == (1, 4, 4) and ds.num_classes == 3
     assert ds.x_train.dtype == np.float32 and np.allclose(ds.x_train, xs[:20] / 255)
     assert ds.y_test.dtype == np.int64 and ds.y_test.tolist() == [0, 1, 2] * 3 + [0]
-    assert load_dataset("npz", {"path": path, "num_classes": 5}, num_clients=2, seed=0).num_classes == 5
+    five = load_dataset("npz", {"path": path, "num_classes": 5}, num_clients=2, seed=0)
+    assert five.num_classes == 5
 
 
 @pytest.mark.parametrize("case,match", [

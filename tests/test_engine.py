@@ -12,7 +12,7 @@ from tests.conftest import small_scenario
 
 
 def _loop(chunk=None, **over):
-    return RoundLoop(build_setup(parse_scenario(small_scenario(**over))), chunk_size=chunk)
+    return RoundLoop.from_setup(build_setup(parse_scenario(small_scenario(**over))), chunk_size=chunk)
 
 
 def test_chunking_does_not_change_results():

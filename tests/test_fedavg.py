@@ -35,7 +35,7 @@ def test_full_participation_one_step_full_batch_equals_central_gd():
     setup = _setup(participation={"kind": "full"}, rounds=4,
                    data={"size_skew": 0.5},  # unequal client sizes: weighting must be by n_i
                    strategy={"name": "fedavg", "lr": 0.3, "local_steps": 1, "batch_size": None})
-    loop = RoundLoop(setup)
+    loop = RoundLoop.from_setup(setup)
     # Execute
     loop.run()
     # Assert: four FedAvg rounds == four centralized GD steps
@@ -46,31 +46,31 @@ def test_full_participation_one_step_full_batch_equals_central_gd():
 def test_single_client_k_steps_equals_central_gd():
     setup = _setup(data={"clients": 1}, participation={"kind": "full"}, rounds=2,
                    strategy={"name": "fedavg", "lr": 0.2, "local_steps": 5, "batch_size": None})
-    loop = RoundLoop(setup)
+    loop = RoundLoop.from_setup(setup)
     loop.run()
     expect = _central_gd(setup, setup.x0.double(), 0.2, 10)
     torch.testing.assert_close(loop.state.server["x"], expect, rtol=0, atol=1e-10)
 
 
 def test_server_lr_scales_the_averaged_update():
-    a = RoundLoop(_setup(rounds=1, strategy={"server_lr": 1.0}))
-    b = RoundLoop(_setup(rounds=1, strategy={"server_lr": 0.5}))
+    a = RoundLoop.from_setup(_setup(rounds=1, strategy={"server_lr": 1.0}))
+    b = RoundLoop.from_setup(_setup(rounds=1, strategy={"server_lr": 0.5}))
     a.run()
     b.run()
-    x0 = a.setup.x0
+    x0 = a.state.store.x0_of(None)
     torch.testing.assert_close(b.state.server["x"] - x0, 0.5 * (a.state.server["x"] - x0),
                                rtol=0, atol=1e-12)
 
 
 def test_uniform_weighting_differs_from_sample_weighting_only_with_unequal_sizes():
     kw = dict(rounds=1, participation={"kind": "full"})
-    eq_s = RoundLoop(_setup(**kw, strategy={"weighting": "samples"}))
-    eq_u = RoundLoop(_setup(**kw, strategy={"weighting": "uniform"}))
+    eq_s = RoundLoop.from_setup(_setup(**kw, strategy={"weighting": "samples"}))
+    eq_u = RoundLoop.from_setup(_setup(**kw, strategy={"weighting": "uniform"}))
     eq_s.run()
     eq_u.run()
     torch.testing.assert_close(eq_s.state.server["x"], eq_u.state.server["x"], rtol=0, atol=1e-12)
-    sk_s = RoundLoop(_setup(**kw, data={"size_skew": 1.0}, strategy={"weighting": "samples"}))
-    sk_u = RoundLoop(_setup(**kw, data={"size_skew": 1.0}, strategy={"weighting": "uniform"}))
+    sk_s = RoundLoop.from_setup(_setup(**kw, data={"size_skew": 1.0}, strategy={"weighting": "samples"}))
+    sk_u = RoundLoop.from_setup(_setup(**kw, data={"size_skew": 1.0}, strategy={"weighting": "uniform"}))
     sk_s.run()
     sk_u.run()
     assert (sk_s.state.server["x"] - sk_u.state.server["x"]).abs().max() > 1e-6

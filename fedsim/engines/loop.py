@@ -8,7 +8,6 @@ floating-point summation order, never the algorithm.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,22 +16,15 @@ import numpy as np
 import torch
 
 from fedsim.comm import ByteCounter, LocalComm, add_into, tree_bytes, weighted_sum
-from fedsim.oracle import BlockOracle, ClientData, evaluate
+from fedsim.problem import Problem
 from fedsim.setup import Setup
 from fedsim.store import ClientStore
-from fedsim.types import RoundCtx, Tree
+from fedsim.types import RoundCtx, Strategy, Tree
 
 
-def auto_chunk(setup: Setup, memory_mb: int) -> int:
-    """Clients per stacked computation so that one chunk stays within `memory_mb`.
-
-    Estimate per client: ~8 flat parameter-sized buffers (model, gradient, strategy state,
-    payload, autograd scratch) plus ~4 activation copies of the minibatch.
-    """
-    p = setup.model.spec.size
-    feat = math.prod(setup.dataset.feature_shape)
-    batch = setup.scenario.strategy.batch_size or int(setup.sizes.max())
-    per_client = (8 * p + 4 * batch * max(feat, 1) * 4) * torch.finfo(setup.dtype).bits // 8
+def auto_chunk(problem: Problem, memory_mb: int) -> int:
+    """Clients per stacked computation so that one chunk's working set stays within `memory_mb`."""
+    per_client = problem.memory_per_client() if hasattr(problem, "memory_per_client") else 1
     return max(1, int(memory_mb * 2**20 // max(per_client, 1)))
 
 
@@ -45,54 +37,86 @@ class LoopState:
     round: int = 0
 
 
+class _Full:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def mask(self, t: int) -> np.ndarray:
+        return np.ones(self.n, dtype=bool)
+
+
 class RoundLoop:
-    """Runs the rounds of one scenario for the clients this process owns.
+    """Runs the rounds of one strategy on one problem for the clients this process owns.
 
     Args:
-      setup: the built scenario. comm: LocalComm or an MPI comm.
-      owned: sorted client ids this process trains (all ids in-process).
-      chunk_size: max clients per stacked computation.
-      on_eval: called with the metrics dict after each evaluation (rank 0 writes it).
+      strategy: the algorithm. problem: data + gradients + evaluation (`fedsim.problem`).
+      x0: [P] initial global model. rounds, seed: as in the scenario.
+      participation: object with `mask(round) -> bool [N]` (None: everyone, every round).
+      topology: object with `.static` and `.mixing(round, rule)` (gossip strategies).
+      x0_of: ids -> initial model of those clients, [P] or [m, P] (default: x0).
+      comm: LocalComm (default) or an MPI comm. owned: client ids this process trains.
+      chunk_size: max clients per stacked computation (None: all at once).
+      on_eval: called with the metrics dict after each evaluation.
     """
 
-    def __init__(self, setup: Setup, comm: Any = None, owned: np.ndarray | None = None,
-                 chunk_size: int | None = None, on_eval: Callable[[dict], None] | None = None) -> None:
-        self.setup, self.comm = setup, comm or LocalComm()
-        n = setup.num_clients
+    def __init__(self, strategy: Strategy, problem: Problem, x0: torch.Tensor, *, rounds: int,
+                 seed: int, participation: Any = None, topology: Any = None,
+                 mixing_rule: str = "metropolis", eval_every: int = 1,
+                 x0_of: Callable[[torch.Tensor], torch.Tensor] | None = None, comm: Any = None,
+                 owned: np.ndarray | None = None, chunk_size: int | None = None,
+                 on_eval: Callable[[dict], None] | None = None) -> None:
+        n = problem.num_clients
+        self.strategy, self.rounds, self.seed, self.eval_every = strategy, rounds, seed, eval_every
+        self.participation = participation or _Full(n)
+        self.topology, self.mixing_rule = topology, mixing_rule
+        self.comm = comm or LocalComm()
         self.owned = np.arange(n) if owned is None else np.asarray(owned)
+        self.problem = problem.restrict(self.owned)
+        self.num_clients, self.device, self.dtype = n, problem.device, problem.dtype
         self.chunk = chunk_size or n
         self.on_eval = on_eval or (lambda m: None)
-        dev, dt = setup.device, setup.dtype
-        full = ClientData.from_parts(setup.dataset.x_train, setup.dataset.y_train, setup.parts, dev, dt)
-        self.data = full if len(self.owned) == n else full.subset(self.owned)
-        self.x_test = torch.as_tensor(setup.dataset.x_test, dtype=dt, device=dev)
-        self.y_test = torch.as_tensor(setup.dataset.y_test, dtype=torch.int64, device=dev)
-        self.sizes = torch.as_tensor(setup.sizes, device=dev)
-        strat = setup.strategy
-        self.state = LoopState(strat.init_server(setup.x0),
-                               ClientStore(strat.init_clients, setup.initial_models, n, dev))
+        self.sizes = torch.as_tensor(problem.sizes, device=self.device)
+        x0 = x0.to(self.device, self.dtype)
+        self.state = LoopState(strategy.init_server(x0),
+                               ClientStore(strategy.init_clients, x0_of or (lambda ids: x0), n,
+                                           self.device))
         self.mixing: dict[str, torch.Tensor] = {}
         self._mixing_round: int | None = None
         self.t0 = time.perf_counter()
         self.train_loss = (0.0, 0)
 
+    @classmethod
+    def from_setup(cls, setup: Setup, memory_mb: int | None = None, **kw: Any) -> "RoundLoop":
+        """The loop of a scenario built by `fedsim.setup.build_setup`.
+
+        With `memory_mb` and no `chunk_size`, the chunk size is derived from the memory bound.
+        """
+        sc = setup.scenario
+        problem = setup.problem()
+        if kw.get("chunk_size") is None and memory_mb:
+            kw["chunk_size"] = auto_chunk(problem, memory_mb)
+        return cls(setup.strategy, problem, setup.x0, rounds=sc.rounds, seed=sc.seed,
+                   participation=setup.participation, topology=setup.topology,
+                   mixing_rule=sc.topology.mixing, eval_every=sc.eval.every,
+                   x0_of=setup.initial_models, **kw)
+
     # ---- one round -----------------------------------------------------------------------
     def participants(self, t: int) -> np.ndarray:
-        if self.setup.strategy.comm == "mix":
-            return np.ones(self.setup.num_clients, dtype=bool)
-        return np.asarray(self.setup.participation.mask(t), dtype=bool)
+        if self.strategy.comm == "mix":
+            return np.ones(self.num_clients, dtype=bool)
+        return np.asarray(self.participation.mask(t), dtype=bool)
 
     def ctx(self, t: int, ids: torch.Tensor, mask: torch.Tensor, denom: torch.Tensor) -> RoundCtx:
         n_i = self.sizes[ids]
-        return RoundCtx(round=t, seed=self.setup.scenario.seed, ids=ids, num_samples=n_i,
-                        weight=n_i.to(self.setup.dtype) / denom, participants=mask,
-                        total_samples=self.sizes, num_clients=self.setup.num_clients)
+        return RoundCtx(round=t, seed=self.seed, ids=ids, num_samples=n_i,
+                        weight=n_i.to(self.dtype) / denom, participants=mask,
+                        total_samples=self.sizes, num_clients=self.num_clients)
 
     def step(self, t: int) -> None:
-        s, strat, dev = self.state, self.setup.strategy, self.setup.device
+        s, strat, dev = self.state, self.strategy, self.device
         mask_np = self.participants(t)
         mask = torch.as_tensor(mask_np, device=dev)
-        denom = self.sizes[mask].sum().to(self.setup.dtype).clamp_min(1)
+        denom = self.sizes[mask].sum().to(self.dtype).clamp_min(1)
         mine = torch.as_tensor(self.owned[mask_np[self.owned]], device=dev)
         partial: Tree | None = None
         payload_rows: list[Tree] = []
@@ -100,12 +124,11 @@ class RoundLoop:
         loss_sum, loss_n = 0.0, 0
         down_per = tree_bytes({k: s.server[k][None] for k in strat.broadcast if k in s.server},
                               rows=False)
-        batch = self.setup.scenario.strategy.batch_size
         for c in range(0, mine.numel(), self.chunk):
             ids = mine[c:c + self.chunk]
             ctx = self.ctx(t, ids, mask, denom)
             clients = s.store.gather(ids)
-            oracle = BlockOracle(self.setup.model, self.data, ids, t, ctx.seed, batch)
+            oracle = self.problem.oracle(ids, t)
             payload, clients, info = strat.local(s.server, clients, oracle, ctx)
             s.store.scatter(ids, clients)
             if "loss" in info:
@@ -133,7 +156,7 @@ class RoundLoop:
         s.round = t + 1
 
     def finish_reduce(self, t: int, partial: Tree | None, mask: torch.Tensor, denom: torch.Tensor) -> None:
-        s, strat = self.state, self.setup.strategy
+        s, strat = self.state, self.strategy
         reduced = self.comm.allreduce(partial) if self.comm.size > 1 else (partial or {})
         if strat.staleness:
             s.fifo.append(reduced)
@@ -145,7 +168,7 @@ class RoundLoop:
 
     def finish_mix(self, t: int, payload_rows: list[Tree], mine: torch.Tensor, mask: torch.Tensor,
                    denom: torch.Tensor) -> None:
-        s, strat = self.state, self.setup.strategy
+        s, strat = self.state, self.strategy
         payload = {k: torch.cat([p[k] for p in payload_rows]) for k in payload_rows[0]}
         mixed = self.comm.mix(self.mixing_ops(t), payload, mine, dict(strat.mixing))
         for c in range(0, mine.numel(), self.chunk):
@@ -155,13 +178,13 @@ class RoundLoop:
             s.store.scatter(ids, clients)
 
     def mixing_ops(self, t: int) -> dict[str, torch.Tensor]:
-        topo = self.setup.topology
+        topo = self.topology
         key = 0 if topo.static else t
         if self._mixing_round != key:
-            mm = topo.mixing(t, rule=self.setup.scenario.topology.mixing)
-            self.mixing = {"W": mm.to_torch(self.setup.device, self.setup.dtype),
-                           "mean": _neighbour_mean(mm, self.setup.device, self.setup.dtype)}
-            self._degrees = torch.as_tensor(np.diff(mm.indptr), device=self.setup.device) - 1
+            mm = topo.mixing(t, rule=self.mixing_rule)
+            self.mixing = {"W": mm.to_torch(self.device, self.dtype),
+                           "mean": _neighbour_mean(mm, self.device, self.dtype)}
+            self._degrees = torch.as_tensor(np.diff(mm.indptr), device=self.device) - 1
             self._mixing_round = key
         return self.mixing
 
@@ -172,23 +195,23 @@ class RoundLoop:
     # ---- evaluation ----------------------------------------------------------------------
     def models_for_eval(self) -> torch.Tensor:
         """The global model [P] (reduce) or the average node model (mix)."""
-        s, strat = self.state, self.setup.strategy
+        s, strat = self.state, self.strategy
         if strat.comm == "reduce":
             return s.server[strat.model_key]
-        ids = torch.as_tensor(self.owned, device=self.setup.device)
+        ids = torch.as_tensor(self.owned, device=self.device)
         total = s.store.gather(ids)[strat.model_key].sum(0)
-        return self.comm.allreduce({"x": total})["x"] / self.setup.num_clients
+        return self.comm.allreduce({"x": total})["x"] / self.num_clients
 
     def evaluate(self, t: int) -> dict[str, Any]:
-        s, strat = self.state, self.setup.strategy
+        s, strat = self.state, self.strategy
         x = self.models_for_eval()
-        loss, acc = evaluate(self.setup.model, x[None], self.x_test, self.y_test,
-                             self.setup.scenario.eval.batch_size)
+        res = self.problem.evaluate(x[None])
         tl = self.comm.allreduce_scalars(torch.tensor(self.train_loss, dtype=torch.float64))
         self.train_loss = (0.0, 0)
         m: dict[str, Any] = {"round": t + 1,
                              "train_loss": float(tl[0] / tl[1]) if tl[1] > 0 else None,
-                             "test_loss": float(loss[0]), "test_accuracy": float(acc[0]),
+                             "test_loss": float(res[0][0]) if res else None,
+                             "test_accuracy": float(res[1][0]) if res and res[1] is not None else None,
                              "bytes_up": s.bytes.up, "bytes_down": s.bytes.down}
         if strat.comm == "mix":
             m.update(self.node_metrics(x))
@@ -197,26 +220,24 @@ class RoundLoop:
 
     def node_metrics(self, avg: torch.Tensor) -> dict[str, float]:
         """Consensus distance (mean squared distance to the average model) and node accuracy."""
-        s, strat = self.state, self.setup.strategy
-        sq = torch.zeros(2, dtype=torch.float64, device=self.setup.device)
-        ids_all = torch.as_tensor(self.owned, device=self.setup.device)
+        s, strat = self.state, self.strategy
+        sq = torch.zeros(2, dtype=torch.float64, device=self.device)
+        ids_all = torch.as_tensor(self.owned, device=self.device)
         for c in range(0, ids_all.numel(), self.chunk):
             xs = s.store.gather(ids_all[c:c + self.chunk])[strat.model_key]
-            _, acc = evaluate(self.setup.model, xs, self.x_test, self.y_test,
-                              self.setup.scenario.eval.batch_size)
+            res = self.problem.evaluate(xs)
             sq[0] += ((xs - avg) ** 2).sum().double()
-            sq[1] += acc.sum()
+            sq[1] += res[1].sum() if res and res[1] is not None else 0.0
         tot = self.comm.allreduce_scalars(sq.cpu())
-        n = self.setup.num_clients
+        n = self.num_clients
         return {"consensus_distance": float(tot[0] / n), "node_accuracy_mean": float(tot[1] / n)}
 
     def run(self, progress: Callable[[int, dict | None], None] | None = None) -> list[dict]:
-        sc = self.setup.scenario
         history = []
-        for t in range(self.state.round, sc.rounds):
+        for t in range(self.state.round, self.rounds):
             self.step(t)
             m = None
-            if (t + 1) % sc.eval.every == 0 or t + 1 == sc.rounds:
+            if (t + 1) % self.eval_every == 0 or t + 1 == self.rounds:
                 m = self.evaluate(t)
                 history.append(m)
                 self.on_eval(m)

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from fedsim.engines import ENGINES
-from fedsim.engines.loop import RoundLoop, auto_chunk
+from fedsim.engines.loop import RoundLoop
 from fedsim.setup import Setup
 
 
@@ -29,8 +29,8 @@ class MultiplexEngine:
             progress: Callable[[int, dict | None], None] | None = None) -> list[dict[str, Any]]:
         if self.threads:
             torch.set_num_threads(self.threads)
-        chunk = self.chunk_size or auto_chunk(setup, self.memory_mb)
-        loop = RoundLoop(setup, chunk_size=chunk, on_eval=on_eval)
+        loop = RoundLoop.from_setup(setup, memory_mb=self.memory_mb, chunk_size=self.chunk_size,
+                                    on_eval=on_eval)
         self.loop = loop
         return loop.run(progress)
 

@@ -1,0 +1,70 @@
+"""A problem = clients with data + a way to get their gradients + a way to evaluate a model.
+
+The round loop only talks to this interface, so the same loop runs real data through a
+stacked neural network (`DataProblem`) and the closed-form quadratics of `fedsim.testing`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fedsim.models import StackedModel
+from fedsim.oracle import BlockOracle, ClientData, evaluate
+from fedsim.types import Oracle
+
+
+class Problem(Protocol):
+    """What the round loop needs from a workload."""
+
+    num_clients: int
+    sizes: np.ndarray          # [N] local dataset sizes (aggregation weights)
+    device: torch.device
+    dtype: torch.dtype
+
+    def oracle(self, ids: torch.Tensor, round: int) -> Oracle:
+        """Gradients of clients `ids` [m] in `round`."""
+        ...
+
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(test loss [k], test accuracy [k]) of models x [k, P]; None if not defined."""
+        ...
+
+    def restrict(self, owned: np.ndarray) -> "Problem":
+        """The same problem holding only the data of clients `owned` (an MPI rank's slice)."""
+        ...
+
+
+class DataProblem:
+    """Clients' samples on one device, a stacked model, a global test set."""
+
+    def __init__(self, model: StackedModel, data: ClientData, x_test: torch.Tensor,
+                 y_test: torch.Tensor, sizes: np.ndarray, seed: int, batch_size: int | None,
+                 eval_batch: int = 2048) -> None:
+        self.model, self.data, self.x_test, self.y_test = model, data, x_test, y_test
+        self.sizes, self.seed, self.batch_size, self.eval_batch = sizes, seed, batch_size, eval_batch
+        self.num_clients = len(sizes)
+        self.device, self.dtype = data.x.device, data.x.dtype
+
+    def oracle(self, ids: torch.Tensor, round: int) -> BlockOracle:
+        return BlockOracle(self.model, self.data, ids, round, self.seed, self.batch_size)
+
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return evaluate(self.model, x, self.x_test, self.y_test, self.eval_batch)
+
+    def restrict(self, owned: np.ndarray) -> "DataProblem":
+        if len(owned) == self.num_clients:
+            return self
+        return DataProblem(self.model, self.data.subset(np.asarray(owned)), self.x_test, self.y_test,
+                           self.sizes, self.seed, self.batch_size, self.eval_batch)
+
+    def memory_per_client(self) -> int:
+        """Rough bytes of one client's working set in a stacked step (for chunk sizing)."""
+        p = self.model.spec.size
+        feat = int(np.prod(self.data.x.shape[1:]))
+        batch = self.batch_size or int(self.sizes.max())
+        return (8 * p + 16 * batch * max(feat, 1)) * self.data.x.element_size()
+
+
