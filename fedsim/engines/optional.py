@@ -1,1 +1,0 @@
-"""Registration of engines whose heavy dependencies load only when they run."""
