@@ -9,6 +9,6 @@ inside ``run``: ``fedsim run`` on the default engine never pays for them.
 from fedsim.registry import Registry
 
 ENGINES = Registry("engines", builtins=("fedsim.engines.multiplex", "fedsim.engines.mpi",
-                                       "fedsim.engines.flower")))
+                                       "fedsim.engines.flower"))
 
 __all__ = ["ENGINES"]

@@ -1,0 +1,1 @@
+"""Flower engine (placeholder until it lands; registers nothing)."""

@@ -1,0 +1,1 @@
+"""MPI engine (placeholder until it lands; registers nothing)."""
