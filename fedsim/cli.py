@@ -152,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="table of final metrics of runs")
     c.add_argument("runs", nargs="+")
     c.set_defaults(fn=cmd_compare)
+
+    # Flower: run any Flower app on fedsim's runtimes; export a scenario as a Flower app.
+    from importlib import import_module
+
+    fr = sub.add_parser("flower-run", help="run an existing Flower app (ServerApp + ClientApp) "
+                        "on fedsim's Ray-free runtimes, or on Flower's Ray simulation")
+    fr.add_argument("server_app", help="module:attribute of the ServerApp")
+    fr.add_argument("client_app", help="module:attribute of the ClientApp")
+    fr.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (partitions)")
+    fr.add_argument("--runtime", choices=("inprocess", "mpi", "ray"), default="inprocess",
+                    help="mpi: launch with mpiexec -n K fedsim flower-run ...")
+    fr.add_argument("--seed", type=int, default=0)
+    fr.add_argument("--run-config", action="append", default=[], metavar="'k=v k2=v2'",
+                    help="context.run_config entries (TOML values), as `flwr run --run-config`")
+    fr.add_argument("--app-dir", default=None, help="folder to import the app modules from (default: .)")
+    fr.add_argument("--num-cpus", type=int, default=1, help="ray: CPUs per ClientApp")
+    fr.add_argument("--num-gpus", type=float, default=0.0, help="ray: GPUs per ClientApp")
+    fr.set_defaults(fn=lambda a: import_module("fedsim.flower.cli").cmd_flower_run(a))
+    ef = sub.add_parser("export-flower", help="write a Flower app project (flwr run DIR) for a scenario")
+    ef.add_argument("scenario")
+    ef.add_argument("dir")
+    ef.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ef.add_argument("--force", action="store_true", help="overwrite files in an existing DIR")
+    ef.set_defaults(fn=lambda a: import_module("fedsim.flower.cli").cmd_export_flower(a))
     return p
 
 

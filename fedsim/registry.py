@@ -150,13 +150,25 @@ def validate_kwargs(fn: Callable[..., Any], params: dict[str, Any],
     return {k: getattr(obj, k) for k in model.model_fields}
 
 
+_TYPE_TAGS = {"float", "int", "str", "bool", "list", "dict", "tuple", "none", "bytes", "any"}
+
+
+def _is_type_tag(part: Any) -> bool:
+    """Pydantic puts union-member names (``float``, ``list[float]``, ``constrained-float``) in
+    error locations; they are not keys of the user's file."""
+    if isinstance(part, int):
+        return False
+    text = str(part)
+    return text.lower() in _TYPE_TAGS or "[" in text or "-" in text
+
+
 def pydantic_to_config_error(exc: Any, keys: list[str] | None = None) -> ConfigError:
     """First error of a pydantic ValidationError as a ConfigError with a dotted key path.
 
     `keys` lists the keys allowed at the top level (named in the message for unknown keys).
     """
     err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ())]
+    loc = [str(p) for p in err.get("loc", ()) if not _is_type_tag(p)]
     key = ".".join(loc) or None
     typ = err.get("type", "")
     if typ == "extra_forbidden":

@@ -1,0 +1,242 @@
+"""Ray-free Flower runtimes: a `flwr.serverapp.Grid` that calls the ClientApps directly.
+
+Any Flower ServerApp talks to its nodes through a `Grid` (`get_node_ids`, `push_messages`,
+`pull_messages`, `send_and_receive`). `InProcessGrid` implements it with one `Context` per node
+and delivers each message by calling the node's `ClientApp` in this process; `MpiGrid` spreads
+the nodes over MPI ranks (rank 0 runs the ServerApp and hosts the first block of nodes; other
+ranks serve theirs in `serve_mpi`). Both are deterministic:
+
+- node ids are stable (a keyed hash of the partition id, so they look like Flower's random
+  int64 ids but never change), and `get_node_ids()` lists them in partition order;
+- node_config is `{"partition-id": i, "num-partitions": N}`, as Flower's simulation sets it;
+- each ClientApp call runs with the global `random` / numpy / torch RNGs seeded from
+  (seed, partition id, message count of that node), and the caller's RNG state restored
+  afterwards: a node's randomness depends neither on the other nodes nor on the rank layout,
+  and the ServerApp's own draws (e.g. `FedAvg`'s `random.sample`) are not disturbed by clients.
+  Same seed: bit-identical reruns, and in-process == MPI for any number of ranks.
+
+Every message is counted (`count_bytes()` of its records) in `bytes_down` / `bytes_up`. A
+ClientApp exception becomes an error reply, as in Flower's simulation.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedsim import rng
+from fedsim.flower.identity import set_task_identity
+from fedsim.flower.records import copy_content, message_bytes
+
+NODE_PURPOSE = rng.purpose_id("flower-node")
+CLIENT_RNG = rng.purpose_id("flower-client-rng")
+_CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def node_id_of(partition: int) -> int:
+    """Stable Flower node id of partition `partition` (63-bit, never 0 or the SuperLink's 1)."""
+    return (rng.key(0, NODE_PURPOSE, partition) >> 1) | (1 << 40)
+
+
+def run_id_of(seed: int) -> int:
+    return rng.key(seed, NODE_PURPOSE, -1) >> 1
+
+
+@contextmanager
+def seeded_globals(seed: int, *ids: int) -> Iterator[None]:
+    """Run a block with `random`, numpy and torch (CPU) global RNGs seeded from (seed, ids),
+    restoring the previous states afterwards."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    k = rng.key(seed, CLIENT_RNG, *ids)
+    random.seed(k)
+    np.random.seed(k & 0xFFFFFFFF)
+    torch.manual_seed(k & ((1 << 63) - 1))
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+def seed_globals(seed: int) -> None:
+    """Seed the ServerApp's global RNGs (Flower's samplers use the `random` module)."""
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
+
+
+class NodeHost:
+    """The nodes (one `Context` each) of partitions `partitions`, run by `client_app` here."""
+
+    def __init__(self, client_app: Any, partitions: Iterable[int], num_nodes: int, *,
+                 run_id: int, seed: int = 0, run_config: dict | None = None) -> None:
+        self.app, self.seed = client_app, seed
+        self.contexts: dict[int, Context] = {}
+        self.partition: dict[int, int] = {}
+        self.calls: dict[int, int] = {}
+        for p in partitions:
+            nid = node_id_of(p)
+            self.partition[nid], self.calls[nid] = p, 0
+            self.contexts[nid] = Context(run_id=run_id, node_id=nid,
+                                         node_config={"partition-id": p, "num-partitions": num_nodes},
+                                         state=RecordDict(), run_config=dict(run_config or {}))
+
+    def deliver(self, msg: Message) -> Message:
+        """The node's reply to `msg` (a fresh copy of it, as if it had crossed a network)."""
+        nid = msg.metadata.dst_node_id
+        inbound = Message(content=copy_content(msg.content), metadata=copy.copy(msg.metadata))
+        self.calls[nid] += 1
+        with seeded_globals(self.seed, self.partition[nid], self.calls[nid]):
+            try:
+                reply = self.app(inbound, self.contexts[nid])
+            except Exception as exc:  # Flower turns ClientApp exceptions into error replies
+                from logging import ERROR
+
+                from flwr.supercore import log
+
+                log(ERROR, "ClientApp of node %s raised:\n%s", nid, traceback.format_exc())
+                reason = f"{type(exc).__name__}: {exc}"
+                reply = Message(Error(code=_CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                                reply_to=inbound)
+        reply.metadata.__dict__["_message_id"] = "r" + msg.metadata.message_id
+        return reply
+
+
+class InProcessGrid(Grid):
+    """A deterministic Grid whose `num_nodes` nodes are ClientApp calls in this process.
+
+    Args:
+      client_app: the Flower `ClientApp` every node runs.
+      num_nodes: number of nodes (partition ids 0..num_nodes-1).
+      seed: keys the nodes' RNGs (see module docstring) and the run id.
+      run_config: `context.run_config` of every node.
+      partitions: the nodes this process hosts (default: all; `MpiGrid` passes rank 0's block).
+    """
+
+    def __init__(self, client_app: Any, num_nodes: int, *, seed: int = 0,
+                 run_config: dict | None = None, partitions: Iterable[int] | None = None) -> None:
+        self.num_nodes, self.seed = num_nodes, seed
+        self._run = Run.create_empty(run_id_of(seed))
+        set_task_identity(self._run.run_id)
+        self.host = NodeHost(client_app, range(num_nodes) if partitions is None else partitions,
+                             num_nodes, run_id=self._run.run_id, seed=seed, run_config=run_config)
+        self.node_ids = [node_id_of(p) for p in range(num_nodes)]
+        self._replies: dict[str, Message] = {}
+        self._sent = 0
+        self.bytes_down = self.bytes_up = self.messages = 0
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        batch = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self.node_ids or msg.metadata.reply_to_message_id:
+                raise ValueError(f"invalid message for this grid: {msg.metadata}")
+            self._sent += 1
+            msg.metadata.__dict__["_message_id"] = f"{self._sent:012d}"
+            self.bytes_down += message_bytes(msg)
+            batch.append(msg)
+        for reply in self._deliver(batch):
+            self.bytes_up += message_bytes(reply)
+            self.messages += 1
+            self._replies[reply.metadata.reply_to_message_id] = reply
+        return [m.metadata.message_id for m in batch]
+
+    def _deliver(self, batch: list[Message]) -> list[Message]:
+        return [self.host.deliver(m) for m in batch]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_server_app(server_app: Any, grid: InProcessGrid, run_config: dict | None = None) -> Context:
+    """Run a Flower `ServerApp` against `grid` (as Flower's runtimes do); returns its Context."""
+    set_task_identity(grid.run.run_id)
+    context = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=dict(run_config or {}))
+    server_app(grid=grid, context=context)
+    return context
+
+
+def blocks(num_nodes: int, size: int) -> list[np.ndarray]:
+    """Partition ids hosted by each MPI rank (contiguous blocks)."""
+    return np.array_split(np.arange(num_nodes), size)
+
+
+class MpiGrid(InProcessGrid):
+    """`InProcessGrid` whose nodes live on MPI ranks (use on rank 0; others run `serve_mpi`).
+
+    A push sends every rank its messages (pickled Flower Messages), delivers rank 0's own,
+    then collects the replies rank by rank: ranks compute in parallel, results are ordered.
+    """
+
+    TAG = 17
+
+    def __init__(self, client_app: Any, num_nodes: int, comm: Any, **kw: Any) -> None:
+        self.comm = comm
+        self.owner = np.zeros(num_nodes, dtype=np.int64)
+        for r, b in enumerate(blocks(num_nodes, comm.Get_size())):
+            self.owner[b] = r
+        super().__init__(client_app, num_nodes, partitions=blocks(num_nodes, comm.Get_size())[0],
+                         **kw)
+        self.rank_of = {node_id_of(p): int(self.owner[p]) for p in range(num_nodes)}
+
+    def _deliver(self, batch: list[Message]) -> list[Message]:
+        size = self.comm.Get_size()
+        by_rank: list[list[Message]] = [[] for _ in range(size)]
+        for m in batch:
+            by_rank[self.rank_of[m.metadata.dst_node_id]].append(m)
+        busy = [r for r in range(1, size) if by_rank[r]]
+        for r in busy:
+            self.comm.send(by_rank[r], dest=r, tag=self.TAG)
+        replies = {0: [self.host.deliver(m) for m in by_rank[0]]}
+        for r in busy:
+            replies[r] = self.comm.recv(source=r, tag=self.TAG)
+        order = {m.metadata.message_id: i for i, m in enumerate(batch)}
+        flat = [x for r in sorted(replies) for x in replies[r]]
+        return sorted(flat, key=lambda x: order[x.metadata.reply_to_message_id])
+
+    def shutdown(self) -> None:
+        """Release the serving ranks."""
+        for r in range(1, self.comm.Get_size()):
+            self.comm.send(None, dest=r, tag=self.TAG)
+
+
+def serve_mpi(client_app: Any, num_nodes: int, comm: Any, *, seed: int = 0,
+              run_config: dict | None = None) -> int:
+    """Rank > 0: host this rank's block of nodes until rank 0 calls `MpiGrid.shutdown`."""
+    run_id = run_id_of(seed)
+    set_task_identity(run_id)
+    host = NodeHost(client_app, blocks(num_nodes, comm.Get_size())[comm.Get_rank()], num_nodes,
+                    run_id=run_id, seed=seed, run_config=run_config)
+    served = 0
+    while (batch := comm.recv(source=0, tag=MpiGrid.TAG)) is not None:
+        comm.send([host.deliver(m) for m in batch], dest=0, tag=MpiGrid.TAG)
+        served += len(batch)
+    return served

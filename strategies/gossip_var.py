@@ -1,0 +1,140 @@
+"""Gossip learning with variance-corrected model averaging.
+
+Averaging M weakly correlated models (e.g. independently initialised ones) divides each
+layer's weight variance by about M; repeated gossip averaging keeps shrinking it ("vanishing
+variance") and slows training, while federated learning avoids it because every client starts
+from the same server model. The correction rescales every parameter tensor of the averaged
+model around its mean so that its variance equals the mean variance of the received models.
+
+References:
+  Tian, Al-Ars, Kitsak, Hofstee, "Vanishing Variance Problem in Fully Decentralized
+  Neural-Network Systems", arXiv:2404.04616 (2024). Reference code: twoentartian/DFL_torch
+  `py_src/model_variance_correct.py`, `py_src/model_average.py` (ConservativeModelAverager,
+  the defaults here) and twoentartian/DFL2 `simulator_opti_model_update.hpp` (C++, the
+  `population_var` / `weights_only` / `eps=0` parity flags).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Sequence
+
+import torch
+from pydantic import Field
+
+from fedsim.types import Oracle, RoundCtx, Strategy, StrategyRuntime, Tree
+from strategies import STRATEGIES
+from strategies._local import local_sgd
+from strategies.gossip import NonNegativeFloat, PositiveInt, node_models
+
+Segment = tuple[int, int]
+
+
+def corrected_segments(segments: Sequence[tuple[str, int, int]], weights_only: bool = False
+                       ) -> list[Segment]:
+    """(start, stop) of the parameter tensors that variance correction rescales.
+
+    1-element tensors are skipped (their variance is undefined), as in DFL_torch. With
+    `weights_only`, tensors whose name ends in "bias" are skipped too, as in DFL2, which rescales
+    only each Caffe layer's blobs[0] (the weights). Segments carry names, not shapes, so bias
+    detection is by name: fedsim models are `nn.Module`s whose biases are named `*.bias`.
+    """
+    keep = []
+    for name, start, stop in segments:
+        if stop - start <= 1 or (weights_only and name.rsplit(".", 1)[-1] == "bias"):
+            continue
+        keep.append((start, stop))
+    return keep
+
+
+def tensor_variances(x: torch.Tensor, segs: Sequence[Segment], unbiased: bool = True) -> torch.Tensor:
+    """Per-tensor variance of every row: x [m, P] -> [m, len(segs)] (divide by n-1 if unbiased)."""
+    cols = [x[:, a:b].var(dim=1, unbiased=unbiased) for a, b in segs]
+    return torch.stack(cols, dim=1) if cols else x.new_zeros(x.shape[0], 0)
+
+
+def variance_correct(avg: torch.Tensor, target: torch.Tensor, segs: Sequence[Segment], *,
+                     eps: float = 1e-4, unbiased: bool = True) -> torch.Tensor:
+    """Rescale each tensor of each row around its mean to variance `target` (a new tensor).
+
+    For segment l of row i, with mu = mean(avg_i[l]) and v = Var(avg_i[l]):
+      out_i[l] = (avg_i[l] - mu) * sqrt((target_il + eps) / (v + eps)) + mu,
+    so the mean is kept and Var(out_i[l]) = v (target_il + eps) / (v + eps), which is exactly
+    target_il when eps = 0. A constant tensor (v = 0) with eps = 0 is left unchanged.
+    Parameters outside `segs` are copied.
+
+    Args:
+      avg: [m, P] averaged models. target: [m, len(segs)] target variances.
+      segs: (start, stop) per corrected tensor. eps: stabiliser inside both square roots.
+      unbiased: variance with n-1 (PyTorch port) or n (C++ simulator) in the denominator.
+    """
+    out = avg.clone()
+    for l, (a, b) in enumerate(segs):
+        seg = avg[:, a:b]
+        mu = seg.mean(dim=1, keepdim=True)
+        den = seg.var(dim=1, unbiased=unbiased, keepdim=True) + eps
+        num = target[:, l:l + 1] + eps
+        scale = torch.where(den > 0, torch.sqrt(num / den.clamp_min(torch.finfo(den.dtype).tiny)),
+                            torch.ones_like(den))
+        out[:, a:b] = (seg - mu) * scale + mu
+    return out
+
+
+@STRATEGIES.register("gossip-var")
+def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
+               local_steps: PositiveInt = 1, beta: Annotated[float, Field(ge=0, le=1)] = 0.5,
+               eps: NonNegativeFloat = 1e-4, population_var: bool = False,
+               weights_only: bool = False) -> Strategy:
+    """Gossip learning with variance-corrected averaging (Tian et al. 2024, arXiv:2404.04616).
+
+    Every node i takes `local_steps` SGD steps (y_i), sends y_i to its neighbours N(i), and
+    combines conservatively what it receives (M = |N(i)| models):
+
+      avg_i = beta * y_i + (1 - beta) * (1/M) sum_{j in N(i)} y_j
+      for each parameter tensor l:  target_il = (1/M) sum_{j in N(i)} Var(y_j[l])
+      x_i[l] = (avg_i[l] - mean(avg_i[l])) * sqrt((target_il + eps) / (Var(avg_i[l]) + eps))
+               + mean(avg_i[l])
+
+    i.e. the mean of every tensor is kept and its variance is restored to the mean variance of
+    the received models ("FollowOthers"). Defaults follow the PyTorch port DFL_torch (every
+    parameter tensor with more than one element, unbiased variance, eps = 1e-4, beta = 0.5);
+    `population_var=True, weights_only=True, eps=0` gives the C++ simulator DFL2. A node with
+    no neighbour in a round keeps y_i. Normalisation buffers (BatchNorm running statistics),
+    which the reference code leaves untouched, do not exist here: fedsim's flat parameters hold
+    only `nn.Parameter`s and models with float buffers are rejected.
+
+    The engine mixes {"x": y, "stats": [Var(y_j[l])..., 1]} with the uniform in-neighbour mean
+    ("mean", self excluded); the trailing 1 tells whether a node received anything. Bytes
+    count only the model (`up_bits`), since a real receiver computes the variances itself.
+
+    Args:
+      runtime: supplies `segments`, the (name, start, stop) of every tensor.
+      lr: local step size (0 gives pure averaging). local_steps: SGD steps per round.
+      beta: conservativeness, the weight of the node's own model.
+      eps: added to numerator and denominator inside the square root (0: C++ parity).
+      population_var: divide by n (C++) instead of n - 1 (PyTorch port).
+      weights_only: rescale only tensors not named "*bias" (C++ parity).
+
+    Shapes: node state {"x": [m, P]}; payload {"x": [m, P], "stats": [m, L + 1]} with L the
+    number of corrected tensors.
+    """
+    segs = corrected_segments(runtime.segments, weights_only)
+    unbiased = not population_var
+
+    def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
+        y, loss = local_sgd(clients["x"], oracle, local_steps, lr)
+        var = tensor_variances(y, segs, unbiased)
+        stats = torch.cat([var, torch.ones_like(var[:, :1])], dim=1)
+        bits = torch.full((ctx.m,), y[0].numel() * y.element_size() * 8, dtype=torch.int64,
+                          device=y.device)
+        return {"x": y, "stats": stats}, {"x": y}, {"loss": loss, "up_bits": bits}
+
+    def node_update(clients: Tree, mixed: Tree, ctx: RoundCtx) -> Tree:
+        own, received = clients["x"], mixed["x"]
+        has_peer = mixed["stats"][:, -1:] > 0.5
+        avg = beta * own + (1 - beta) * received
+        out = variance_correct(avg, mixed["stats"][:, :-1], segs, eps=eps, unbiased=unbiased)
+        return {"x": torch.where(has_peer, out, own)}
+
+    return Strategy(init_server=lambda x0: {}, init_clients=node_models, local=local,
+                    node_update=node_update, comm="mix", mixing={"x": "mean", "stats": "mean"},
+                    broadcast=(), needs=("segments",))

@@ -1,0 +1,1 @@
+"""Small Flower apps written the way Flower's examples write them (used by tests/test_flower.py)."""

@@ -1,0 +1,172 @@
+"""EF21 family: identities (C = id is GD, EF21-W == EF21 for top_k, EControl eta=0 == EF21),
+the paper's quadratic fixture, the g == mean g_i invariant under partial participation, and the
+behaviour that motivates EF21 (naive top-k stalls; EF21 converges with a fraction of the bytes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedsim import testing
+from fedsim.config import parse_scenario
+from fedsim.errors import ConfigError
+from strategies.ef21 import (compressed_gd, econtrol, ef21, ef21_w, estimate_smoothness, nonconvex_reg,
+                             theory_constants, theory_lr)
+from tests.conftest import small_scenario
+
+IDENT = {"name": "identity"}
+TOP1 = {"name": "top_k", "k": 1}
+
+
+def _paper_quadratic():
+    """ALGORITHMS.md §7.3 test 3: f_i = x^T A_i x / 2 - b_i^T x, i.e. h = diag A_i, c = b_i / h."""
+    h = np.array([[1.0, 3.0], [2.0, 0.5]])
+    b = np.array([[1.0, -1.0], [0.0, 2.0]])
+    return testing.QuadraticProblem(h, b / h)
+
+
+def _gd(problem, lr, steps, x0=None):
+    x = torch.zeros(problem.dim, dtype=torch.float64) if x0 is None else x0
+    w = torch.as_tensor(problem.sizes / problem.sizes.sum())[:, None]
+    for _ in range(steps):
+        x = x - lr * (w * problem.h * (x - problem.c)).sum(0)
+    return x
+
+
+def test_theory_constants_at_alpha_one_tenth_and_the_quadratic_step():
+    theta, beta, ratio = theory_constants(0.1)
+    assert (theta, beta, ratio) == pytest.approx((0.0513167019, 17.5381496825, 18.4868329805), abs=1e-10)
+    # 2-client quadratic: L = lambda_max(mean A_i) = 1.75, L_QM = sqrt((3^2 + 2^2)/2), alpha(top-1 of 2) = 1/2
+    assert theory_lr(1.75, np.sqrt(6.5), 0.5) == pytest.approx(0.1265012371, abs=1e-10)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ef21(lr=0.3, compressor=IDENT),
+    lambda: ef21_w(lr=0.3, compressor=IDENT, smoothness=[1.0, 9.0, 0.2, 3.0, 1.0]),
+    lambda: econtrol(lr=0.3, compressor=IDENT, eta=0.5),
+])
+def test_identity_compressor_is_distributed_gradient_descent(make):
+    # Prepare: unequal client sizes, full participation
+    problem = testing.heterogeneous_quadratic(num_clients=5, dim=4, seed=3, sizes=[1, 2, 3, 4, 10])
+    # Execute
+    loop = testing.run(make(), problem, rounds=25)
+    # Assert: 25 rounds == 25 GD steps on f = sum_i (n_i / n) f_i
+    torch.testing.assert_close(loop.state.server["x"], _gd(problem, 0.3, 25), rtol=0, atol=1e-12)
+
+
+def test_two_rounds_by_hand_with_top_1_and_bytes():
+    """Round 0 sends grad_i(0) = -b_i densely: g = (-0.5, -0.5), x1 = gamma (0.5, 0.5).
+    Round 1: grad_1(x1) - g_1 = (0.5, 1.5) gamma -> top-1 (0, 1.5 gamma);
+    grad_2(x1) - g_2 = (1, 0.25) gamma -> (gamma, 0); g += mean; x2 = x1 - gamma g."""
+    gam = 0.2
+    loop = testing.run(ef21(lr=gam, compressor=TOP1), _paper_quadratic(), rounds=2)
+    x1 = gam * torch.tensor([0.5, 0.5], dtype=torch.float64)
+    g = torch.tensor([-0.5, -0.5], dtype=torch.float64) + 0.5 * torch.tensor([gam, 1.5 * gam], dtype=torch.float64)
+    torch.testing.assert_close(loop.state.server["x"], x1 - gam * g, rtol=0, atol=1e-15)
+    # up: 2 clients x 2 values x 4 bytes, then 2 x ceil((32 + 1) / 8); down: x as float64
+    assert loop.state.bytes.per_round == [(16, 32), (10, 32)]
+
+
+def test_top_1_on_the_paper_quadratic_reaches_the_optimum():
+    # Prepare: theory step of §7.3 test 3
+    problem = _paper_quadratic()
+    # Execute: round 0 is the init, rounds 1..3000 are the paper's iterations
+    loop = testing.run(ef21(lr=0.1265012371, compressor=TOP1), problem, rounds=3001)
+    # Assert
+    x = loop.state.server["x"]
+    torch.testing.assert_close(x, torch.tensor([1 / 3, 2 / 7], dtype=torch.float64), rtol=0, atol=1e-12)
+    grad = (problem.h * (x - problem.c)).mean(0)
+    assert float(grad.norm()) < 1e-13
+
+
+@pytest.mark.parametrize("participation", [None, testing.bernoulli([0.3, 0.5, 0.9, 0.6], seed=4)])
+def test_ef21_w_equals_ef21_for_top_k_with_uneven_weights(participation):
+    problem = testing.heterogeneous_quadratic(num_clients=4, dim=6, seed=5, sizes=[3, 1, 1, 5])
+    comp = {"name": "top_k", "k": 2}
+    a = testing.run(ef21(lr=0.1, compressor=comp), problem, 60, participation=participation)
+    b = testing.run(ef21_w(lr=0.1, compressor=comp, smoothness=[0.01, 100.0, 1.0, 7.0]), problem, 60,
+                    participation=participation)
+    torch.testing.assert_close(b.state.server["x"], a.state.server["x"], rtol=1e-12, atol=1e-12)
+
+
+def test_server_g_is_the_mean_of_all_client_g_i_under_partial_participation():
+    # Prepare: EF21-PP, everybody seen at least once in 40 rounds
+    problem = testing.heterogeneous_quadratic(num_clients=6, dim=5, seed=6, sizes=[1, 2, 3, 1, 2, 3])
+    part = testing.bernoulli([0.3] * 6, seed=2)
+    # Execute
+    loop = testing.run(ef21(lr=0.1, compressor={"name": "top_k", "k": 2}), problem, 40, participation=part)
+    # Assert: g == sum_i (n_i / n) g_i over ALL clients (stale ones included), not over responders
+    g_i = loop.state.store.gather(torch.arange(6))["g"]
+    w = torch.as_tensor(problem.sizes / problem.sizes.sum())[:, None]
+    torch.testing.assert_close(loop.state.server["g"], (w * g_i).sum(0), rtol=0, atol=1e-13)
+
+
+def test_absent_clients_keep_their_g_i():
+    problem = testing.heterogeneous_quadratic(num_clients=3, dim=3, seed=1)
+    masks = [[True, True, True], [True, False, False]]
+    loop = testing.run(ef21(lr=0.1, compressor=TOP1), problem, 2, participation=testing.MaskParticipation(masks))
+    g = loop.state.store.gather(torch.arange(3))["g"]
+    grad0 = problem.h * (0 - problem.c)  # clients 1, 2 only sent their dense round-0 gradient
+    torch.testing.assert_close(g[1:], grad0[1:], rtol=0, atol=0)
+    assert not torch.equal(g[0], grad0[0])
+
+
+def test_econtrol_with_eta_zero_is_ef21_and_tracks_its_error():
+    problem = testing.heterogeneous_quadratic(num_clients=4, dim=6, seed=7)
+    comp = {"name": "top_k", "k": 1}
+    a = testing.run(ef21(lr=0.1, compressor=comp, init="compressed"), problem, 30)
+    b = testing.run(econtrol(lr=0.1, compressor=comp, eta=0.0, init="compressed"), problem, 30)
+    torch.testing.assert_close(b.state.server["x"], a.state.server["x"], rtol=0, atol=1e-14)
+    c = testing.run(econtrol(lr=0.1, compressor=comp, eta=0.3), problem, 400)
+    assert float((c.state.server["x"] - problem.optimum).abs().max()) < 1e-8
+
+
+def test_ef21_sgd_uses_the_minibatch_oracle():
+    problem = testing.heterogeneous_quadratic(num_clients=3, dim=4, seed=2, noise=0.5)
+    loop = testing.run(ef21(lr=0.1, compressor=IDENT, stochastic=True), problem, 1)
+    _, grad = problem.oracle(torch.arange(3), 0)(torch.zeros(3, 4, dtype=torch.float64), 0)
+    torch.testing.assert_close(loop.state.store.gather(torch.arange(3))["g"], grad, rtol=0, atol=0)
+
+
+def test_naive_top_k_stalls_where_ef21_converges_with_a_fraction_of_the_bytes():
+    # Prepare: heterogeneous clients, top-1 of 10 coordinates
+    problem = testing.heterogeneous_quadratic(num_clients=10, dim=10, seed=0)
+    f_star = float(problem.objective(problem.optimum[None])[0])
+    trace = {}
+
+    def record(name):
+        trace[name] = []
+        return lambda m: trace[name].append((m["bytes_up"], m["test_loss"] - f_star))
+
+    # Execute
+    for name, strat in [("ef21", ef21(lr=0.15, compressor=TOP1)),
+                        ("naive", compressed_gd(lr=0.15, compressor=TOP1)),
+                        ("gd", ef21(lr=0.15, compressor=IDENT))]:
+        testing.run(strat, problem, 600, eval_every=1, on_eval=record(name))
+    # Assert: naive stays far from f*; EF21 gets to 1e-8 and needs fewer bytes than GD for it
+    assert min(gap for _, gap in trace["naive"]) > 1e-2
+    first = {k: next(b for b, gap in v if gap < 1e-8) for k, v in trace.items() if k != "naive"}
+    assert first["ef21"] < 0.5 * first["gd"]
+
+
+def test_estimated_smoothness_is_exact_on_quadratics():
+    problem = testing.heterogeneous_quadratic(num_clients=3, dim=4, seed=9)
+    ids = torch.arange(3)
+    est = estimate_smoothness(problem.oracle(ids, 0), torch.zeros(3, 4, dtype=torch.float64), ids, iters=200)
+    torch.testing.assert_close(est, problem.h.max(1).values, rtol=1e-6, atol=0)
+
+
+def test_nonconvex_regulariser_gradient_matches_autograd():
+    x = torch.linspace(-3, 3, 14, dtype=torch.float64).view(2, 7).requires_grad_(True)
+    val, grad = nonconvex_reg(x, 0.1)
+    (auto,) = torch.autograd.grad(val.sum(), x)
+    torch.testing.assert_close(grad, auto, rtol=0, atol=1e-15)
+
+
+def test_bad_compressor_is_reported_under_strategy_compressor():
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(small_scenario(strategy={"name": "ef21", "compressor": {"name": "top_k", "ratio": 3}}))
+    assert "strategy.compressor.ratio" in str(err.value)
+    with pytest.raises(ConfigError, match="error feedback themselves"):
+        ef21(compressor={"name": "top_k", "k": 1, "error_feedback": True})
