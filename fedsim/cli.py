@@ -180,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and getattr(args, "command", None) == "topology" and all("=" in r for r in rest):
+        args.params = [*args.params, *rest]  # key=value after --nodes N
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "nodes", 1) is not None and getattr(args, "nodes", 1) < 1:
         print("error: --nodes: must be >= 1 (got %d)" % args.nodes, file=sys.stderr)
         return 2

@@ -16,6 +16,13 @@ from typing import Any, Callable, Iterable
 from fedsim.errors import ConfigError
 
 
+# kind -> (singular noun, the scenario key that chooses the plug-in)
+_NOUNS = {"strategies": ("strategy", "name"), "datasets": ("dataset", "dataset"),
+          "compressors": ("compressor", "name"), "topologies": ("topology", "kind"),
+          "partitions": ("partition", "kind"), "models": ("model", "kind"),
+          "participation": ("participation pattern", "kind"), "engines": ("engine", "kind")}
+
+
 class Registry:
     """Name -> factory map for one kind of plug-in.
 
@@ -31,6 +38,7 @@ class Registry:
         self._reserved = frozenset(reserved)
         self._factories: dict[str, Callable[..., Any]] = {}
         self._loaded = False
+        self.noun, self.key = _NOUNS.get(kind, (kind.rstrip("s"), "kind"))
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: ``@REGISTRY.register("fedavg")`` on a factory function."""
@@ -65,9 +73,9 @@ class Registry:
             fn = self._factories[name]
             return fn.load() if isinstance(fn, _LazyEntryPoint) else fn
         if ":" in name or "." in name:
-            return _import_path(name, self.kind)
-        raise ConfigError(f"unknown {self.kind[:-1] if self.kind.endswith('s') else self.kind}",
-                          value=name, allowed=", ".join(self.names()) + ", or a dotted path 'pkg.module:factory'")
+            return _import_path(name, self.noun, self.key)
+        raise ConfigError(f"unknown {self.noun}", key=self.key, value=name,
+                          allowed=", ".join(self.names()) + ", or a dotted path 'pkg.module:factory'")
 
     def describe(self, name: str) -> str:
         """First line of the factory's docstring."""
@@ -98,17 +106,17 @@ class _LazyEntryPoint:
         return self.ep.load()
 
 
-def _import_path(path: str, kind: str) -> Callable[..., Any]:
+def _import_path(path: str, noun: str, key: str) -> Callable[..., Any]:
     mod_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
     try:
         obj: Any = importlib.import_module(mod_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"cannot import {kind[:-1]} from dotted path: {exc}", value=path,
+        raise ConfigError(f"cannot import {noun} from dotted path: {exc}", key=key, value=path,
                           allowed="'pkg.module:factory' importable from the current environment") from None
     if not callable(obj):
-        raise ConfigError(f"dotted path does not name a callable {kind[:-1]}", value=path)
+        raise ConfigError(f"dotted path does not name a callable {noun}", key=key, value=path)
     return obj
 
 

@@ -44,8 +44,11 @@ def small_scenario(**over: Any) -> dict[str, Any]:
         "engine": {"kind": "multiplex", "dtype": "float64"},
         "eval": {"every": 1},
     }
+    choosers = ("kind", "name", "dataset")
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(sc.get(k), dict):
+        same_plugin = isinstance(v, dict) and isinstance(sc.get(k), dict) and all(
+            v.get(c, sc[k].get(c)) == sc[k].get(c) for c in choosers)
+        if same_plugin:
             sc[k] = {**sc[k], **v}
         else:
             sc[k] = v

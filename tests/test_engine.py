@@ -28,7 +28,7 @@ def test_chunking_does_not_change_results():
 def test_bytes_count_dense_updates_and_broadcasts():
     loop = _loop(rounds=2)
     loop.run()
-    p = loop.setup.model.spec.size
+    p = loop.problem.model.spec.size
     per_round = 4 * p * 8  # 4 participants x P float64 values, each way
     assert loop.state.bytes.per_round == [(per_round, per_round)] * 2
 

@@ -29,8 +29,8 @@ try:
 except ImportError:  # pragma: no cover - environment without the [mpi] extra
     mpi4py = None
 
-pytestmark = [pytest.mark.mpi,
-              pytest.mark.skipif(MPIEXEC is None or mpi4py is None, reason="needs mpiexec and mpi4py")]
+pytestmark = pytest.mark.mpi
+needs_mpi = pytest.mark.skipif(MPIEXEC is None or mpi4py is None, reason="needs mpiexec and mpi4py")
 
 # Strategies compared end to end through the CLI, when registered (the loop-level check covers
 # every registered strategy).
@@ -111,6 +111,7 @@ def cli_cases(tmp_path_factory) -> dict:
     return cases
 
 
+@needs_mpi
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
 def test_cli_run_matches_multiplex(ranks, cli_cases, tmp_path):
     # Prepare: the CLI scenarios (multiplex references computed in-process)
@@ -137,6 +138,7 @@ def test_cli_run_matches_multiplex(ranks, cli_cases, tmp_path):
         assert all(s <= c for s, c in zip(info["state_rows_per_rank"], info["clients_per_rank"])), name
 
 
+@needs_mpi
 def test_loop_matches_in_process_for_every_strategy():
     """Every registered strategy on quadratics, 3 ranks over 7 clients (2, 2, 3), with rounds
     where only the last rank, nobody, or only rank 0 takes part; a stale (Iallreduce) reduction;
@@ -152,6 +154,7 @@ def test_loop_matches_in_process_for_every_strategy():
         assert f"ok {name}-" in res.stdout, res.stdout
 
 
+@needs_mpi
 def test_bad_scenario_is_rejected_on_every_rank_with_exit_2(tmp_path):
     # Prepare
     path = write_scenario(tmp_path, small_scenario(strategy={"lr": -1.0}))
@@ -165,6 +168,7 @@ def test_bad_scenario_is_rejected_on_every_rank_with_exit_2(tmp_path):
     assert not glob.glob(str(tmp_path / "runs" / "*"))
 
 
+@needs_mpi
 def test_more_ranks_than_clients_is_a_config_error():
     """Checked in `build`, before any communication (in-process: a 1-rank engine told it has 3)."""
     from fedsim.config import parse_scenario
@@ -183,6 +187,7 @@ def test_more_ranks_than_clients_is_a_config_error():
         engine.build(setup, lambda m: None)
 
 
+@needs_mpi
 def test_exception_on_one_rank_aborts_the_job(tmp_path):
     # Prepare: a user strategy that raises on rank 1's clients in round 2 (of 5)
     body = small_scenario(rounds=5)
@@ -215,3 +220,27 @@ def test_slice_setup_holds_only_the_slice():
     full = setup.problem().data
     rows = torch.cat([torch.arange(int(full.offsets[i]), int(full.offsets[i] + full.sizes[i])) for i in owned])
     assert torch.equal(data.x, full.x[rows])
+
+
+def test_mix_plan_exchanges_only_boundary_rows():
+    """Ring of 7 (Metropolis: 1/3 on self and both neighbours), 3 ranks own [0,2), [2,4), [4,7).
+
+    Rank 1 owns nodes 2, 3: it reads node 1 from rank 0 and node 4 from rank 2, and sends
+    node 2 to rank 0 (row 1 reads it) and node 3 to rank 2 (row 4 reads it). Its operator rows act
+    on [x2, x3 | x1, x4], and reproduce rows 2, 3 of W @ x.
+    """
+    from fedsim.mpi_comm import _MixPlan, block_starts
+
+    # Prepare
+    n = 7
+    dense = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        dense[i, [i - 1, i, (i + 1) % n]] = 1 / 3
+    x = torch.arange(n, dtype=torch.float64)[:, None] ** 2
+    # Execute
+    plan = _MixPlan({"W": dense.to_sparse_csr()}, block_starts(n, 3), 1, torch.device("cpu"))
+    got = torch.sparse.mm(plan.ops["W"], torch.cat([x[2:4], x[[1, 4]]]))
+    # Assert
+    assert plan.recv == {0: 1, 2: 1} and plan.halo_rows == 2
+    assert {q: idx.tolist() for q, idx in plan.send.items()} == {0: [0], 2: [1]}
+    torch.testing.assert_close(got, (dense @ x)[2:4], rtol=0, atol=1e-15)

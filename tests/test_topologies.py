@@ -6,7 +6,6 @@ Known numbers are from ALGORITHMS.md section 5.4 (research/algorithm_checks/chec
 from __future__ import annotations
 
 import math
-import time
 
 import networkx as nx
 import numpy as np
@@ -63,17 +62,12 @@ def test_static_mixing_is_valid(kind, n, rule, tmp_path):
     assert topo.mixing(rule=rule) is W  # cached
 
 
-@pytest.mark.parametrize("kind", sorted(RANDOM))
-def test_random_kinds_are_keyed_by_seed(kind, tmp_path):
+@pytest.mark.parametrize("kind", sorted(STATIC))
+def test_seed_reproducibility(kind, tmp_path):
+    """Same seed, same graph; another seed, another graph for the random kinds only."""
     edges = lambda seed: sorted(map(sorted, build(kind, 32, tmp_path, seed).graph().edges()))
     assert edges(3) == edges(3)
-    assert edges(3) != edges(4)
-
-
-@pytest.mark.parametrize("kind", sorted(set(STATIC) - set(RANDOM)))
-def test_deterministic_kinds_ignore_seed(kind, tmp_path):
-    a, b = build(kind, 10, tmp_path, seed=1), build(kind, 10, tmp_path, seed=2)
-    assert nx.utils.graphs_equal(a.graph(), b.graph())
+    assert (edges(3) != edges(4)) == (kind in RANDOM)
 
 
 @pytest.mark.parametrize("n, gap", [(4, 0.666667), (8, 0.195262), (16, 0.050747)])
@@ -98,6 +92,8 @@ def test_metropolis_star5():
     np.testing.assert_allclose(np.diag(W)[1:], [0.8] * 4, rtol=1e-14)
     np.testing.assert_allclose(W[1:, 0], [0.2] * 4, rtol=1e-14)
     assert spectral_gap(build_topology("star", {}, n=5, seed=0).mixing()) == pytest.approx(0.2)
+    W_max = build_topology("star", {}, n=5, seed=0).mixing(rule="max_degree").dense()
+    np.testing.assert_allclose(W_max, W, rtol=1e-14)  # d_max = 4 is every edge's max degree
 
 
 def test_ring8_three_gossip_steps():
@@ -135,11 +131,6 @@ def test_to_torch_matches_dense(kind, rule, tmp_path):
     out32 = W.to_torch(dtype=torch.float32) @ torch.from_numpy(X).float()
     np.testing.assert_allclose(out32.numpy(), W.dense() @ X, atol=1e-5)
 
-
-def test_max_degree_rule_weights():
-    W = build_topology("star", {}, n=5, seed=0).mixing(rule="max_degree").dense()
-    off = W[~np.eye(5, dtype=bool)]
-    assert set(np.round(off, 12)) == {0.0, 0.2}
 
 
 @pytest.mark.parametrize("n", [2, 3, 8, 12, 16, 33])
@@ -297,10 +288,12 @@ def test_sparse_gap_matches_dense_and_torus_formula():
 
 @pytest.mark.parametrize("kind, params", [("ring", {}), ("torus", {}),
                                           ("random_regular", {"degree": 4})])
-def test_large_topologies_build_fast(kind, params):
-    build_topology(kind, params, n=64, seed=0).mixing()  # warm up imports and caches
-    t0 = time.perf_counter()
+def test_large_topologies_are_sparse(kind, params):
+    """n = 4096: the mixing matrix is stored sparsely (nnz linear in edges, no n x n work).
+
+    Build time is measured in benchmarks/, never asserted here.
+    """
     topo = build_topology(kind, params, n=4096, seed=0)
     W = topo.mixing()
-    assert time.perf_counter() - t0 < 1.0
+    assert len(W.weights) == 4096 + 2 * W.num_edges()
     assert W.n == 4096 and W.num_edges() == topo.graph().number_of_edges()

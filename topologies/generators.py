@@ -41,7 +41,7 @@ def complete(*, n: int, seed: int) -> Topology:
 
 @TOPOLOGIES.register("ring")
 def ring(*, n: int, seed: int) -> Topology:
-    """Ring: node i linked to i ± 1 (mod n); weights 1/3, gap ~ 2 pi^2 / (3 n^2).
+    """Ring: node i linked to i ± 1 (mod n); weights 1/3, gap ~ 4 pi^2 / (3 n^2).
 
     References: Lian et al., NeurIPS 2017 (D-PSGD on a ring).
     """

@@ -129,8 +129,11 @@ class MPIEngine:
 
     def __init__(self, chunk_size: int | None, memory_mb: int, threads: int,
                  check_replicas: bool) -> None:
-        from mpi4py import MPI
-
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise ConfigError(f"the mpi engine needs mpi4py ({exc})", key="engine.kind", value="mpi",
+                              allowed='multiplex, or install the extra: pip install -e ".[mpi]"') from None
         self.world = MPI.COMM_WORLD
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         self.is_root = self.rank == 0
@@ -147,6 +150,7 @@ class MPIEngine:
             raise                          # same on every rank, before any communication: exit 2
         except BaseException as exc:
             self.abort(exc)
+            raise
         try:
             t0 = time.perf_counter()
             history = loop.run(progress)
@@ -155,7 +159,7 @@ class MPIEngine:
             return history
         except BaseException as exc:
             self.abort(exc)
-        raise AssertionError("unreachable")
+            raise
 
     def build(self, setup: Setup, on_eval: Callable[[dict], None]) -> MPIRoundLoop:
         """Validate (no communication), then this rank's loop over its slice."""
@@ -211,7 +215,13 @@ class MPIEngine:
         return dict(self.extra)
 
     def abort(self, exc: BaseException) -> None:
-        """One line on stderr naming the rank, then bring the whole job down."""
+        """One line on stderr naming the rank, then bring the whole job down (Abort).
+
+        A single rank has nobody to wait for: it returns and the caller re-raises, so the run
+        folder gets its "failed" summary as with the multiplex engine.
+        """
+        if self.size == 1:
+            return
         if os.environ.get("FEDSIM_DEBUG"):
             traceback.print_exc()
         print(f"error: rank {self.rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

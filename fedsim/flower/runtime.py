@@ -103,7 +103,7 @@ def _run_ray(server_app: Any, client_app: Any, num_nodes: int, run_config: dict 
         run_simulation(server_app, client_app, num_nodes, backend_config=backend)
         return
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.run import Run
     from flwr.supercore.telemetry import EventType
