@@ -161,20 +161,29 @@ class StackedModel:
 
     def forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """x [m, P], inputs [m, B, *feature] -> logits [m, B, C]."""
+        return self.forward_views(self.spec.unflatten(x), inputs)
+
+    def forward_views(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        """Like `forward`, with the parameters as named tensors [m, *shape] (e.g. autograd leaves).
+
+        Taking gradients with respect to these per-tensor leaves and concatenating them is
+        cheaper than differentiating through views of one flat tensor (no zero-filled
+        full-size gradient per view).
+        """
         if self._plan is not None:
-            return _run_plan(self._plan, x, inputs)
-        return self._vmap_forward(x, inputs)
+            return _run_plan(self._plan, params, inputs)
+        return self._vmap_forward(params, inputs)
 
     def forward_shared(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """x [m, P], inputs [B, *feature] shared by all m models -> logits [m, B, C]."""
         return self.forward(x, inputs.unsqueeze(0).expand(x.shape[0], *inputs.shape))
 
-    def _vmap_forward(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def _vmap_forward(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call, vmap
 
-        def f(row: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.module, self.spec.unflatten(row), (inp,))
-        return vmap(f)(x, inputs)
+        def f(p: dict[str, torch.Tensor], inp: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.module, p, (inp,))
+        return vmap(f)(params, inputs)
 
 
 # ---- compiled plans for Sequential models -----------------------------------------------------
@@ -198,7 +207,7 @@ def _compile(module: nn.Module, spec: ParamSpec) -> list[tuple[str, Any]] | None
     leaves = _leaves(module)
     if leaves is None:
         return None
-    offset = {n: (o, s) for n, s, o in zip(spec.names, spec.shapes, spec.offsets)}
+    offset = set(spec.names)
     by_module = {}
     for name, mod in module.named_modules():
         by_module[id(mod)] = name
@@ -207,9 +216,9 @@ def _compile(module: nn.Module, spec: ParamSpec) -> list[tuple[str, Any]] | None
         prefix = by_module[id(leaf)]
         pre = f"{prefix}." if prefix else ""
         if isinstance(leaf, nn.Linear):
-            plan.append(("linear", (offset[pre + "weight"], offset.get(pre + "bias"))))
+            plan.append(("linear", (pre + "weight", _opt(offset, pre + "bias"))))
         elif isinstance(leaf, nn.Conv2d) and leaf.groups == 1 and leaf.padding_mode == "zeros":
-            plan.append(("conv", (offset[pre + "weight"], offset.get(pre + "bias"),
+            plan.append(("conv", (pre + "weight", _opt(offset, pre + "bias"),
                                   leaf.stride, leaf.padding, leaf.dilation)))
         elif isinstance(leaf, nn.Flatten) and leaf.start_dim == 1 and leaf.end_dim == -1:
             plan.append(("flatten", None))
@@ -222,28 +231,27 @@ def _compile(module: nn.Module, spec: ParamSpec) -> list[tuple[str, Any]] | None
     return plan
 
 
-def _param(x: torch.Tensor, entry: tuple[int, tuple[int, ...]]) -> torch.Tensor:
-    (o, s) = entry
-    return x[:, o:o + math.prod(s)].view(x.shape[0], *s)
+def _opt(names: set[str], name: str) -> str | None:
+    return name if name in names else None
 
 
-def _run_plan(plan: list[tuple[str, Any]], x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _run_plan(plan: list[tuple[str, Any]], x: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     m, b = h.shape[0], h.shape[1]
     for op, arg in plan:
         if op == "linear":
-            w = _param(x, arg[0])  # [m, out, in]
+            w = x[arg[0]]  # [m, out, in]
             if h.dim() != 3:
                 h = h.reshape(m, b, -1)
             if arg[1] is not None:
-                h = torch.baddbmm(_param(x, arg[1]).unsqueeze(1), h, w.transpose(1, 2))
+                h = torch.baddbmm(x[arg[1]].unsqueeze(1), h, w.transpose(1, 2))
             else:
                 h = torch.bmm(h, w.transpose(1, 2))
         elif op == "conv":
             (wo, bo, stride, padding, dilation) = arg
-            w = _param(x, wo)  # [m, out, in, k, k]
+            w = x[wo]  # [m, out, in, k, k]
             c_in, hh, ww = h.shape[2], h.shape[3], h.shape[4]
             hb = h.transpose(0, 1).reshape(b, m * c_in, hh, ww)
-            bias = _param(x, bo).reshape(-1) if bo is not None else None
+            bias = x[bo].reshape(-1) if bo is not None else None
             out = F.conv2d(hb, w.reshape(-1, *w.shape[2:]), bias, stride, padding, dilation, groups=m)
             h = out.reshape(b, m, -1, out.shape[-2], out.shape[-1]).transpose(0, 1)
         elif op == "flatten":

@@ -102,8 +102,10 @@ class BlockOracle:
             local = torch.where(sel, torch.gather(self._perm(e), 1, r), local)
         return self.offsets[:, None] + local, None
 
-    def loss(self, x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        logits = self.model.forward(x, self.data.x[rows])
+    def loss(self, params: dict[str, torch.Tensor], rows: torch.Tensor, w: torch.Tensor | None
+             ) -> torch.Tensor:
+        """Per-client loss [m] of parameters `params` (named [m, *shape] tensors) on `rows`."""
+        logits = self.model.forward_views(params, self.data.x[rows])
         per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.data.y[rows].reshape(-1),
                               reduction="none").view(rows.shape)
         return per.mean(1) if w is None else (per * w).sum(1)
@@ -111,11 +113,13 @@ class BlockOracle:
     def _grad(self, x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls += 1
+        m = x.shape[0]
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            loss = self.loss(xg, rows, w)
-            (grad,) = torch.autograd.grad(loss.sum(), xg)
-        return loss.detach(), grad
+            leaves = {k: v.detach().requires_grad_(True)
+                      for k, v in self.model.spec.unflatten(x).items()}
+            loss = self.loss(leaves, rows, w)
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        return loss.detach(), torch.cat([g.reshape(m, -1) for g in grads], 1)
 
     def __call__(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows, w = self.batch_rows(step)

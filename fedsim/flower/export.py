@@ -43,7 +43,7 @@ build-backend = "hatchling.build"
 name = "{name}"
 version = "1.0.0"
 description = "fedsim scenario '{scenario}' ({strategy}, {clients} clients) as a Flower app"
-dependencies = ["flwr[simulation]==1.41.*", "fedsim"]
+dependencies = ["flwr[simulation]==1.41.*"]  # fedsim: installed where the apps run (see README)
 
 [tool.hatch.build.targets.wheel]
 packages = ["."]

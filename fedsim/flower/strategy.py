@@ -93,8 +93,8 @@ class FedsimStrategy(FlowerStrategy):
         rows = self._collect(replies, np.flatnonzero(mask))
         payload = {k: torch.cat([r[1][k] for r in rows]) for k in (rows[0][1] if rows else {})}
         metrics = [r[2] for r in rows]
-        losses = [float(m["loss"]) for m in metrics if "loss" in m]
-        self.train_loss = (self.train_loss[0] + sum(losses), self.train_loss[1] + len(losses))
+        losses = torch.tensor([float(m["loss"]) for m in metrics if "loss" in m], dtype=torch.float64)
+        self.train_loss = (self.train_loss[0] + float(losses.sum()), self.train_loss[1] + len(losses))
         up_rows = [int(np.ceil(float(m["up-bits"]) / 8)) if "up-bits" in m
                    else int(tree_bytes({k: v[None] for k, v in r[1].items()}, rows=False))
                    for r, m in zip(rows, metrics)]
@@ -106,7 +106,7 @@ class FedsimStrategy(FlowerStrategy):
             model = self.server[self.strat.model_key]
             return tree_to_record({self.strat.model_key: model}), MetricRecord({"clients": len(rows)})
         deg = self._mixing_ops(t)[2]
-        up = int(sum(u * int(deg[p]) for u, p in zip(up_rows, range(self.n))))
+        up = int(sum(u * int(deg[r[0]]) for u, r in zip(up_rows, rows)))
         self.bytes.add(up, up)
         self._relay(t, payload, server_round)
         return None, MetricRecord({"clients": len(rows)})

@@ -86,6 +86,18 @@ def test_consensus_contracts_at_least_at_the_spectral_gap_rate():
     assert seen[-1] < 0.1 * d0
 
 
+def test_time_varying_one_peer_exponential_averages_exactly_in_log2_n_rounds():
+    # Prepare: W_t = (I + P_t) / 2 with partner i XOR 2^(t mod 3); the product over 3 rounds is J/8
+    topo = build_topology("one_peer_exponential", {}, n=8, seed=0)
+    x0 = _rows(8, 3, seed=6)
+    # Execute
+    x2 = _pure_gossip("gossip", x0, topo, rounds=2)
+    x3 = _pure_gossip("gossip", x0, topo, rounds=3)
+    # Assert
+    assert (x2 - x0.mean(0)).abs().max() > 0.1
+    torch.testing.assert_close(x3, x0.mean(0).expand(8, -1), rtol=0, atol=1e-12)
+
+
 def test_atc_and_dpsgd_orders_one_round():
     """Hand-computed (numpy), complete graph of 3 (W = J/3), f_i = 0.5 h_i (x - c_i)^2::
 
@@ -216,6 +228,18 @@ def test_gossip_var_leaves_one_element_tensors_to_plain_averaging():
     torch.testing.assert_close(x[:, 12], 0.5 * x0[:, 12] + 0.5 * mean_w @ x0[:, 12],
                                rtol=0, atol=1e-14)
     assert not torch.allclose(x[:, :6], 0.5 * x0[:, :6] + 0.5 * mean_w @ x0[:, :6])
+
+
+def test_gossip_var_node_without_neighbours_keeps_its_model():
+    # Prepare: one-peer exponential on 6 nodes; round 2 pairs i with i XOR 4, so 2 and 3 idle
+    topo = build_topology("one_peer_exponential", {}, n=6, seed=0)
+    x0 = _rows(6, 13, seed=7)
+    # Execute
+    x2 = _pure_gossip("gossip-var", x0, topo, rounds=2, segments=SEGMENTS)
+    x3 = _pure_gossip("gossip-var", x0, topo, rounds=3, segments=SEGMENTS)
+    # Assert
+    assert torch.equal(x3[2:4], x2[2:4])
+    assert not torch.allclose(x3[[0, 1, 4, 5]], x2[[0, 1, 4, 5]])
 
 
 # ---- behaviour and scenarios ---------------------------------------------------------------

@@ -1,0 +1,241 @@
+"""CO2 (arXiv:2401.16265) and its no-overlap special cases Local SGD and SlowMo.
+
+Fixture (ALGORITHMS.md §8.4, shared/research/algorithm_checks/co2_quad.py): 3 workers,
+f_i(x) = h_i (x - c_i)^2 / 2, h = [1, 4, 2], c = [0, 1, -1], x0 = 0, tau = 8, gamma = 0.05,
+full-batch gradients, full participation. Local SGD's fixed point is 0.1511183198 (x* = 0.2857).
+The reference loop `_reference` below is that script's `co2` function in torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedsim import testing
+from strategies import STRATEGIES
+from strategies.co2 import co2
+
+H, C, TAU, GAMMA = [1.0, 4.0, 2.0], [0.0, 1.0, -1.0], 8, 0.05
+FIXED_POINT = 0.1511183198
+PLAIN = dict(tau=TAU, lr=GAMMA, penalty="const", clip="none")
+
+
+def _problem(**kw) -> testing.QuadraticProblem:
+    return testing.QuadraticProblem(H, C, **kw)
+
+
+def _x(strategy, rounds: int, problem=None, **kw) -> torch.Tensor:
+    return testing.run(strategy, problem or _problem(), rounds, **kw).state.server["x"]
+
+
+def _reference(rounds: int, stale: bool, alpha: float = 1.0, beta: float = 0.0,
+               clip: float | None = None) -> float:
+    """co2_quad.py: pending = (anchor, mean end point) of the previous round."""
+    h, c = torch.tensor(H, dtype=torch.float64), torch.tensor(C, dtype=torch.float64)
+    x, m, pending = torch.tensor(0.0, dtype=torch.float64), 0.0, None
+    for _ in range(rounds):
+        y = x.expand(3).clone()
+        for _ in range(TAU):
+            y = y - GAMMA * h * (y - c)
+        cur = (x, y.mean())
+        use, pending = (pending if stale else cur), cur
+        if use is not None:
+            m = beta * m + (use[0] - use[1])
+            m = m.clamp(-clip, clip) if clip is not None else m
+            x = x - alpha * m
+    return float(x)
+
+
+def test_no_staleness_no_momentum_is_local_sgd():
+    """x_{t+1,0} = mean_i x^{(i)}_{t,tau}: one round by hand, FedAvg bitwise, fixed point.
+
+    Round 1 by hand: y_i = c_i (1 - (1 - gamma h_i)^tau) from x0 = 0, x1 = mean(y_i).
+    """
+    # Prepare
+    q = [(1 - GAMMA * h) ** TAU for h in H]
+    x1 = sum(c * (1 - qi) for c, qi in zip(C, q)) / 3
+    make = lambda: co2(staleness=0, beta=0.0, outer_lr=1.0, **PLAIN)
+    fedavg = STRATEGIES.build("fedavg", {"lr": GAMMA, "local_steps": TAU, "weighting": "uniform"})
+    # Execute
+    one, many = _x(make(), 1), _x(make(), 400)
+    alias = _x(STRATEGIES.build("local-sgd", {"tau": TAU, "lr": GAMMA}), 400)
+    # Assert
+    assert float(one[0]) == pytest.approx(x1, rel=1e-13)
+    assert torch.equal(many, _x(fedavg, 400)) and torch.equal(alias, many)
+    assert float(many[0]) == pytest.approx(FIXED_POINT, abs=1e-10)
+
+
+def test_no_staleness_with_momentum_is_slowmo():
+    """SlowMo (arXiv:1910.00643): m <- beta m + (x - mean y); x <- x - alpha m (hand loop)."""
+    # Prepare
+    problem, alpha, beta, rounds = _problem(), 0.7, 0.6, 25
+    x, m = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    h, c = problem.h[:, 0], problem.c[:, 0]
+    for _ in range(rounds):
+        y = x.expand(3).clone()
+        for _ in range(TAU):
+            y = y - GAMMA * h * (y - c)
+        m = beta * m + (x - y.mean())
+        x = x - alpha * m
+    # Execute
+    got = _x(co2(staleness=0, beta=beta, outer_lr=alpha, **PLAIN), rounds)
+    alias = _x(STRATEGIES.build("slowmo", {"tau": TAU, "lr": GAMMA, "beta": beta, "outer_lr": alpha}),
+               rounds)
+    # Assert
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-14)
+    assert torch.equal(alias, got)
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 7, 40])
+@pytest.mark.parametrize("stale,alpha,beta", [(True, 1.0, 0.0), (True, 0.7, 0.2), (False, 1.0, 0.5)])
+def test_matches_reference_loop(rounds, stale, alpha, beta):
+    # Execute
+    got = _x(co2(staleness=int(stale), beta=beta, outer_lr=alpha, **PLAIN), rounds)
+    # Assert
+    assert float(got[0]) == pytest.approx(_reference(rounds, stale, alpha, beta), rel=1e-12, abs=1e-14)
+
+
+def test_staleness_keeps_the_fixed_point_but_changes_the_path():
+    # Execute
+    stale = [_x(co2(staleness=1, beta=0.0, **PLAIN), r) for r in (3, 400)]
+    sync = _x(co2(staleness=0, beta=0.0, **PLAIN), 3)
+    # Assert
+    assert abs(float(stale[0][0] - sync[0])) > 1e-3
+    assert float(stale[1][0]) == pytest.approx(FIXED_POINT, abs=1e-10)
+
+
+def test_round_zero_leaves_the_model_and_round_two_uses_the_old_anchor():
+    """Round 0 receives nothing. x1 = x0 = 0; round 1 applies round 0's mean end point ybar:
+    x2 = x1 - (x0 - ybar) = ybar; round 2 applies round 1's reduction, anchored at x1 = 0 (not at
+    x2): x3 = x2 - (x1 - ybar) = 2 ybar (anchoring at x2 would give ybar again).
+    """
+    # Prepare
+    q = [(1 - GAMMA * h) ** TAU for h in H]
+    ybar = sum(c * (1 - qi) for c, qi in zip(C, q)) / 3
+    make = lambda: co2(staleness=1, beta=0.0, **PLAIN)
+    # Execute
+    loop1 = testing.run(make(), _problem(), 1)
+    x2, x3 = _x(make(), 2), _x(make(), 3)
+    # Assert
+    assert torch.equal(loop1.state.server["x"], torch.zeros(1, dtype=torch.float64))
+    assert torch.equal(loop1.state.server["m"], torch.zeros(1, dtype=torch.float64))
+    assert float(x2[0]) == pytest.approx(ybar, rel=1e-13)
+    assert float(x3[0]) == pytest.approx(2 * ybar, rel=1e-13)
+
+
+def test_stale_update_averages_the_previous_rounds_participants():
+    """Round 0: only worker 1 takes part. Round 1's update applies that reduction alone, so
+    x2 = worker 1's end point from x0 = 0: c_1 (1 - (1 - gamma h_1)^tau).
+    """
+    # Prepare
+    masks = [[False, True, False], [True, False, True], [True, True, True]]
+    y1 = C[1] * (1 - (1 - GAMMA * H[1]) ** TAU)
+    # Execute
+    x2 = _x(co2(staleness=1, beta=0.0, **PLAIN), 2, participation=testing.MaskParticipation(masks))
+    # Assert
+    assert float(x2[0]) == pytest.approx(y1, rel=1e-13)
+
+
+def test_staleness_destabilises_momentum_and_clipping_bounds_it():
+    # Execute
+    stale = float(_x(co2(staleness=1, beta=0.5, **PLAIN), 400)[0])
+    sync = float(_x(co2(staleness=0, beta=0.5, **PLAIN), 400)[0])
+    clipped = float(_x(co2(staleness=1, beta=0.5, tau=TAU, lr=GAMMA, penalty="const",
+                           clip="elementwise", clip_threshold=0.5), 2000)[0])
+    # Assert
+    assert abs(stale) > 1e4 and stale == pytest.approx(_reference(400, True, 1.0, 0.5), rel=1e-9)
+    assert sync == pytest.approx(FIXED_POINT, abs=1e-10)
+    assert abs(clipped) < 1.0 and abs(clipped - FIXED_POINT) > 0.1
+    assert clipped == pytest.approx(_reference(2000, True, 1.0, 0.5, clip=0.5), rel=1e-9)
+
+
+@pytest.mark.parametrize("clip", ["elementwise", "norm"])
+def test_unit_penalty_and_infinite_threshold_change_nothing(clip):
+    # Prepare
+    problem = testing.heterogeneous_quadratic(num_clients=5, dim=4, noise=0.1, seed=3)
+    base = dict(tau=4, lr=0.1, beta=0.4, staleness=1)
+    # Execute
+    plain = _x(co2(penalty="const", clip="none", **base), 20, problem)
+    unit = _x(co2(penalty="const", penalty_value=1.0, clip=clip, clip_threshold=math.inf, **base), 20, problem)
+    zero_gap = _x(co2(penalty="gap_norm", gap_scale=0.0, clip="none", **base), 20, problem)
+    # Assert
+    assert torch.equal(unit, plain) and torch.equal(zero_gap, plain)
+
+
+def test_const_penalty_scales_the_pseudo_gradient():
+    """Lambda = 2 with alpha = 1 is alpha = 0.5 with Lambda = 1 (m halves exactly)."""
+    # Prepare
+    problem = testing.heterogeneous_quadratic(num_clients=4, dim=3, noise=0.1, seed=1)
+    # Execute
+    halved = _x(co2(penalty="const", penalty_value=2.0, outer_lr=1.0, tau=3, lr=0.1, beta=0.3, clip="none"), 15, problem)
+    slower = _x(co2(penalty="const", outer_lr=0.5, tau=3, lr=0.1, beta=0.3, clip="none"), 15, problem)
+    # Assert
+    assert torch.equal(halved, slower)
+
+
+@pytest.mark.parametrize("penalty,clip", [("gap_norm", "none"), ("gap_elementwise", "none"),
+                                          ("const", "norm"), ("const", "elementwise")])
+def test_first_stale_update_by_hand(penalty, clip):
+    """Round 1 with x1 = x0 = 0: D = x0 - ybar, gap = x1 - ybar = D, per coordinate j of a 2-d
+    quadratic (h_ij, c_ij): ybar_j = mean_i c_ij (1 - (1 - lr h_ij)^tau).
+    gap_norm: m = D / (1 + ||D|| / sqrt(2)); gap_elementwise: m = D / (1 + |D|);
+    norm clip (phi 0.1): m = D * min(1, 0.1 / ||D||); elementwise clip: clamp(D, -0.1, 0.1).
+    x2 = x1 - m (outer_lr 1, beta irrelevant: m starts at 0).
+    """
+    # Prepare
+    h, c = [[1.0, 3.0], [2.0, 0.5]], [[1.0, -2.0], [0.5, 1.0]]
+    problem = testing.QuadraticProblem(h, c)
+    ht, ct = torch.tensor(h, dtype=torch.float64), torch.tensor(c, dtype=torch.float64)
+    d = -(ct * (1 - (1 - 0.1 * ht) ** 5)).mean(0)
+    expected = {"gap_norm": d / (1 + d.norm() / math.sqrt(2)), "gap_elementwise": d / (1 + d.abs()),
+                "norm": d * min(1.0, 0.1 / float(d.norm())), "elementwise": d.clamp(-0.1, 0.1)}
+    # Execute
+    x2 = _x(co2(tau=5, lr=0.1, beta=0.5, penalty=penalty, clip=clip, clip_threshold=0.1), 2, problem)
+    # Assert
+    torch.testing.assert_close(x2, -expected[penalty if clip == "none" else clip], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("inner,torch_opt", [
+    ("adamw", lambda p: torch.optim.AdamW([p], lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    ("momentum", lambda p: torch.optim.SGD([p], lr=0.05, momentum=0.7, weight_decay=0.1)),
+])
+def test_inner_state_persists_across_rounds(inner, torch_opt):
+    """One worker, staleness 0, beta 0, alpha 1: x_{t+1,0} is the worker's end point, so 3 rounds
+    of tau = 4 equal 12 uninterrupted steps of torch's optimizer (state kept, never reset).
+    """
+    # Prepare
+    problem = testing.QuadraticProblem([[1.0, 3.0, 0.5]], [[1.0, -2.0, 0.3]])
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch_opt(p)
+    for _ in range(12):
+        p.grad = problem.h[0] * (p.detach() - problem.c[0])
+        opt.step()
+    strat = co2(tau=4, lr=0.05, inner=inner, inner_momentum=0.7, weight_decay=0.1, adam_beta1=0.8,
+                adam_beta2=0.99, adam_eps=1e-6, staleness=0, beta=0.0, penalty="const", clip="none")
+    # Execute
+    x = _x(strat, 3, problem)
+    # Assert
+    torch.testing.assert_close(x, p.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_inner_state_is_per_client_and_waits_while_absent():
+    # Prepare
+    masks = [[True, False, True], [True, True, False], [False, False, True]]
+    strat = co2(tau=TAU, lr=GAMMA, inner="adamw", staleness=1)
+    # Execute
+    loop = testing.run(strat, _problem(), 3, participation=testing.MaskParticipation(masks))
+    state = loop.state.store.gather(torch.arange(3))
+    # Assert
+    assert state["step"].tolist() == [2 * TAU, TAU, 2 * TAU]
+
+
+def test_small_scenario_runs(tmp_path, capsys):
+    from tests.conftest import ROOT, run_cli
+
+    # Execute
+    code, out, err = run_cli(["run", str(ROOT / "scenarios" / "co2.yaml"), "--quiet", "--out",
+                              str(tmp_path), "--set", "rounds=2", "--set", "eval.every=1"], capsys)
+    # Assert
+    assert code == 0, err
