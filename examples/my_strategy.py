@@ -40,7 +40,8 @@ def factory(*, lr: Positive = 0.05, local_steps: Annotated[int, Field(gt=0)] = 1
     def init_server(x0: torch.Tensor) -> Tree:
         return {"x": x0.clone()}
 
-    def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
+    def local(server: Tree, clients: Tree, oracle: Oracle,
+              ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         x = server["x"].expand(ctx.m, -1)          # [m, P]: every participant starts from x
         y = x.clone()
         loss = torch.zeros(ctx.m, dtype=x.dtype, device=x.device)

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="overlay runs: metric against round or bytes")
     pl.add_argument("runs", nargs="+")
-    pl.add_argument("--x", choices=("round", "bytes", "wall"), default="round")
+    pl.add_argument("--x", choices=("round", "bytes", "bytes_up", "wall"), default="round")
     pl.add_argument("--y", choices=("test_accuracy", "test_loss", "train_loss", "consensus_distance",
                                     "node_accuracy_mean"), default="test_accuracy")
     pl.add_argument("-o", "--output", default=None, help="PNG file (default: plot.png)")

@@ -35,7 +35,7 @@ def _label(path: str, summary: dict[str, Any]) -> str:
 
 def plot_runs(paths: list[str], x: str = "round", y: str = "test_accuracy",
               output: str | None = None) -> str:
-    """Overlay `y` against `x` ("round", "bytes" = bytes up + down, "wall") for several runs."""
+    """Overlay `y` against `x` ("round", "bytes" = up + down, "bytes_up", "wall") for several runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,8 +49,9 @@ def plot_runs(paths: list[str], x: str = "round", y: str = "test_accuracy",
             raise ConfigError(f"run has no values of {y!r}", file=path)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=_label(path, summary))
     ax.set_xlabel({"round": "round", "bytes": "bytes communicated (up + down)",
+                   "bytes_up": "bytes sent up (clients to server / to neighbours)",
                    "wall": "wall-clock seconds"}[x])
-    if x == "bytes":
+    if x.startswith("bytes"):
         ax.set_xscale("log")
     ax.set_ylabel(y.replace("_", " "))
     ax.grid(alpha=0.3)
@@ -65,6 +66,8 @@ def plot_runs(paths: list[str], x: str = "round", y: str = "test_accuracy",
 def _x(row: dict[str, Any], x: str) -> float:
     if x == "bytes":
         return row.get("bytes_up", 0) + row.get("bytes_down", 0)
+    if x == "bytes_up":
+        return row.get("bytes_up", 0)
     return row.get("wall_s", 0.0) if x == "wall" else row["round"]
 
 

@@ -46,7 +46,9 @@ def compress_uplink(strategy: Strategy, cfg: Mapping[str, Any],
     client i keeps e_i per key (client-tree key "uplink_ef/<key>", zero at first participation,
     untouched while absent), sends c_i = C(e_i + p_i) and keeps e_i <- e_i + p_i - c_i; unbiased
     compressors are then used in their contractive form C/(1 + omega). The server side is the
-    strategy's own (it reduces the decoded c_i with its weights). Scenario form:
+    strategy's own (it reduces the decoded c_i with its weights). The shapes of the e_i rows
+    are learnt once per model size by running the strategy's pure `local` on one client with
+    zero gradients (`init_clients` cannot see a payload otherwise). Scenario form:
     ``strategy: {name: fedavg, compressor: {name: top_k, ratio: 0.01, error_feedback: true}}``.
     """
     if strategy.comm != "reduce":

@@ -10,8 +10,9 @@ whatever chunk, rank or process it is in. Contraction parameters (E||C(v) - v||^
 (the compressor itself when biased, C / (1 + omega) when unbiased with variance omega).
 
 State lives elsewhere: error feedback (EF14, EF21) keeps per-client rows in the strategy's
-client tree (`compress_uplink` below, `strategies/ef21.py`), so compressors compose freely with
-`chain`. Scenario form: ``{name: top_k, ratio: 0.01}``, ``{name: chain, stages: [...]}``.
+client tree (`compress_uplink`, defined in `strategies/_uplink.py` and re-exported here, and
+`strategies/ef21.py`), so compressors compose freely with `chain`. Scenario form:
+``{name: top_k, ratio: 0.01}``, ``{name: chain, stages: [{name: top_k, k: 10}, {name: qsgd}]}``.
 
 References: Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", NeurIPS 2018, arXiv:1809.07599
 (top_k, rand_k); Alistarh et al., "QSGD", NeurIPS 2017, arXiv:1610.02132; Horváth et al.,
@@ -315,4 +316,5 @@ CompressorCfg = Annotated[dict[str, Any], AfterValidator(_validated_field)]
 from strategies._uplink import EF_PREFIX, compress_uplink  # noqa: E402  (re-export)
 
 __all__ = ["COMPRESSORS", "Compressor", "FLOAT_BITS", "identity", "top_k", "rand_k", "qsgd", "natural",
-           "chain", "make_contractive", "CompressorCfg", "validate_compressor", "build_compressor", "compress_uplink"]
+           "chain", "make_contractive", "CompressorCfg", "validate_compressor", "build_compressor",
+           "compress_uplink", "EF_PREFIX"]

@@ -28,11 +28,11 @@ import torch
 from pydantic import Field
 
 from fedsim import rng
+from fedsim.errors import ConfigError
 from fedsim.types import Oracle, RoundCtx, Strategy, StrategyRuntime, Tree, no_clients
 from strategies import STRATEGIES
 from strategies._local import broadcast_rows
 from strategies.compress import FLOAT_BITS, CompressorCfg, build_compressor, compress_uplink
-from fedsim.errors import ConfigError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -195,8 +195,9 @@ def ef21_w(*, lr: PositiveFloat = 0.2, compressor: CompressorCfg = TOP_K,
     Args:
       smoothness: L_i of every client (length N). None: each client estimates its L_i once, at its
         first participation, by power iteration on finite-difference Hessian-vector products of
-        its full loss at the current model (`estimate_smoothness`, 21 extra gradient calls), and
-        sends it up (32 bits). That is a local estimate, not the global constant.
+        its full loss at the current model (`estimate_smoothness`: 21 extra full-gradient calls
+        of the block in rounds where a participant is new), and sends it up (32 bits). That is
+        a local curvature estimate, not the global constant L_i.
       Other arguments as for `ef21`.
     """
     L = None
@@ -242,6 +243,9 @@ def compressed_gd(*, lr: PositiveFloat = 0.5, compressor: CompressorCfg = TOP_K,
     def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
         return {**server, "x": server["x"] - reduced["step"]} if reduced else server
 
+    if "error_feedback" in compressor:
+        raise ConfigError("use compressed-gd's own error_feedback parameter",
+                          key="compressor.error_feedback", value=compressor["error_feedback"])
     gd = Strategy(init_server=lambda x0: {"x": x0.clone()}, init_clients=no_clients, local=local,
                   server_update=server_update)
     return compress_uplink(gd, {**compressor, "error_feedback": error_feedback}, runtime)

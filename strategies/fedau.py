@@ -22,7 +22,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
@@ -62,7 +62,8 @@ def _reweighted(lr: float, local_steps: int, server_lr: float, weights: Weights,
     def init_server(x0: torch.Tensor) -> Tree:
         return {"x": x0.clone(), **(init_extra(x0) if init_extra else {})}
 
-    def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
+    def local(server: Tree, clients: Tree, oracle: Oracle,
+              ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         delta, loss = local_delta(server, oracle, ctx, lr, local_steps)
         return {"delta": delta}, clients, {"loss": loss}
 
@@ -206,7 +207,8 @@ def _table_strategy(lr: float, local_steps: int, server_lr: float,
     def init_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
         return {"y": torch.zeros((ids.numel(), x0.shape[-1]), dtype=x0.dtype, device=x0.device)}
 
-    def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
+    def local(server: Tree, clients: Tree, oracle: Oracle,
+              ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         delta, loss = local_delta(server, oracle, ctx, lr, local_steps)
         return {"dy": delta - clients["y"]}, {"y": delta}, {"loss": loss}
 
@@ -236,7 +238,8 @@ def fedvarp(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
             return server
         scale = ctx.num_clients / max(ctx.num_participants, 1)
         step = scale * reduced["dy"] + server["ybar"]
-        return {**server, "x": server["x"] + server_lr * step, "ybar": server["ybar"] + reduced["dy"]}
+        ybar = server["ybar"] + reduced["dy"]
+        return {**server, "x": server["x"] + server_lr * step, "ybar": ybar}
 
     return _table_strategy(lr, local_steps, server_lr, apply)
 
@@ -264,4 +267,4 @@ def mifa(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
     return _table_strategy(lr, local_steps, server_lr, apply)
 
 
-__all__: list[Any] = ["fedau", "fedavg_all", "known_prob", "fedvarp", "mifa", "local_delta"]
+__all__ = ["fedau", "fedavg_all", "known_prob", "fedvarp", "mifa", "local_delta"]

@@ -59,7 +59,7 @@ def seeded_globals(seed: int, *ids: int) -> Iterator[None]:
     k = rng.key(seed, CLIENT_RNG, *ids)
     random.seed(k)
     np.random.seed(k & 0xFFFFFFFF)
-    torch.manual_seed(k & ((1 << 63) - 1))
+    torch.default_generator.manual_seed(k & ((1 << 63) - 1))  # CPU only: no lazy CUDA calls
     try:
         yield
     finally:

@@ -64,7 +64,7 @@ def train(net: Net, loader: DataLoader, epochs: int, lr: float, proximal_mu: flo
                                                     for p, g in zip(net.parameters(), global_params))
             loss.backward()
             opt.step()
-            total, count = total + float(loss) * len(yb), count + len(yb)
+            total, count = total + loss.item() * len(yb), count + len(yb)
     return total / max(count, 1)
 
 

@@ -39,7 +39,8 @@ def test_top_k_keeps_the_k_largest_and_breaks_ties_by_lowest_index():
     # Execute
     dec, bits = _comp(name="top_k", k=2).compress(v, _ctx([0, 1]))
     # Assert: k * (32 + ceil(log2 4)) = 2 * 34 bits per row
-    assert torch.equal(dec, torch.tensor([[0.0, -5.0, 0.0, 4.0], [1.0, -1.0, 0.0, 0.0]], dtype=torch.float64))
+    expect = torch.tensor([[0.0, -5.0, 0.0, 4.0], [1.0, -1.0, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.equal(dec, expect)
     assert bits.tolist() == [68.0, 68.0]
 
 
@@ -53,8 +54,10 @@ def test_top_k_is_a_contraction_with_alpha_k_over_d(cfg):
     assert torch.all((dec != 0).sum(1) == math.ceil(comp.alpha(37) * 37 - 1e-9))
 
 
-@pytest.mark.parametrize("cfg", [{"name": "rand_k", "k": 2}, {"name": "qsgd", "levels": 2}, {"name": "natural"},
-                                 {"name": "chain", "stages": [{"name": "rand_k", "k": 3}, {"name": "natural"}]}])
+@pytest.mark.parametrize("cfg", [
+    {"name": "rand_k", "k": 2}, {"name": "qsgd", "levels": 2}, {"name": "natural"},
+    {"name": "chain", "stages": [{"name": "rand_k", "k": 3}, {"name": "natural"}]},
+])
 def test_unbiased_compressors_average_to_v_with_variance_at_most_omega(cfg):
     # Prepare: the same row sent by 40,000 clients: independent keyed draws
     m, v = 40_000, torch.tensor([[2.0, -1.0, 0.25, 0.0, 3.0]], dtype=torch.float64)
@@ -136,7 +139,8 @@ def test_draws_are_keyed_by_seed_round_client_and_not_by_chunking(name):
     ({"name": "qsgd", "bits": 3}, "bits"),
     ({"name": "nope"}, "name"),
     ({"name": "chain", "stages": [{"name": "identity"}, {"name": "qsgd", "levels": 0}]}, "stages.1.levels"),
-    ({"name": "chain", "stages": [{"name": "top_k", "k": 1, "error_feedback": True}]}, "stages.0.error_feedback"),
+    ({"name": "chain", "stages": [{"name": "top_k", "k": 1, "error_feedback": True}]},
+     "stages.0.error_feedback"),
 ])
 def test_validation_errors_name_the_key_relative_to_the_compressor(cfg, key):
     with pytest.raises(ConfigError) as err:

@@ -45,7 +45,8 @@ def _weight_trace(pattern: list[int], cutoff: int | None) -> list[float]:
     ([0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 1], 3, [1.0, 3.0, 2.5, 2.25]),
 ])
 def test_weight_traces_match_reference(pattern, cutoff, expected):
-    """ALGORITHMS.md §2.6 tests 2-3; the interval ending now is excluded, cutoff recorded while absent.
+    """ALGORITHMS.md §2.6 tests 2-3: the interval ending now is excluded; the cutoff also
+    records K while the client is absent.
 
     Generating code (replica of the reference logic)::
 
@@ -70,7 +71,8 @@ def test_full_participation_equals_fedavg_bitwise():
     kw = {"lr": 0.1, "local_steps": 3}
     # Execute
     ref = testing.run(testing.build("fedavg", {**kw, "weighting": "uniform"}, problem), problem, 20)
-    out = {n: testing.run(testing.build(n, kw, problem), problem, 20) for n in ("fedau", "fedavg-all")}
+    out = {n: testing.run(testing.build(n, kw, problem), problem, 20)
+           for n in ("fedau", "fedavg-all")}
     mifa = testing.run(testing.build("mifa", kw, problem), problem, 20)
     # Assert: every interval is 1, so omega = 1 and FedAU is FedAvg (bitwise); MIFA too (its
     # table mean is maintained incrementally, so up to rounding)
@@ -136,7 +138,8 @@ REPLICAS = 16
 
 def _replicated_bias_problem(copies: int) -> testing.QuadraticProblem:
     """`copies` independent copies of the two-client quadratic (c = [0, 1], h = 1), copy j on
-    coordinate j only: clients 2j, 2j+1 have h = 0 elsewhere, so their updates touch nothing else."""
+    coordinate j only: clients 2j, 2j+1 have h = 0 elsewhere, so their updates touch nothing
+    else."""
     h, c = np.zeros((2 * copies, copies)), np.zeros((2 * copies, copies))
     for j in range(copies):
         h[2 * j, j] = h[2 * j + 1, j] = 1.0
@@ -230,7 +233,8 @@ def test_known_prob_and_fedavg_all_weights():
     part.probabilities = np.array([0.5, 0.25, 1.0])
     ids, ones = torch.tensor([0, 1]), torch.ones(3, dtype=torch.int64)
     ctx = RoundCtx(round=0, seed=0, ids=ids, num_samples=ones[:2], weight=torch.full((2,), 0.5),
-                   participants=torch.tensor([True, True, False]), total_samples=ones, num_clients=3)
+                   participants=torch.tensor([True, True, False]), total_samples=ones,
+                   num_clients=3)
     # Execute
     w_known = testing.build("known-prob", {}, problem, part).weights({}, ctx)
     w_all = testing.build("fedavg-all", {}, problem).weights({}, ctx)

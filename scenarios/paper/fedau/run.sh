@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # FedAU vs its baselines under Bernoulli, Markov and cyclic participation (ALGORITHMS.md §2.7).
-# Usage: bash scenarios/paper/fedau/run.sh [OUT_DIR]   (default /tmp/runs_fedau; ~5 min on 2 cores)
+# Usage: bash scenarios/paper/fedau/run.sh [OUT_DIR [--set KEY=VALUE ...]]
+#        (default OUT_DIR /tmp/runs_fedau; extra --set flags go to every run; ~5 min on 2 cores)
 # Then:  fedsim compare OUT_DIR/*-<pattern>-*; fedsim plot ... -o docs/figures/fedau_<pattern>.png
 set -euo pipefail
 OUT=${1:-/tmp/runs_fedau}
+shift $(( $# > 0 ? 1 : 0 ))
+EXTRA=("$@")
 HERE=$(dirname "$0")
 FEDSIM=${FEDSIM:-fedsim}
 for pattern in bernoulli markov cyclic; do
   run() {  # run NAME [--set KEY=VALUE ...]
     local name=$1; shift
-    "$FEDSIM" run "$HERE/$pattern.yaml" --quiet --out "$OUT" --set "name=$name-$pattern" "$@"
+    "$FEDSIM" run "$HERE/$pattern.yaml" --quiet --out "$OUT" --set "name=$name-$pattern" "$@" ${EXTRA[@]+"${EXTRA[@]}"}
   }
   run fedau                                                     # K = inf, eta = 1
   run known-prob --set strategy.name=known-prob                 # oracle 1/p_n
