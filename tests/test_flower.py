@@ -1,22 +1,29 @@
 """Flower: fedsim strategies as real Flower apps, the Ray-free runtimes, flower-run, export-flower.
 
-Equivalence cases run 3-4 rounds of an 8-client float64 scenario (partial participation for
-server strategies, a ring for gossip) on the multiplex engine and as a Flower app; Flower runs
-on `InProcessGrid` here, on Ray and MPI in the tests marked slow / mpi (each Ray start costs
-seconds, so one Ray session runs every strategy).
+Equivalence cases run 4 rounds of an 8-client float64 scenario (Bernoulli(0.5) participation for
+server strategies, a ring for gossip) on the multiplex engine and as a Flower app; Flower runs on
+`InProcessGrid` here, on Ray / MPI / `flwr run` in the tests marked slow (each Ray start costs
+seconds, so one Ray session runs every strategy). Helpers: tests/flower_apps/support.py.
 """
 
 from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from fedsim.config import parse_scenario
-from fedsim.engines.loop import RoundLoop
 from fedsim.setup import build_setup
-from fedsim.testing import final_models
 from tests.conftest import read_metrics, run_cli, small_scenario, write_scenario
+from tests.flower_apps.support import (ATOL, DIGITS, ask, assert_same_run, case, digits, echo_app,
+                                       final, flower, local_superlink, reference, registered,
+                                       same_metrics)
 
 pytestmark = pytest.mark.flower
 torch.set_num_threads(1)
@@ -24,50 +31,9 @@ torch.set_num_threads(1)
 # The brief's strategies, then extra registered ones; names not registered yet are skipped.
 STRATEGIES = ("fedavg", "fedavgm", "scaffold", "fedau", "ef21", "gossip", "co2",
               "fedavg+top_k", "gossip-var", "choco", "fedavg-m", "mifa")
-ATOL = 1e-12  # float64; observed: 0 for server strategies, <= 4e-16 for gossip (mixing order)
-DIGITS = "tests.flower_apps.digits_server:{} tests.flower_apps.digits_client:app"
 
 
-def _case(name: str, **over) -> dict:
-    """Scenario dict for strategy `name` (skips the test if it is not registered)."""
-    from strategies import STRATEGIES as REG
-
-    base, _, comp = name.partition("+")
-    if base not in REG.names():
-        pytest.skip(f"strategy {base!r} not registered yet")
-    strat = {"name": base, "batch_size": 8, **({"compressor": {"name": comp, "ratio": 0.25}} if comp else {})}
-    body = small_scenario(strategy=strat, rounds=4, participation={"kind": "bernoulli", "p": 0.5})
-    try:
-        build_setup(parse_scenario(body))
-    except Exception:  # gossip strategies need everyone every round, and a graph
-        body = small_scenario(strategy=strat, rounds=4, topology={"kind": "ring"},
-                              participation={"kind": "full"})
-    return small_scenario(**{**body, **over})
-
-
-def _flower(body: dict, runtime: str = "inprocess"):
-    from fedsim.engines import ENGINES
-
-    sc = parse_scenario({**body, "engine": {**body["engine"], "kind": "flower", "runtime": runtime}})
-    engine = ENGINES.build("flower", sc.engine.params())
-    history = engine.run(build_setup(sc), on_eval=lambda m: None)
-    return engine.adapter, history
-
-
-def _final(adapter) -> torch.Tensor:
-    return adapter.server[adapter.strat.model_key] if adapter.strat.comm == "reduce" else adapter.node_models
-
-
-def _assert_same_run(ref: RoundLoop, ref_hist: list, x: torch.Tensor, hist: list) -> None:
-    torch.testing.assert_close(x, final_models(ref), rtol=0, atol=ATOL)
-    assert len(hist) == len(ref_hist)
-    for a, b in zip(ref_hist, hist):
-        for k, v in a.items():
-            if k != "wall_s":
-                assert b[k] == (v if v is None else pytest.approx(v, rel=1e-12, abs=ATOL)), k
-
-
-# ---- the Flower internal fedsim relies on -------------------------------------------------
+# ---- the Flower internal fedsim relies on ---------------------------------------------------------
 def test_task_identity_contract():
     """Flower 1.41 stamps instruction Messages from TaskIdentity; fedsim sets it in one place."""
     import flwr
@@ -76,7 +42,7 @@ def test_task_identity_contract():
 
     from fedsim.flower.identity import set_task_identity, task_identity as current
 
-    assert flwr.__version__.startswith("1.41"), "fedsim pins flwr 1.41: re-check fedsim/flower/identity.py"
+    assert flwr.__version__.startswith("1.41"), "re-check fedsim/flower/identity.py for this flwr"
     saved = task_identity.TaskIdentity._run_id
     try:
         task_identity.TaskIdentity._run_id = None
@@ -100,79 +66,49 @@ def test_records_round_trip_float64_exactly():
     assert np.array_equal(unpack_mask(pack_mask(mask), 9), mask) and len(pack_mask(mask)) == 2
 
 
-# ---- the Ray-free Grid -------------------------------------------------------------------------
-def _echo_app():
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-
-    app = ClientApp()
-
-    @app.query()
-    def query(msg, context):
-        if msg.content["config"]["fail"]:
-            raise ValueError("boom on purpose")
-        calls = int(context.state["n"]["calls"]) + 1 if "n" in context.state else 1
-        context.state["n"] = MetricRecord({"calls": calls})
-        cfg = ConfigRecord({"partition-id": context.node_config["partition-id"],
-                            "num-partitions": context.node_config["num-partitions"], "calls": calls,
-                            "draw": float(torch.rand(()))})
-        return Message(RecordDict({"config": cfg}), reply_to=msg)
-    return app
-
-
-def test_inprocess_grid_nodes_contexts_errors_and_bytes():
-    """Stable ids, Flower's node_config, persistent Context.state, keyed node RNG, error replies."""
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
+# ---- the Ray-free Grid ----------------------------------------------------------------------------
+def test_inprocess_grid_nodes_contexts_rng_errors_and_bytes():
+    """Stable ids, Flower's node_config, persistent Context.state, keyed node RNG that leaves the
+    caller's RNG alone, ClientApp exceptions as error replies, bytes counted per message."""
     from fedsim.flower.grid import InProcessGrid
 
-    grid = InProcessGrid(_echo_app(), 3, seed=5)
+    grid = InProcessGrid(echo_app(), 3, seed=5)
     ids = grid.get_node_ids()
-    assert ids == InProcessGrid(_echo_app(), 3, seed=6).get_node_ids() and len(set(ids)) == 3
-
-    def ask(fail=False):
-        msgs = [Message(RecordDict({"config": ConfigRecord({"fail": fail})}), dst_node_id=i,
-                        message_type=MessageType.QUERY) for i in ids]
-        return grid.send_and_receive(msgs)
-
+    assert ids == InProcessGrid(echo_app(), 3, seed=6).get_node_ids() and len(set(ids)) == 3
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    first, second = ask(), ask()
-    assert torch.equal(torch.get_rng_state(), before), "client calls must not move the caller's RNG"
+    first, second = ask(grid), ask(grid)
+    assert torch.equal(torch.get_rng_state(), before)
     cfg = [r.content["config"] for r in second]
     assert [c["partition-id"] for c in cfg] == [0, 1, 2] and {c["num-partitions"] for c in cfg} == {3}
-    assert [c["calls"] for c in cfg] == [2, 2, 2]
-    assert [r.metadata.src_node_id for r in first] == ids
-    again = InProcessGrid(_echo_app(), 3, seed=5)
-    grid, keep = again, grid
-    assert [r.content["config"]["draw"] for r in ask()] == [r.content["config"]["draw"] for r in first]
-    errors = ask(fail=True)
-    assert all(r.has_error() and "boom on purpose" in r.error.reason for r in errors)
-    assert keep.bytes_down > 0 and keep.bytes_up > 0 and keep.messages == 6
+    assert [c["calls"] for c in cfg] == [2, 2, 2] and [r.metadata.src_node_id for r in first] == ids
+    draws = [r.content["config"]["draw"] for r in first]
+    assert [r.content["config"]["draw"] for r in ask(InProcessGrid(echo_app(), 3, seed=5))] == draws
+    assert [r.content["config"]["draw"] for r in ask(InProcessGrid(echo_app(), 3, seed=4))] != draws
+    assert all(r.has_error() and "boom on purpose" in r.error.reason for r in ask(grid, fail=True))
+    assert grid.bytes_down > 0 and grid.bytes_up > 0 and grid.messages == 9
 
 
-# ---- fedsim strategies as Flower apps ---------------------------------------------------------
+# ---- fedsim strategies as Flower apps -------------------------------------------------------------
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_flower_inprocess_equals_multiplex(name):
     """Same final parameters (atol 1e-12) and the same metrics on multiplex and Flower."""
-    body = _case(name)
-    ref = RoundLoop.from_setup(build_setup(parse_scenario(body)))
-    ref_hist = ref.run()
-    adapter, hist = _flower(body)
-    _assert_same_run(ref, ref_hist, _final(adapter), hist)
+    body = case(name)
+    ref, ref_hist = reference(body)
+    adapter, hist = flower(body)
+    assert_same_run(ref, ref_hist, final(adapter), hist)
     assert hist[-1]["flower_bytes_up"] > 0
 
 
 def test_empty_rounds_and_staleness_match_the_engine():
     """Rounds nobody joins (server_update gets {}) and CO2's one-round-late update."""
     for name in ("fedavg", "co2"):
-        body = _case(name, participation={"kind": "bernoulli", "p": 0.1}, rounds=6)
+        body = case(name, participation={"kind": "bernoulli", "p": 0.1}, rounds=6)
         setup = build_setup(parse_scenario(body))
         assert any(not setup.participation.mask(t).any() for t in range(6)), "need an empty round"
-        ref = RoundLoop.from_setup(setup)
-        ref_hist = ref.run()
-        adapter, hist = _flower(body)
-        _assert_same_run(ref, ref_hist, _final(adapter), hist)
+        ref, ref_hist = reference(body)
+        adapter, hist = flower(body)
+        assert_same_run(ref, ref_hist, final(adapter), hist)
 
 
 def test_client_state_lives_in_the_node_context():
@@ -180,14 +116,13 @@ def test_client_state_lives_in_the_node_context():
     from fedsim.flower import client, grid as g, server
     from fedsim.flower.records import record_to_tree
 
-    body = _case("scaffold")
+    body = case("scaffold")
     setup = build_setup(parse_scenario(body))
-    ref = RoundLoop.from_setup(build_setup(parse_scenario(body)))
-    ref.run()
-    text = client.scenario_text(setup.scenario)
+    ref, _ = reference(body)
     grid = g.InProcessGrid(client.make_client_app(), setup.num_clients)
     done: list = []
-    g.run_server_app(server.make_server_app(setup, text, done=done), grid)
+    g.run_server_app(server.make_server_app(setup, client.scenario_text(setup.scenario), done=done),
+                     grid)
     seen = [p for p in range(8) if any(setup.participation.mask(t)[p] for t in range(4))]
     for p, ctx in enumerate(grid.host.contexts.values()):
         state = ctx.state.get(client.STATE_KEY)
@@ -201,8 +136,7 @@ def test_client_state_lives_in_the_node_context():
 def test_bytes_one_round_by_hand():
     """One FedAvg round, 4 of 8 clients: bytes_up = bytes_down = 4 * P * 8 (float64, dense),
     and the Flower counters see every message's records (arrays + config + metrics)."""
-    body = small_scenario(rounds=1)
-    adapter, hist = _flower(body)
+    adapter, hist = flower(small_scenario(rounds=1))
     p = adapter.setup.model.spec.size
     assert (hist[-1]["bytes_up"], hist[-1]["bytes_down"]) == (4 * p * 8, 4 * p * 8)
     assert hist[-1]["flower_bytes_up"] > 4 * p * 8 and hist[-1]["flower_bytes_down"] > 4 * p * 8
@@ -212,26 +146,16 @@ def test_fedsim_run_engine_flower_writes_the_multiplex_metrics(tmp_path, capsys)
     path = write_scenario(tmp_path, small_scenario(rounds=2))
     outs = []
     for extra in ([], ["--engine", "flower"]):
-        code, out, err = run_cli(["run", path, "--quiet", "--out", str(tmp_path / "runs"), *extra], capsys)
+        code, out, err = run_cli(["run", path, "--quiet", "--out", str(tmp_path), *extra], capsys)
         assert code == 0, err
         outs.append(read_metrics(out.strip()))
-    for a, b in zip(*outs):
-        assert {k: v for k, v in a.items() if k != "wall_s"}.items() <= b.items()
+    assert same_metrics(*outs)
 
 
-# ---- unmodified Flower apps on the Ray-free runtime -------------------------------------------
-def _digits(kind: str, tmp_path, seed: int = 0, nodes: int = 4) -> dict:
-    from fedsim.flower.runtime import load_app, run_app
-
-    srv, cli = DIGITS.format(kind).split()
-    out = tmp_path / f"{kind}-{seed}-{nodes}.pt"
-    run_app(load_app(srv, "ServerApp"), load_app(cli, "ClientApp"), nodes, seed=seed,
-            run_config={"num-server-rounds": 2, "final-model": str(out)})
-    return torch.load(out)
-
-
+# ---- unmodified Flower apps on the Ray-free runtime ---------------------------------------------
 def test_flower_fedavg_app_reruns_bit_identical_on_inprocess(tmp_path):
-    a, b, c = _digits("fedavg", tmp_path), _digits("fedavg", tmp_path), _digits("fedavg", tmp_path, seed=1)
+    a, b = digits("fedavg", tmp_path), digits("fedavg", tmp_path)
+    c = digits("fedavg", tmp_path, seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -244,34 +168,26 @@ def test_flower_run_cli_runs_flower_strategies(kind, tmp_path, capsys):
                             f"num-server-rounds=2 final-model='{out}'"], capsys)
     assert code == 0, err
     assert "runtime=inprocess nodes=4" in err and "messages=4" in err
-    model, fedavg = torch.load(out), _digits("fedavg", tmp_path)
+    model, fedavg = torch.load(out), digits("fedavg", tmp_path)
     assert all(torch.isfinite(v).all() for v in model.values())
     assert not all(torch.equal(model[k], fedavg[k]) for k in model)
 
 
-# ---- export-flower -----------------------------------------------------------------------------
+# ---- export-flower --------------------------------------------------------------------------------
 def _export(tmp_path, capsys) -> tuple[str, dict, list]:
     """Export a 2-round scenario; return (app dir, its pyproject, the multiplex metrics)."""
     import tomllib
 
     path = write_scenario(tmp_path, small_scenario(rounds=2))
-    code, out, err = run_cli(["export-flower", path, str(tmp_path / "app")], capsys)
+    code, _, err = run_cli(["export-flower", path, str(tmp_path / "app")], capsys)
     assert code == 0, err
     code, run_dir, err = run_cli(["run", path, "--quiet", "--out", str(tmp_path / "ref")], capsys)
     with open(tmp_path / "app" / "pyproject.toml", "rb") as fh:
         return str(tmp_path / "app"), tomllib.load(fh), read_metrics(run_dir.strip())
 
 
-def _same_metrics(ref: list, got: list) -> None:
-    assert [{k: v for k, v in m.items() if k != "wall_s"}.items() <= g.items() for m, g in zip(ref, got)] \
-        == [True] * len(ref) and len(ref) == len(got)
-
-
 def test_exported_flower_app_runs_and_matches_multiplex(tmp_path, capsys):
     """The exported project's own ServerApp/ClientApp modules, run with its run_config."""
-    import glob
-    import sys
-
     from fedsim.flower.runtime import load_app, run_app
 
     app_dir, project, ref = _export(tmp_path, capsys)
@@ -285,8 +201,8 @@ def test_exported_flower_app_runs_and_matches_multiplex(tmp_path, capsys):
         sys.path.remove(app_dir)
         for mod in [m for m in sys.modules if m.startswith("fedsim_app")]:
             del sys.modules[mod]
-    (run_dir,) = glob.glob(str(tmp_path / "app" / "runs" / "*"))
-    _same_metrics(ref, read_metrics(run_dir))
+    (run_dir,) = glob.glob(os.path.join(app_dir, "runs", "*"))
+    assert same_metrics(ref, read_metrics(run_dir))
 
 
 # ---- Ray, MPI and `flwr run` (slow: each starts processes; Ray alone takes seconds) ------------
@@ -300,13 +216,9 @@ def test_ray_flower_equals_multiplex_for_every_strategy():
 
     cases = []
     for name in STRATEGIES:
-        try:
-            body = _case(name)
-        except pytest.skip.Exception:
-            continue
-        ref = RoundLoop.from_setup(build_setup(parse_scenario(body)))
-        setup = build_setup(parse_scenario(body))
-        cases.append((ref, ref.run(), setup, client.scenario_text(setup.scenario)))
+        if registered(name.partition("+")[0]):
+            setup = build_setup(parse_scenario(case(name)))
+            cases.append((*reference(case(name)), setup, client.scenario_text(setup.scenario)))
     done: list = []
     app = ServerApp()
 
@@ -320,7 +232,7 @@ def test_ray_flower_equals_multiplex_for_every_strategy():
                                    "init_args": {"logging_level": "ERROR"}})
     assert len(done) == len(cases) >= 1
     for (ref, hist, _, _), adapter in zip(cases, done):
-        _assert_same_run(ref, hist, _final(adapter), adapter.history)
+        assert_same_run(ref, hist, final(adapter), adapter.history)
 
 
 @pytest.mark.slow
@@ -333,30 +245,35 @@ def test_flower_run_cli_on_ray_with_run_config(tmp_path, capsys):
     assert all(torch.isfinite(v).all() for v in torch.load(out).values())
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_mpi_runtime_equals_inprocess_and_multiplex(tmp_path):
-    """3 ranks, 6 digits nodes (bit-identical to in-process) and fedsim scenarios (= multiplex)."""
-    import json
-
+    """3 ranks: 6 digits nodes (bit-identical to in-process) and fedsim scenarios (= multiplex)."""
     from tests.test_mpi import MPIEXEC, mpi4py, mpiexec
 
     if MPIEXEC is None or mpi4py is None:
         pytest.skip("needs mpiexec and mpi4py")
-    names = [n for n in ("fedavg", "scaffold", "gossip") if _registered(n)]
-    paths = [write_scenario(tmp_path, {**_case(n), "name": n}, f"{n}.yaml") for n in names]
-    res = mpiexec(3, [__import__("sys").executable, "tests/flower_apps/mpi_check.py", str(tmp_path), *paths],
+    names = [n for n in ("fedavg", "scaffold", "gossip") if registered(n)]
+    paths = [write_scenario(tmp_path, {**case(n), "name": n}, f"{n}.yaml") for n in names]
+    res = mpiexec(3, [sys.executable, "tests/flower_apps/mpi_check.py", str(tmp_path), *paths],
                   timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    mpi, local = torch.load(tmp_path / "digits.pt"), _digits("fedavg", tmp_path, nodes=6)
+    mpi, local = torch.load(tmp_path / "digits.pt"), digits("fedavg", tmp_path, nodes=6)
     assert all(torch.equal(mpi[k], local[k]) for k in mpi)
     for n in names:
-        ref = RoundLoop.from_setup(build_setup(parse_scenario(_case(n))))
-        hist = ref.run()
+        ref, hist = reference(case(n))
         got = json.loads((tmp_path / f"{n}.json").read_text())
-        _assert_same_run(ref, hist, torch.tensor(got["final"], dtype=torch.float64), got["history"])
+        assert_same_run(ref, hist, torch.tensor(got["final"], dtype=torch.float64), got["history"])
 
 
-def _registered(name: str) -> bool:
-    from strategies import STRATEGIES as REG
-
-    return name in REG.names()
+@pytest.mark.slow
+def test_exported_app_runs_under_flwr_run(tmp_path, capsys):
+    """`flwr run DIR` (Flower's local SuperLink, simulation mode, Ray backend) on the export."""
+    app_dir, _, ref = _export(tmp_path, capsys)
+    with local_superlink(str(tmp_path / "flwr")) as env:
+        res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "flwr"), "run", app_dir,
+                              "--federation-config", "num-supernodes=8", "--stream"], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (run_dir,) = glob.glob(os.path.join(app_dir, "runs", "*"))
+    assert same_metrics(ref, read_metrics(run_dir))
