@@ -79,6 +79,13 @@ class Pending:
                  layout: TreeLayout | None, keep: Any = None, done: Tree | None = None) -> None:
         self.comm, self.reqs, self.outs, self.layout, self.keep, self.done = comm, reqs, outs, layout, keep, done
 
+    def test(self) -> None:
+        """Let the MPI library progress the reduction (called between local steps)."""
+        if self.done is None and self.reqs:
+            from mpi4py import MPI
+
+            MPI.Request.Testall(self.reqs)
+
     def wait(self) -> Tree:
         if self.done is None:
             from mpi4py import MPI

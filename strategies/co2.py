@@ -69,7 +69,8 @@ class InnerOpt:
             return y - self.lr * buf, {"buf": buf}
         return y - self.lr * g, st
 
-    def run(self, x: torch.Tensor, st: Tree, oracle: Oracle, steps: int) -> tuple[torch.Tensor, Tree, torch.Tensor]:
+    def run(self, x: torch.Tensor, st: Tree, oracle: Oracle,
+            steps: int) -> tuple[torch.Tensor, Tree, torch.Tensor]:
         """`steps` inner steps from x [m, P]; returns (end points, new state, mean loss [m])."""
         y, loss_sum = x, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         for k in range(steps):
@@ -160,11 +161,13 @@ def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: Inner = "sgd",
 
     The paper's exact Lambda_t could not be verified (ALGORITHMS.md §13 gap 1); `gap_norm` is the
     recalled 1 + ||gap|| / ||1||, `const` the released code's constant, `gap_elementwise` a
-    per-coordinate variant. Penalty and clipping are inert near a fixed point (gap -> 0, small
-    m), so they bound transients but cannot stabilise a linearly unstable (outer_lr, beta): with
-    staleness, heavy ball needs outer_lr * k < 1 - beta where k <= 1 is the contraction of the
-    tau inner steps; beta 0.2 (the README's example; the code default 0.5 diverges on quadratics
-    whose local steps nearly converge) is the default. Clipping is element-wise by default, as
+    per-coordinate variant; `gap_scale` multiplies the gap (the RMS gap of NN weights is tiny, so
+    at scale 1 `gap_norm` is close to 1). Penalty and clipping are inert near a fixed point
+    (gap -> 0, small m): they bound transients but cannot stabilise a linearly unstable
+    (outer_lr, beta). With staleness, heavy ball needs outer_lr * k < 1 - beta along every
+    curvature h, k = 1 - (1 - lr h)^tau being the share of the way to the local optimum that
+    tau inner steps cover; the default beta is 0.2 (the README's example), since the code's 0.5
+    diverges wherever k > 0.5. Clipping is element-wise by default, as
     the code intends (its `torch.clamp` result is discarded, so it never clipped).
     Partial participation: D averages the participants of round t-1, all starting from
     x_{t-1,0}; non-participants keep their inner state until they next take part.
@@ -193,7 +196,8 @@ def slowmo(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: Inner = "sg
     """SlowMo (Wang et al. 2020, arXiv:1910.00643): `co2` with staleness 0, no penalty, no clipping.
 
     m <- beta m + (x_{t,0} - xbar_{t,tau}); x_{t+1,0} = x_{t,0} - outer_lr * m (fairscale's
-    defaults beta 0.5, outer_lr 1). Parameters as in `co2`; AdamW inner: use `co2`.
+    defaults beta 0.5, outer_lr 1). Parameters as in `co2` (an AdamW inner uses torch's default
+    betas and eps here; `co2(staleness=0, penalty="const", clip="none")` sets them).
     """
     return outer_step_strategy(tau=tau, inner=InnerOpt(inner, lr, inner_momentum, weight_decay),
                                outer_lr=outer_lr, beta=beta, staleness=0, weighting=weighting)

@@ -56,13 +56,93 @@ def _tree_digest(tree: Tree) -> str:
     return h.hexdigest()[:16]
 
 
+class _StepComm:
+    """The comm `RoundLoop.step` sees: its one `allreduce_scalars` (the round's byte counts) is
+    recorded instead of reduced, so a round has no blocking collective besides its reduction."""
+
+    def __init__(self, comm: Any, pending: list[torch.Tensor]) -> None:
+        self._comm, self._pending = comm, pending
+
+    def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
+        self._pending.append(values.detach().clone())
+        return values
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._comm, name)
+
+
+class _PokingOracle:
+    """An oracle that lets in-flight reductions progress before every gradient."""
+
+    def __init__(self, oracle: Any, poke: Callable[[], None]) -> None:
+        self._oracle, self._poke = oracle, poke
+
+    def __call__(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._poke()
+        return self._oracle(x, step)
+
+    def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._poke()
+        return self._oracle.full(x)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._oracle, name)
+
+
+class _PokingProblem:
+    def __init__(self, problem: Any, poke: Callable[[], None]) -> None:
+        self._problem, self._poke = problem, poke
+
+    def oracle(self, ids: torch.Tensor, round: int) -> _PokingOracle:
+        return _PokingOracle(self._problem.oracle(ids, round), self._poke)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._problem, name)
+
+
 class MPIRoundLoop(RoundLoop):
-    """RoundLoop with real collectives: replicated server update, overlapped stale reductions,
-    and evaluation work (the test set) only on rank 0."""
+    """RoundLoop with real collectives (see the module docstring).
+
+    Differences from the in-process loop, none of which changes a number:
+      * the server update runs on every rank (replicated) from the Allreduce of the partial sums;
+        with staleness s the reduction is an Iallreduce waited for s rounds later, and every
+        gradient evaluation in between lets the MPI library progress it;
+      * the per-round byte counts are summed across ranks lazily, at evaluations (one small
+        Allreduce for all rounds since the last), so a stale round has no other blocking sync;
+      * the test-set evaluation of the global model runs on rank 0 only.
+    """
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.inflight: list = []
+        self.byte_rounds: list[torch.Tensor] = []
+        if self.strategy.staleness:
+            self.problem = _PokingProblem(self.problem, self.poke)
+
+    def poke(self) -> None:
+        for pending in self.inflight:
+            pending.test()
+
+    def step(self, t: int) -> None:
+        comm = self.comm
+        self.comm = _StepComm(comm, self.byte_rounds)
+        try:
+            super().step(t)
+        finally:
+            self.comm = comm
+
+    def flush_bytes(self) -> None:
+        """Replace the recorded local byte counts of the last rounds by their sums over ranks."""
+        if not self.byte_rounds:
+            return
+        k, per, b = len(self.byte_rounds), self.state.bytes.per_round, self.state.bytes
+        total = self.comm.allreduce_scalars(torch.stack(self.byte_rounds).reshape(-1)).reshape(k, 2)
+        for i in range(k):
+            j = len(per) - k + i
+            up, down = int(total[i, 0]), int(total[i, 1])
+            b.up, b.down = b.up + up - per[j][0], b.down + down - per[j][1]
+            per[j] = (up, down)
+        self.byte_rounds = []
 
     def finish_reduce(self, t: int, partial: Tree | None, mask: torch.Tensor, denom: torch.Tensor) -> None:
         from fedsim.mpi_comm import ready
@@ -82,11 +162,13 @@ class MPIRoundLoop(RoundLoop):
         s.server = strat.server_update(s.server, reduced, self.ctx(t, all_ids, mask, denom))
 
     def drain(self) -> None:
-        """Complete reductions still in flight (the stale tail); kept as `state.fifo`."""
+        """Complete what is in flight: the stale tail (kept as `state.fifo`) and byte counts."""
         self.state.fifo = [p.wait() for p in self.inflight]
         self.inflight = []
+        self.flush_bytes()
 
     def evaluate(self, t: int) -> dict[str, Any]:
+        self.flush_bytes()
         if self.comm.rank == 0:
             return super().evaluate(t)
         # the same collectives as RoundLoop.evaluate, without the test-set pass

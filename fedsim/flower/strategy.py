@@ -66,8 +66,9 @@ class FedsimStrategy(FlowerStrategy):
 
     # ---- Flower Strategy API ---------------------------------------------------------------
     def summary(self) -> None:
-        from flwr.supercore import log
         from logging import INFO
+
+        from flwr.supercore import log
 
         sc = self.setup.scenario
         log(INFO, "\t├── fedsim strategy %s (comm=%s) on %d clients, %d rounds",
@@ -119,9 +120,8 @@ class FedsimStrategy(FlowerStrategy):
         return [self._message(content, MessageType.EVALUATE, p, server_round) for p in range(self.n)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = self._collect(replies, np.arange(self.n)) if self.strat.comm == "mix" else []
-        if rows:
-            self.node_models = torch.cat([r[1]["x"] for r in rows])
+        if self.strat.comm == "mix" and self._eval_round(server_round - 1):
+            self.node_models = torch.cat([r[1]["x"] for r in self._collect(replies, np.arange(self.n))])
         return None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

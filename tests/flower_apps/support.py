@@ -39,11 +39,12 @@ def case(name: str, **over: Any) -> dict:
     strat = {"name": base, "batch_size": 8}
     if comp:
         strat["compressor"] = {"name": comp, "ratio": 0.25}
-    body = small_scenario(strategy=strat, rounds=4, participation={"kind": "bernoulli", "p": 0.5})
+    body = small_scenario(strategy=strat, rounds=4, eval={"every": 2},
+                          participation={"kind": "bernoulli", "p": 0.5})
     try:
         build_setup(parse_scenario(body))
     except Exception:  # gossip strategies need everyone every round, and a graph
-        body = small_scenario(strategy=strat, rounds=4, topology={"kind": "ring"},
+        body = small_scenario(strategy=strat, rounds=4, eval={"every": 2}, topology={"kind": "ring"},
                               participation={"kind": "full"})
     return small_scenario(**{**body, **over})
 

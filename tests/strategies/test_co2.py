@@ -54,8 +54,7 @@ def test_no_staleness_no_momentum_is_local_sgd():
     Round 1 by hand: y_i = c_i (1 - (1 - gamma h_i)^tau) from x0 = 0, x1 = mean(y_i).
     """
     # Prepare
-    q = [(1 - GAMMA * h) ** TAU for h in H]
-    x1 = sum(c * (1 - qi) for c, qi in zip(C, q)) / 3
+    x1 = sum(c * (1 - (1 - GAMMA * h) ** TAU) for h, c in zip(H, C)) / 3
     make = lambda: co2(staleness=0, beta=0.0, outer_lr=1.0, **PLAIN)
     fedavg = STRATEGIES.build("fedavg", {"lr": GAMMA, "local_steps": TAU, "weighting": "uniform"})
     # Execute
@@ -65,6 +64,20 @@ def test_no_staleness_no_momentum_is_local_sgd():
     assert float(one[0]) == pytest.approx(x1, rel=1e-13)
     assert torch.equal(many, _x(fedavg, 400)) and torch.equal(alias, many)
     assert float(many[0]) == pytest.approx(FIXED_POINT, abs=1e-10)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "samples"])
+def test_weighting(weighting):
+    """One Local SGD round, sizes n = [1, 2, 3]: x1 = mean_i y_i (uniform) or sum_i n_i y_i / 6."""
+    # Prepare
+    n = [1.0, 2.0, 3.0]
+    ends = [c * (1 - (1 - GAMMA * h) ** TAU) for h, c in zip(H, C)]
+    w = [1 / 3] * 3 if weighting == "uniform" else [v / 6 for v in n]
+    problem = testing.QuadraticProblem(H, C, sizes=n)
+    # Execute
+    x1 = _x(co2(staleness=0, beta=0.0, weighting=weighting, **PLAIN), 1, problem)
+    # Assert
+    assert float(x1[0]) == pytest.approx(sum(wi * y for wi, y in zip(w, ends)), rel=1e-13)
 
 
 def test_no_staleness_with_momentum_is_slowmo():
@@ -106,14 +119,17 @@ def test_staleness_keeps_the_fixed_point_but_changes_the_path():
     assert float(stale[1][0]) == pytest.approx(FIXED_POINT, abs=1e-10)
 
 
-def test_round_zero_leaves_the_model_and_round_two_uses_the_old_anchor():
-    """Round 0 receives nothing. x1 = x0 = 0; round 1 applies round 0's mean end point ybar:
-    x2 = x1 - (x0 - ybar) = ybar; round 2 applies round 1's reduction, anchored at x1 = 0 (not at
-    x2): x3 = x2 - (x1 - ybar) = 2 ybar (anchoring at x2 would give ybar again).
+def _mean_end(x: float) -> float:
+    """Y(x) = mean_i x^{(i)}_{tau} from x: full-batch GD contracts to c_i by q_i = (1 - gamma h_i)^tau."""
+    return sum(c + (1 - GAMMA * h) ** TAU * (x - c) for h, c in zip(H, C)) / 3
+
+
+def test_round_zero_leaves_the_model_unchanged_and_rounds_apply_the_previous_reduction():
+    """Round 0 receives nothing: x1 = x0 = 0, m = 0. Round 1 applies round 0's reduction:
+    x2 = x1 - (x0 - Y(0)) = Y(0). Round 2 applies round 1's (launched from x1 = 0):
+    x3 = x2 - (x1 - Y(x1)) = 2 Y(0) (applying round 2's own reduction would give Y(Y(0))).
     """
     # Prepare
-    q = [(1 - GAMMA * h) ** TAU for h in H]
-    ybar = sum(c * (1 - qi) for c, qi in zip(C, q)) / 3
     make = lambda: co2(staleness=1, beta=0.0, **PLAIN)
     # Execute
     loop1 = testing.run(make(), _problem(), 1)
@@ -121,8 +137,31 @@ def test_round_zero_leaves_the_model_and_round_two_uses_the_old_anchor():
     # Assert
     assert torch.equal(loop1.state.server["x"], torch.zeros(1, dtype=torch.float64))
     assert torch.equal(loop1.state.server["m"], torch.zeros(1, dtype=torch.float64))
-    assert float(x2[0]) == pytest.approx(ybar, rel=1e-13)
-    assert float(x3[0]) == pytest.approx(2 * ybar, rel=1e-13)
+    assert float(x2[0]) == pytest.approx(_mean_end(0.0), rel=1e-13)
+    assert float(x3[0]) == pytest.approx(2 * _mean_end(0.0), rel=1e-13)
+
+
+def test_gap_compares_the_current_model_with_the_stale_average():
+    """gap_t = x_{t,0} - xbar_{t-1,tau}, Lambda = 1 + |gap| (gap_elementwise), beta = 0.5:
+    t=1: x1 = 0, D0 = 0 - Y(0), gap1 = x1 - Y(0), m1 = D0 / (1 + |gap1|), x2 = x1 - m1;
+    t=2: D1 = x1 - Y(x1), gap2 = x2 - Y(x1) (the stale average of round 1, launched from x1),
+         m2 = 0.5 m1 + D1 / (1 + |gap2|), x3 = x2 - m2;
+    t=3: D2 = x2 - Y(x2), gap3 = x3 - Y(x2), m3 = 0.5 m2 + D2 / (1 + |gap3|), x4 = x3 - m3.
+    """
+    # Prepare
+    y0 = _mean_end(0.0)
+    m1 = -y0 / (1 + abs(0.0 - y0))
+    x2 = -m1
+    m2 = 0.5 * m1 + (0.0 - y0) / (1 + abs(x2 - y0))
+    x3 = x2 - m2
+    y2 = _mean_end(x2)
+    x4 = x3 - (0.5 * m2 + (x2 - y2) / (1 + abs(x3 - y2)))
+    make = lambda: co2(tau=TAU, lr=GAMMA, beta=0.5, penalty="gap_elementwise", clip="none")
+    # Execute
+    got3, got4 = _x(make(), 3), _x(make(), 4)
+    # Assert
+    assert float(got3[0]) == pytest.approx(x3, rel=1e-13)
+    assert float(got4[0]) == pytest.approx(x4, rel=1e-13)
 
 
 def test_stale_update_averages_the_previous_rounds_participants():
@@ -136,6 +175,27 @@ def test_stale_update_averages_the_previous_rounds_participants():
     x2 = _x(co2(staleness=1, beta=0.0, **PLAIN), 2, participation=testing.MaskParticipation(masks))
     # Assert
     assert float(x2[0]) == pytest.approx(y1, rel=1e-13)
+
+
+def test_an_empty_round_changes_nothing_but_still_advances_the_anchor():
+    """Nobody takes part in round 1 (Lambda = 1 + |gap| as in the test above, beta 0). t=1
+    applies round 0's reduction: x2 = 0 - (0 - Y(0)) / (1 + |0 - Y(0)|); t=2 receives
+    round 1's empty one: x3 = x2; t=3 applies round 2's, launched from x2 (so the anchor must
+    have advanced to x2 in the empty round): x4 = x3 - (x2 - Y(x2)) / (1 + |x3 - Y(x2)|).
+    """
+    # Prepare
+    masks = [[True] * 3, [False] * 3, [True] * 3, [True] * 3]
+    y0 = _mean_end(0.0)
+    x2 = y0 / (1 + abs(y0))
+    y2 = _mean_end(x2)
+    x4 = x2 - (x2 - y2) / (1 + abs(x2 - y2))
+    make = lambda: co2(tau=TAU, lr=GAMMA, beta=0.0, penalty="gap_elementwise", clip="none")
+    part = testing.MaskParticipation(masks)
+    # Execute
+    got = [_x(make(), r, participation=part) for r in (2, 3, 4)]
+    # Assert
+    assert float(got[0][0]) == pytest.approx(x2, rel=1e-13) and torch.equal(got[1], got[0])
+    assert float(got[2][0]) == pytest.approx(x4, rel=1e-13)
 
 
 def test_staleness_destabilises_momentum_and_clipping_bounds_it():
@@ -158,7 +218,8 @@ def test_unit_penalty_and_infinite_threshold_change_nothing(clip):
     base = dict(tau=4, lr=0.1, beta=0.4, staleness=1)
     # Execute
     plain = _x(co2(penalty="const", clip="none", **base), 20, problem)
-    unit = _x(co2(penalty="const", penalty_value=1.0, clip=clip, clip_threshold=math.inf, **base), 20, problem)
+    unit = _x(co2(penalty="const", penalty_value=1.0, clip=clip, clip_threshold=math.inf, **base),
+              20, problem)
     zero_gap = _x(co2(penalty="gap_norm", gap_scale=0.0, clip="none", **base), 20, problem)
     # Assert
     assert torch.equal(unit, plain) and torch.equal(zero_gap, plain)
@@ -169,8 +230,9 @@ def test_const_penalty_scales_the_pseudo_gradient():
     # Prepare
     problem = testing.heterogeneous_quadratic(num_clients=4, dim=3, noise=0.1, seed=1)
     # Execute
-    halved = _x(co2(penalty="const", penalty_value=2.0, outer_lr=1.0, tau=3, lr=0.1, beta=0.3, clip="none"), 15, problem)
-    slower = _x(co2(penalty="const", outer_lr=0.5, tau=3, lr=0.1, beta=0.3, clip="none"), 15, problem)
+    base = dict(penalty="const", tau=3, lr=0.1, beta=0.3, clip="none")
+    halved = _x(co2(penalty_value=2.0, outer_lr=1.0, **base), 15, problem)
+    slower = _x(co2(penalty_value=1.0, outer_lr=0.5, **base), 15, problem)
     # Assert
     assert torch.equal(halved, slower)
 

@@ -15,6 +15,7 @@ for pattern in bernoulli markov cyclic; do
     "$FEDSIM" run "$HERE/$pattern.yaml" --quiet --out "$OUT" --set "name=$name-$pattern" "$@" ${EXTRA[@]+"${EXTRA[@]}"}
   }
   run fedau                                                     # K = inf, eta = 1
+  run fedau-k50  --set strategy.cutoff=50                       # interval cutoff K = 50
   run known-prob --set strategy.name=known-prob                 # oracle 1/p_n
   run fedavg     --set strategy.name=fedavg --set strategy.weighting=uniform  # mean over S
   run fedavg-all --set strategy.name=fedavg-all --set strategy.server_lr=10   # reference README: eta = 10
