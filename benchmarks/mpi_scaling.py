@@ -7,7 +7,7 @@ smallest rank count, and the share of a round spent inside communication calls (
 Iallreduce waits, neighbour exchange, scalar reductions), measured by the engine's comm object
 on every rank (mean and max over ranks; it includes waiting for slower ranks).
 
-  python benchmarks/mpi_scaling.py                         # W1, W3 ring, W3 torus on 1 and 2 ranks
+  python benchmarks/mpi_scaling.py              # W1, W3 ring/torus, CO2 sync/overlap on 1 and 2 ranks
   python benchmarks/mpi_scaling.py --ranks 1 2 4 8 16 --launcher "srun --mpi=pmix"  # a cluster
 
 The JSON also records `parallel_capacity`: how much faster k concurrent single-threaded
@@ -32,8 +32,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-WORKLOADS = {"w1": HERE / "scenarios" / "w1.yaml", "w3_ring": HERE / "scenarios" / "w3_ring.yaml",
-             "w3_torus": HERE / "scenarios" / "w3_torus.yaml"}
+SCENARIOS = HERE.parent / "scenarios"
+WORKLOADS: dict[str, tuple[Path, list[str]]] = {
+    "w1": (HERE / "scenarios" / "w1.yaml", []),
+    "w3_ring": (HERE / "scenarios" / "w3_ring.yaml", []),
+    "w3_torus": (HERE / "scenarios" / "w3_torus.yaml", []),
+    # CO2 without / with the one-step-stale outer average: what the Iallreduce overlap hides
+    "co2_sync": (SCENARIOS / "co2.yaml", ["strategy.staleness=0", "rounds=60"]),
+    "co2_overlap": (SCENARIOS / "co2.yaml", ["strategy.staleness=1", "rounds=60"]),
+}
 
 
 def launcher_cmd(launcher: str | None, ranks: int) -> list[str]:
@@ -106,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):  # repeats interleaved, so background load hits all alike
             for name in args.workloads:
-                path = WORKLOADS.get(name, Path(name))
+                path, sets = WORKLOADS.get(name, (Path(name), []))
                 plan = ([] if args.no_multiplex else [("multiplex", 1)]) + [("mpi", k) for k in args.ranks]
                 for engine, k in plan:
-                    r = run_once(path, engine, k, args.set, args.launcher, args.threads, tmp)
+                    r = run_once(path, engine, k, sets + args.set, args.launcher, args.threads, tmp)
                     runs.setdefault((name, engine, k), []).append(r)
                     print(f"  {name:<9} {engine:<9} ranks={k:<3} wall {r['wall_s']:.2f}s", file=sys.stderr)
     rows = [{"workload": key[0], **min(rs, key=lambda r: r["wall_s"])} for key, rs in runs.items()]

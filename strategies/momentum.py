@@ -158,7 +158,8 @@ def fedavg_m_vr(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, beta
 
     d_k = g_i(y_k; xi_k) - (1 - beta) g_i(x_prev; xi_k) + (1 - beta) g, same minibatch at
     the previous global model x_prev (two gradients per step). Reconstruction, unverified
-    against the paper's Algorithms 3/4 (ALGORITHMS.md §4.4).
+    against the paper's Algorithms 3/4 (ALGORITHMS.md §4.4). Note: with exact gradients its
+    fixed point is FedAvg(lr)'s (0.6041 on the drift quadratic), not FedAvg(lr * beta)'s.
     """
     return client_momentum(lr=lr, local_steps=local_steps, beta=beta, server_lr=server_lr,
                            gamma=gamma, weighting=weighting, corrected=False, vr=True)
