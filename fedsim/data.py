@@ -153,6 +153,27 @@ def logistic(*, dim: PosInt = 20, samples_per_client: PosInt = 100,
 
 # ---- real data on disk ---------------------------------------------------------------------
 
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits table shipped inside scikit-learn (data/digits.csv.gz), read directly.
+
+    Reading the file avoids importing scikit-learn itself (about a second of start-up);
+    it falls back to `sklearn.datasets.load_digits` if the file layout ever changes.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("sklearn")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(base, "datasets", "data", "digits.csv.gz")
+        if os.path.exists(path):
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+            return table[:, :-1], table[:, -1]
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.data, bunch.target
+
+
 @DATASETS.register("digits")
 def digits(*, flatten: bool = True, test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
            num_clients: int, seed: int) -> Dataset:
@@ -161,13 +182,11 @@ def digits(*, flatten: bool = True, test_fraction: Annotated[float, Field(gt=0, 
     Features are pixel / 16 (64 floats, or [n, 1, 8, 8] images when `flatten` is false).
     The train/test split is a permutation keyed by (seed, DATASET, 0).
     """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
+    data, target = _sklearn_digits()
+    x = (data / 16.0).astype(np.float32)
     if not flatten:
         x = x.reshape(-1, 1, 8, 8)
-    y = bunch.target.astype(np.int64)
+    y = target.astype(np.int64)
     perm = rng.np_rng(seed, rng.DATASET, 0).permutation(len(y))
     n_test = int(round(len(y) * test_fraction))
     te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])

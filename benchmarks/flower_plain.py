@@ -1,0 +1,137 @@
+"""W1 / W2 as a plain Flower 1.41 FedAvg app, written the way Flower's own examples write it.
+
+    python benchmarks/flower_plain.py w1 [threads]   # prints one JSON line (like baselines.py)
+
+A `ServerApp` whose main runs `flwr.serverapp.strategy.FedAvg.start`, a PyTorch `ClientApp`
+(a fresh `nn.Module` per call, `DataLoader` over the node's partition, `torch.optim.SGD`),
+run by `flwr.simulation.run_simulation` on the Ray backend with one CPU per client. Same model
+(MLP 60-64-10), data (fedsim's generator, dumped once to benchmarks/out/data_<w>.npz by
+workload_data.py), local steps, batch and lr as the fedsim scenarios; FedAvg samples
+`fraction_train` of the nodes each round (W2: 100 of 1000).
+
+Reported: in_loop_s = FedAvg.start (first round to last; Ray and the actors are up by then
+except for actor warm-up inside round 1), final test accuracy of the global model.
+The app lives in this importable module (not __main__) so that Ray's workers import it and
+keep the per-process data cache, as Flower's examples' `task.py` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from workload_data import client as client_rows, dump, load  # noqa: E402
+
+WORKLOADS = {"w1": dict(clients=100, per_round=100, rounds=10, steps=10, batch=32, lr=0.05),
+             "w2": dict(clients=1000, per_round=100, rounds=5, steps=10, batch=32, lr=0.05)}
+_DATA: dict[str, dict[str, np.ndarray]] = {}
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(60, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def data(path: str) -> dict[str, np.ndarray]:
+    """The workload's arrays, loaded once per process (Flower examples cache their dataset)."""
+    if path not in _DATA:
+        _DATA[path] = load(path)
+    return _DATA[path]
+
+
+def make_apps():
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from torch.utils.data import DataLoader, TensorDataset
+
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = msg.content["config"]
+        net = Net()
+        net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        x, y = client_rows(data(str(cfg["data"])), int(context.node_config["partition-id"]))
+        loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+                            batch_size=int(cfg["batch"]), shuffle=True)
+        opt = torch.optim.SGD(net.parameters(), lr=float(cfg["lr"]))
+        done, total = 0, 0.0
+        while done < int(cfg["steps"]):
+            for xb, yb in loader:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(net(xb), yb)
+                loss.backward()
+                opt.step()
+                done, total = done + 1, total + loss.item()
+                if done == int(cfg["steps"]):
+                    break
+        metrics = MetricRecord({"train_loss": total / done, "num-examples": len(y)})
+        return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics}),
+                       reply_to=msg)
+
+    return client_app
+
+
+def make_server(workload: str, path: str, result: dict):
+    from flwr.app import ArrayRecord, ConfigRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
+    w = WORKLOADS[workload]
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.manual_seed(0)
+        strategy = FedAvg(fraction_train=w["per_round"] / w["clients"], fraction_evaluate=0.0,
+                          min_train_nodes=w["per_round"], min_available_nodes=w["clients"])
+        cfg = ConfigRecord({"lr": w["lr"], "steps": w["steps"], "batch": w["batch"], "data": path})
+        t0 = time.perf_counter()
+        res = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
+                             num_rounds=w["rounds"], train_config=cfg)
+        result["in_loop_s"] = time.perf_counter() - t0
+        net = Net()
+        net.load_state_dict(res.arrays.to_torch_state_dict())
+        d = data(path)
+        with torch.no_grad():
+            pred = net(torch.from_numpy(d["x_test"])).argmax(1).numpy()
+        result["final_test_accuracy"] = float((pred == d["y_test"]).mean())
+
+    return server_app
+
+
+def main(workload: str, threads: int | None) -> dict:
+    from flwr.simulation import run_simulation
+
+    import flower_plain  # the importable copy of this module: Ray workers import it by name
+
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
+    path = os.path.join(HERE, "out", f"data_{workload}.npz")
+    if not os.path.exists(path):
+        dump(workload, path)
+    result: dict = {}
+    run_simulation(flower_plain.make_server(workload, path, result), flower_plain.make_apps(),
+                   WORKLOADS[workload]["clients"],
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    return result
+
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    res = main(name, int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    print(json.dumps({"impl": "flower", "workload": name, "in_loop_s": round(res["in_loop_s"], 4),
+                      "final_test_accuracy": round(res["final_test_accuracy"], 4)}))
