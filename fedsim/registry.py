@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from importlib import metadata
 from typing import Any, Callable, Iterable
 
@@ -109,7 +111,14 @@ class _LazyEntryPoint:
 def _import_path(path: str, noun: str, key: str) -> Callable[..., Any]:
     mod_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
     try:
-        obj: Any = importlib.import_module(mod_name)
+        try:
+            obj: Any = importlib.import_module(mod_name)
+        except ModuleNotFoundError:
+            # like `python -m`: modules next to where the user runs fedsim are importable
+            if os.getcwd() in sys.path:
+                raise
+            sys.path.append(os.getcwd())
+            obj = importlib.import_module(mod_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError, ValueError) as exc:

@@ -106,7 +106,8 @@ def build_setup(sc: Scenario) -> Setup:
     sizes = np.array([len(p) for p in parts], dtype=np.int64)
     runtime = StrategyRuntime(num_clients=n, segments=tuple(model.spec.segments()),
                               num_samples=sizes, seed=sc.seed,
-                              probabilities=getattr(participation, "probabilities", None))
+                              probabilities=getattr(participation, "probabilities", None),
+                              p_nominal=getattr(participation, "p_nominal", None))
     with _located(sc.source, "strategy"):
         factory = STRATEGIES.get(sc.strategy.name)
         extra = {"runtime": runtime} if "runtime" in inspect.signature(factory).parameters else {}

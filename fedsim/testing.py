@@ -265,5 +265,6 @@ def build(name: str, params: dict | None = None, problem: Any = None, participat
             num_clients=n, segments=segments or (("x", 0, problem.dim),),
             num_samples=np.asarray(problem.sizes),
             probabilities=getattr(participation, "probabilities", None) if participation is not None
-            else np.ones(n))
+            else np.ones(n),
+            p_nominal=getattr(participation, "p_nominal", None))
     return STRATEGIES.build(name, params or {}, **extra)

@@ -123,9 +123,11 @@ class StrategyRuntime:
       num_clients: N.
       segments: (name, start, stop) of every parameter tensor in the flat vector.
       num_samples: [N] local dataset sizes.
-      probabilities: true participation probabilities [N] when the pattern defines them
+      probabilities: true long-run participation rates [N] when the pattern defines them
         (only oracle baselines such as `known-prob` may use them).
       seed: root seed.
+      p_nominal: the configured per-client probabilities p_n of the pattern (what the FedAU
+        reference code's oracle divides by; equals `probabilities` except for cyclic rounding).
     """
 
     num_clients: int
@@ -133,3 +135,4 @@ class StrategyRuntime:
     num_samples: Any
     probabilities: Any = None
     seed: int = 0
+    p_nominal: Any = None
