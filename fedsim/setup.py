@@ -13,7 +13,7 @@ import torch
 from fedsim.config import TOP_KEYS, Scenario
 from fedsim.data import Dataset, label_distribution, load_dataset, partition
 from fedsim.errors import ConfigError
-from fedsim.models import ParamSpec, StackedModel, build_model, init_params
+from fedsim.models import StackedModel, build_model, init_params
 from fedsim.oracle import ClientData
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from fedsim.types import Oracle
+from fedsim.types import Oracle, RoundCtx, Tree
 
 
 def broadcast_rows(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -37,3 +37,19 @@ def local_sgd(x: torch.Tensor, oracle: Oracle, steps: int, lr: float,
         loss_sum += loss.double()
         y = y - lr * (g if direction is None else direction(g, k))
     return y, loss_sum / max(steps, 1)
+
+
+def local_delta(server: Tree, oracle: Oracle, ctx: RoundCtx, lr: float,
+                steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedAvg's local training from the server model: (Delta = y - x [m, P], mean loss [m])."""
+    x = broadcast_rows(server["x"], ctx.m)
+    y, loss = local_sgd(x, oracle, steps, lr)
+    return y - x, loss
+
+
+def delta_local(lr: float, steps: int) -> Callable[..., tuple[Tree, Tree, Tree]]:
+    """A stateless `local`: send Delta_i after `steps` SGD steps (FedAvg and its server variants)."""
+    def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
+        delta, loss = local_delta(server, oracle, ctx, lr, steps)
+        return {"delta": delta}, clients, {"loss": loss}
+    return local

@@ -31,18 +31,10 @@ from pydantic import Field
 from fedsim.errors import ConfigError
 from fedsim.types import Oracle, RoundCtx, Strategy, StrategyRuntime, Tree, no_clients
 from strategies import STRATEGIES
-from strategies._local import broadcast_rows, local_sgd
+from strategies._local import delta_local, local_delta
 from strategies.fedavg import PositiveFloat, PositiveInt
 
 Weights = Callable[[Tree, RoundCtx], torch.Tensor]
-
-
-def local_delta(server: Tree, oracle: Oracle, ctx: RoundCtx, lr: float,
-                steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FedAvg's local training: (Delta [m, P] = y - x after `steps` SGD steps, loss [m])."""
-    x = broadcast_rows(server["x"], ctx.m)
-    y, loss = local_sgd(x, oracle, steps, lr)
-    return y - x, loss
 
 
 def _over_all(ctx: RoundCtx) -> torch.Tensor:
@@ -62,10 +54,7 @@ def _reweighted(lr: float, local_steps: int, server_lr: float, weights: Weights,
     def init_server(x0: torch.Tensor) -> Tree:
         return {"x": x0.clone(), **(init_extra(x0) if init_extra else {})}
 
-    def local(server: Tree, clients: Tree, oracle: Oracle,
-              ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        delta, loss = local_delta(server, oracle, ctx, lr, local_steps)
-        return {"delta": delta}, clients, {"loss": loss}
+    local = delta_local(lr, local_steps)
 
     def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
         out = {**server, **(update_extra(server, ctx) if update_extra else {})}
@@ -267,4 +256,4 @@ def mifa(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
     return _table_strategy(lr, local_steps, server_lr, apply)
 
 
-__all__ = ["fedau", "fedavg_all", "known_prob", "fedvarp", "mifa", "local_delta"]
+__all__ = ["fedau", "fedavg_all", "known_prob", "fedvarp", "mifa"]

@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from fedsim.types import Oracle, RoundCtx, Strategy, Tree, no_clients
+from fedsim.types import RoundCtx, Strategy, Tree, no_clients
 from strategies import STRATEGIES
-from strategies._local import broadcast_rows, local_sgd
+from strategies._local import delta_local
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -50,16 +50,12 @@ def fedavg(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server_lr
     def init_server(x0: torch.Tensor) -> Tree:
         return {"x": x0.clone()}
 
-    def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        x = broadcast_rows(server["x"], ctx.m)
-        y, loss = local_sgd(x, oracle, local_steps, lr)
-        return {"delta": y - x}, clients, {"loss": loss}
-
     def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
         if not reduced:
             return server
         return {**server, "x": server["x"] + server_lr * reduced["delta"]}
 
-    return Strategy(init_server=init_server, init_clients=no_clients, local=local,
+    return Strategy(init_server=init_server, init_clients=no_clients,
+                    local=delta_local(lr, local_steps),
                     server_update=server_update,
                     weights=lambda server, ctx: participant_weights(weighting, ctx))

@@ -1,6 +1,5 @@
 """ClientApp of the digits app (quickstart-pytorch style, Flower 1.41 Message API)."""
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
