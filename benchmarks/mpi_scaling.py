@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         r["speedup"] = round(base["wall_s"] / r["wall_s"], 3)
     print(table(rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"cpus": os.cpu_count(), "parallel_capacity": round(capacity, 3), "loadavg_at_end": os.getloadavg(), "threads_per_rank": args.threads,
+    meta = {"cpus": os.cpu_count(), "parallel_capacity": round(capacity, 3),
+            "loadavg_at_end": os.getloadavg(), "threads_per_rank": args.threads,
             "sets": args.set, "launcher": args.launcher or "mpiexec"}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)

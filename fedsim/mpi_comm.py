@@ -77,7 +77,8 @@ class Pending:
 
     def __init__(self, comm: "MPIComm | None", reqs: list, outs: dict[str, np.ndarray],
                  layout: TreeLayout | None, keep: Any = None, done: Tree | None = None) -> None:
-        self.comm, self.reqs, self.outs, self.layout, self.keep, self.done = comm, reqs, outs, layout, keep, done
+        self.comm, self.reqs, self.outs, self.layout = comm, reqs, outs, layout
+        self.keep, self.done = keep, done  # keep: send buffers alive until the reduction completes
 
     def test(self) -> None:
         """Let the MPI library progress the reduction (called between local steps)."""

@@ -45,8 +45,8 @@ def mpiexec(n: int, args: list[str], timeout: float = 120) -> subprocess.Complet
     version = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
     if "Open MPI" in version or "OpenRTE" in version:
         flags = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p),
-           "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     return subprocess.run([MPIEXEC, *flags, "-n", str(n), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -228,7 +228,8 @@ def test_slice_setup_holds_only_the_slice():
     assert data.x.shape[0] == setup.sizes[owned].sum()
     assert torch.equal(data.sizes > 0, torch.isin(torch.arange(8), torch.as_tensor(owned)))
     full = setup.problem().data
-    rows = torch.cat([torch.arange(int(full.offsets[i]), int(full.offsets[i] + full.sizes[i])) for i in owned])
+    rows = torch.cat([torch.arange(int(full.offsets[i]), int(full.offsets[i] + full.sizes[i]))
+                      for i in owned])
     assert torch.equal(data.x, full.x[rows])
 
 

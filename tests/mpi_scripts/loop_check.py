@@ -39,8 +39,9 @@ class _Mixing:
         self.data = w[w != 0]
 
     def to_torch(self, device, dtype):
-        return torch.sparse_csr_tensor(torch.as_tensor(self.indptr), torch.as_tensor(self.indices),
-                                       torch.as_tensor(self.data), size=(self.n, self.n)).to(device=device, dtype=dtype)
+        w = torch.sparse_csr_tensor(torch.as_tensor(self.indptr), torch.as_tensor(self.indices),
+                                    torch.as_tensor(self.data), size=(self.n, self.n))
+        return w.to(device=device, dtype=dtype)
 
 
 class _Topology:
@@ -66,7 +67,8 @@ def two_key_gossip(lr: float = 0.1) -> Strategy:
     def node_update(clients, mixed, ctx):
         return {"x": mixed["x"] + 0.01 * (mixed["z"] - 2 * mixed["x"])}
 
-    return Strategy(init_server=lambda x0: {}, init_clients=lambda x0, ids: {"x": x0.expand(len(ids), -1).clone()},
+    return Strategy(init_server=lambda x0: {},
+                    init_clients=lambda x0, ids: {"x": x0.expand(len(ids), -1).clone()},
                     local=local, node_update=node_update, comm="mix", mixing={"x": "W", "z": "mean"},
                     broadcast=())
 
@@ -129,7 +131,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Sparse")
     part = testing.MaskParticipation(masks())
     part.probabilities = np.full(N, 0.5)  # for oracle baselines (known-prob)
-    stale = lambda p: testing.build("fedavg", {"lr": 0.1, "local_steps": 3})._replace(staleness=1)  # noqa: E731
+    def stale(p):
+        return testing.build("fedavg", {"lr": 0.1, "local_steps": 3})._replace(staleness=1)
     compare("fedavg-stale1-masks", stale, part)
     ring = _Topology(nx.cycle_graph(N))
     loop = compare("two-key-gossip-ring", lambda p: two_key_gossip(), topology=ring)
