@@ -151,9 +151,13 @@ class RoundLoop:
         else:
             self.finish_mix(t, payload_rows, mine, mask, denom)
             down = up
-        up_down = self.comm.allreduce_scalars(torch.tensor([up, down], dtype=torch.float64))
-        s.bytes.add(int(up_down[0]), int(up_down[1]))
+        self.count_bytes(up, down)
         s.round = t + 1
+
+    def count_bytes(self, up: int, down: int) -> None:
+        """Add this round's bytes (this process's clients) to the totals over all processes."""
+        v = self.comm.allreduce_scalars(torch.tensor([up, down], dtype=torch.float64))
+        self.state.bytes.add(int(v[0]), int(v[1]))
 
     def finish_reduce(self, t: int, partial: Tree | None, mask: torch.Tensor, denom: torch.Tensor) -> None:
         s, strat = self.state, self.strategy

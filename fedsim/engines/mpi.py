@@ -56,21 +56,6 @@ def _tree_digest(tree: Tree) -> str:
     return h.hexdigest()[:16]
 
 
-class _StepComm:
-    """The comm `RoundLoop.step` sees: its one `allreduce_scalars` (the round's byte counts) is
-    recorded instead of reduced, so a round has no blocking collective besides its reduction."""
-
-    def __init__(self, comm: Any, pending: list[torch.Tensor]) -> None:
-        self._comm, self._pending = comm, pending
-
-    def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
-        self._pending.append(values.detach().clone())
-        return values
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._comm, name)
-
-
 class _PokingOracle:
     """An oracle that lets in-flight reductions progress before every gradient."""
 
@@ -123,13 +108,11 @@ class MPIRoundLoop(RoundLoop):
         for pending in self.inflight:
             pending.test()
 
-    def step(self, t: int) -> None:
-        comm = self.comm
-        self.comm = _StepComm(comm, self.byte_rounds)
-        try:
-            super().step(t)
-        finally:
-            self.comm = comm
+    def count_bytes(self, up: int, down: int) -> None:
+        """Record this rank's counts; `flush_bytes` sums them over ranks at the next evaluation,
+        so a round has no blocking collective besides its reduction."""
+        self.byte_rounds.append(torch.tensor([up, down], dtype=torch.float64))
+        self.state.bytes.add(up, down)
 
     def flush_bytes(self) -> None:
         """Replace the recorded local byte counts of the last rounds by their sums over ranks."""
