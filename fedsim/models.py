@@ -153,6 +153,10 @@ class StackedModel:
         self.module = module
         self.spec = ParamSpec.of(module)
         self._plan = _compile(module, self.spec)
+        # MLPs and logistic regression run feature-major ([m, features, batch]): weight gradients
+        # come out in parameter layout and the loss reduces over a contiguous class axis.
+        self._feature_major = self._plan is not None and all(
+            op in ("linear", "flatten", "act") for op, _ in self._plan)
 
     @property
     def compiled(self) -> bool:
@@ -173,6 +177,12 @@ class StackedModel:
         if self._plan is not None:
             return _run_plan(self._plan, params, inputs)
         return self._vmap_forward(params, inputs)
+
+    def logits_class_first(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        """Logits [m, C, B] (the layout `F.cross_entropy` reduces fastest) of inputs [m, B, *feature]."""
+        if self._feature_major:
+            return _run_plan_feature_major(self._plan, params, inputs)
+        return self.forward_views(params, inputs).transpose(1, 2)
 
     def forward_shared(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """x [m, P], inputs [B, *feature] shared by all m models -> logits [m, B, C]."""
@@ -261,5 +271,19 @@ def _run_plan(plan: list[tuple[str, Any]], x: dict[str, torch.Tensor], h: torch.
             out = arg(h.reshape(m * b, *shape[2:]))
             h = out.reshape(m, b, *out.shape[1:])
         else:
+            h = arg(h)
+    return h
+
+
+def _run_plan_feature_major(plan: list[tuple[str, Any]], x: dict[str, torch.Tensor],
+                            inputs: torch.Tensor) -> torch.Tensor:
+    """Linear/activation plans on activations [m, features, B]; returns logits [m, C, B]."""
+    m, b = inputs.shape[0], inputs.shape[1]
+    h = inputs.reshape(m, b, -1).transpose(1, 2)
+    for op, arg in plan:
+        if op == "linear":
+            w = x[arg[0]]  # [m, out, in]
+            h = torch.baddbmm(x[arg[1]].unsqueeze(2), w, h) if arg[1] is not None else torch.bmm(w, h)
+        elif op == "act":
             h = arg(h)
     return h

@@ -105,9 +105,9 @@ class BlockOracle:
     def loss(self, params: dict[str, torch.Tensor], rows: torch.Tensor, w: torch.Tensor | None
              ) -> torch.Tensor:
         """Per-client loss [m] of parameters `params` (named [m, *shape] tensors) on `rows`."""
-        logits = self.model.forward_views(params, self.data.x[rows])
-        per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.data.y[rows].reshape(-1),
-                              reduction="none").view(rows.shape)
+        inputs = self.data.x.index_select(0, rows.reshape(-1)).view(*rows.shape, *self.data.x.shape[1:])
+        logits = self.model.logits_class_first(params, inputs)  # [m, C, B]
+        per = F.cross_entropy(logits, self.data.y[rows], reduction="none")  # [m, B]
         return per.mean(1) if w is None else (per * w).sum(1)
 
     def _grad(self, x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None

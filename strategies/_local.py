@@ -35,7 +35,7 @@ def local_sgd(x: torch.Tensor, oracle: Oracle, steps: int, lr: float,
     for k in range(steps):
         loss, g = oracle(y, k)
         loss_sum += loss.double()
-        y = y - lr * (g if direction is None else direction(g, k))
+        y = torch.add(y, g if direction is None else direction(g, k), alpha=-lr)
     return y, loss_sum / max(steps, 1)
 
 
