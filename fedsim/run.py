@@ -103,6 +103,8 @@ def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
     history: list[dict[str, Any]] = []
     on_eval = writer.log if writer else history.append
     update, close_bar = _progress(sc.rounds, quiet or not getattr(engine, "is_root", True))
+    if hasattr(engine, "prepare"):
+        engine.prepare(setup)  # data placement etc.: part of set-up, not of the timed rounds
     extra = {"params": setup.model.spec.size, "setup_s": round(time.perf_counter() - t_start, 4)}
     t0 = time.perf_counter()
     try:

@@ -25,14 +25,18 @@ class MultiplexEngine:
     def __init__(self, chunk_size: int | None, memory_mb: int, threads: int | None) -> None:
         self.chunk_size, self.memory_mb, self.threads = chunk_size, memory_mb, threads
 
-    def run(self, setup: Setup, on_eval: Callable[[dict], None],
-            progress: Callable[[int, dict | None], None] | None = None) -> list[dict[str, Any]]:
+    def prepare(self, setup: Setup) -> None:
+        """Place the data on the device and build the loop (counted as set-up, not as rounds)."""
         if self.threads:
             torch.set_num_threads(self.threads)
-        loop = RoundLoop.from_setup(setup, memory_mb=self.memory_mb, chunk_size=self.chunk_size,
-                                    on_eval=on_eval)
-        self.loop = loop
-        return loop.run(progress)
+        self.loop = RoundLoop.from_setup(setup, memory_mb=self.memory_mb, chunk_size=self.chunk_size)
+
+    def run(self, setup: Setup, on_eval: Callable[[dict], None],
+            progress: Callable[[int, dict | None], None] | None = None) -> list[dict[str, Any]]:
+        if getattr(self, "loop", None) is None:
+            self.prepare(setup)
+        self.loop.on_eval = on_eval
+        return self.loop.run(progress)
 
 
 @ENGINES.register("multiplex")
