@@ -28,20 +28,11 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from workload_data import client as client_rows, dump, load  # noqa: E402
+from workload_data import Net, client as client_rows, dump, load  # noqa: E402
 
 WORKLOADS = {"w1": dict(clients=100, per_round=100, rounds=10, steps=10, batch=32, lr=0.05),
              "w2": dict(clients=1000, per_round=100, rounds=5, steps=10, batch=32, lr=0.05)}
 _DATA: dict[str, dict[str, np.ndarray]] = {}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(60, 64), nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def data(path: str) -> dict[str, np.ndarray]:

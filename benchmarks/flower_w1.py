@@ -28,6 +28,9 @@ import time
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workload_data import Net  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W1 = os.path.join(ROOT, "benchmarks", "scenarios", "w1.yaml")
 VARIANTS = ("multiplex", "flower-inprocess", "flower-mpi", "flower-ray", "plain-ray",
@@ -36,15 +39,6 @@ _DATA: dict[str, object] = {}
 
 
 # ---- the plain Flower app (Flower's quickstart style) --------------------------------------------
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(60, 64), nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def w1_data() -> dict:
     """W1's clients (natural split of the LEAF-style synthetic data) and test set."""
     if not _DATA:

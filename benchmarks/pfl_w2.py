@@ -30,20 +30,13 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from workload_data import client, load
+from workload_data import Net as MLP, client, load
 
 USERS, COHORT, ROUNDS, EPOCHS, BATCH, LR = 1000, 100, 5, 2, 32, 0.05
 
 
-class Net(nn.Module):
-    """MLP 60-64-10 with the loss/metrics methods pfl's PyTorchModel calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(60, 64), nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+class Net(MLP):
+    """The workloads' MLP with the loss/metrics methods pfl's PyTorchModel calls."""
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, eval: bool = False) -> torch.Tensor:
         return nn.functional.cross_entropy(self(x), y.long())

@@ -14,6 +14,8 @@ import os
 import sys
 
 import numpy as np
+import torch
+from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,3 +52,14 @@ def client(d: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
 
 if __name__ == "__main__":
     print(dump(sys.argv[1], sys.argv[2]))
+
+
+class Net(nn.Module):
+    """The workloads' MLP 60-64-10, as the peers outside fedsim write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(60, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
