@@ -212,11 +212,7 @@ class RoundLoop:
         res = self.problem.evaluate(x[None])
         tl = self.comm.allreduce_scalars(torch.tensor(self.train_loss, dtype=torch.float64))
         self.train_loss = (0.0, 0)
-        m: dict[str, Any] = {"round": t + 1,
-                             "train_loss": float(tl[0] / tl[1]) if tl[1] > 0 else None,
-                             "test_loss": float(res[0][0]) if res else None,
-                             "test_accuracy": float(res[1][0]) if res and res[1] is not None else None,
-                             "bytes_up": s.bytes.up, "bytes_down": s.bytes.down}
+        m = eval_metrics(t, tl, res, s.bytes)
         if strat.comm == "mix":
             m.update(self.node_metrics(x))
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
@@ -250,6 +246,20 @@ class RoundLoop:
             if progress:
                 progress(t, m)
         return history
+
+
+def eval_metrics(t: int, train_loss: torch.Tensor, res: Any, counter: ByteCounter) -> dict[str, Any]:
+    """The metrics line every engine writes: round, train/test loss and accuracy, bytes.
+
+    `train_loss` is (sum, count) over the participants since the last evaluation; `res` is
+    `problem.evaluate(x[None])` of the evaluated model (or None).
+    """
+    total, count = float(train_loss[0]), float(train_loss[1])
+    return {"round": t + 1,
+            "train_loss": total / count if count > 0 else None,
+            "test_loss": float(res[0][0]) if res else None,
+            "test_accuracy": float(res[1][0]) if res and res[1] is not None else None,
+            "bytes_up": counter.up, "bytes_down": counter.down}
 
 
 def _neighbour_mean(mm: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim.comm import ByteCounter, tree_bytes, weighted_sum
+from fedsim.engines.loop import eval_metrics
 from fedsim.flower.client import round_ctx
 from fedsim.flower.records import message_bytes, pack_mask, record_to_tree, tree_to_record
 from fedsim.types import Tree
@@ -202,11 +203,7 @@ class FedsimStrategy(FlowerStrategy):
         res = self.problem.evaluate(x[None])
         tl = torch.tensor(self.train_loss, dtype=torch.float64)
         self.train_loss = (0.0, 0)
-        m: dict[str, Any] = {"round": t + 1,
-                             "train_loss": float(tl[0] / tl[1]) if tl[1] > 0 else None,
-                             "test_loss": float(res[0][0]) if res else None,
-                             "test_accuracy": float(res[1][0]) if res and res[1] is not None else None,
-                             "bytes_up": self.bytes.up, "bytes_down": self.bytes.down}
+        m = eval_metrics(t, tl, res, self.bytes)
         if mix:
             xs = self.node_models
             acc = self.problem.evaluate(xs)
