@@ -24,11 +24,10 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from workload_data import Net, client as client_rows, dump, load  # noqa: E402
+from workload_data import Net, client as client_rows, dump, load, train_steps  # noqa: E402
 
 WORKLOADS = {"w1": dict(clients=100, per_round=100, rounds=10, steps=10, batch=32, lr=0.05),
              "w2": dict(clients=1000, per_round=100, rounds=5, steps=10, batch=32, lr=0.05)}
@@ -57,18 +56,8 @@ def make_apps():
         x, y = client_rows(data(str(cfg["data"])), int(context.node_config["partition-id"]))
         loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
                             batch_size=int(cfg["batch"]), shuffle=True)
-        opt = torch.optim.SGD(net.parameters(), lr=float(cfg["lr"]))
-        done, total = 0, 0.0
-        while done < int(cfg["steps"]):
-            for xb, yb in loader:
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(net(xb), yb)
-                loss.backward()
-                opt.step()
-                done, total = done + 1, total + loss.item()
-                if done == int(cfg["steps"]):
-                    break
-        metrics = MetricRecord({"train_loss": total / done, "num-examples": len(y)})
+        mean_loss = train_steps(net, loader, int(cfg["steps"]), float(cfg["lr"]))
+        metrics = MetricRecord({"train_loss": mean_loss, "num-examples": len(y)})
         return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics}),
                        reply_to=msg)
 

@@ -26,10 +26,9 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workload_data import Net  # noqa: E402
+from workload_data import Net, train_steps  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W1 = os.path.join(ROOT, "benchmarks", "scenarios", "w1.yaml")
@@ -70,18 +69,8 @@ def make_plain_apps(rounds: int = 10, steps: int = 10, batch: int = 32, lr: floa
         d = w1_data()
         idx = torch.as_tensor(d["parts"][context.node_config["partition-id"]])
         loader = DataLoader(TensorDataset(d["x"][idx], d["y"][idx]), batch_size=batch, shuffle=True)
-        opt = torch.optim.SGD(net.parameters(), lr=lr)
-        done, total = 0, 0.0
-        while done < steps:
-            for xb, yb in loader:
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(net(xb), yb)
-                loss.backward()
-                opt.step()
-                done, total = done + 1, total + loss.item()
-                if done == steps:
-                    break
-        metrics = MetricRecord({"train_loss": total / steps, "num-examples": len(idx)})
+        metrics = MetricRecord({"train_loss": train_steps(net, loader, steps, lr),
+                                "num-examples": len(idx)})
         return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics}),
                        reply_to=msg)
 
