@@ -7,7 +7,7 @@ and a local step is one batched forward/backward pass (no Python loop over clien
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
@@ -15,15 +15,18 @@ from pydantic import Field
 from fedsim.engines import ENGINES
 from fedsim.engines.loop import RoundLoop
 from fedsim.setup import Setup
+from fedsim.types import OnEval, Progress
 
 
 class MultiplexEngine:
-    """In-process engine (see module docstring)."""
+    """In-process engine (see module docstring); a `fedsim.types.Engine`."""
 
     name = "multiplex"
+    is_root = True
 
     def __init__(self, chunk_size: int | None, memory_mb: int, threads: int | None) -> None:
         self.chunk_size, self.memory_mb, self.threads = chunk_size, memory_mb, threads
+        self.loop: RoundLoop | None = None
 
     def prepare(self, setup: Setup) -> None:
         """Place the data on the device and build the loop (counted as set-up, not as rounds)."""
@@ -31,12 +34,16 @@ class MultiplexEngine:
             torch.set_num_threads(self.threads)
         self.loop = RoundLoop.from_setup(setup, memory_mb=self.memory_mb, chunk_size=self.chunk_size)
 
-    def run(self, setup: Setup, on_eval: Callable[[dict], None],
-            progress: Callable[[int, dict | None], None] | None = None) -> list[dict[str, Any]]:
-        if getattr(self, "loop", None) is None:
+    def run(self, setup: Setup, on_eval: OnEval,
+            progress: Progress | None = None) -> list[dict[str, Any]]:
+        if self.loop is None:
             self.prepare(setup)
+        assert self.loop is not None
         self.loop.on_eval = on_eval
         return self.loop.run(progress)
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {}
 
 
 @ENGINES.register("multiplex")
@@ -49,8 +56,7 @@ def multiplex(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
       chunk_size: clients per stacked computation; None picks it from `memory_mb`.
       memory_mb: memory bound for one chunk's working set when chunk_size is None.
       threads: torch intra-op CPU threads. 1 (default) is fastest for the many small stacked
-        matmuls of typical simulations and never oversubscribes a shared machine (measured:
-        quickstart 1.6 s in-loop with 1 thread vs 22.5 s with 2 on a busy 2-core box); raise it
-        for large models; None keeps torch's default.
+        matmuls of typical simulations and never oversubscribes a shared machine; raise it for
+        large models; None keeps torch's default.
     """
     return MultiplexEngine(chunk_size, memory_mb, threads)
