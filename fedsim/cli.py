@@ -33,7 +33,7 @@ def _registry(what: str) -> Any:
     elif what == "engines":
         from fedsim.engines import ENGINES as r
     else:
-        from strategies.compress import COMPRESSORS as r
+        from strategies import COMPRESSORS as r
     return r
 
 

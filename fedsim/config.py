@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedsim.errors import ConfigError
-from fedsim.registry import pydantic_to_config_error
+from fedsim.registry import plain, pydantic_to_config_error
 
 TOP_KEYS = ("name", "seed", "rounds", "data", "model", "topology", "participation", "strategy",
             "engine", "eval", "output")
@@ -50,6 +50,7 @@ class DataCfg(_PluginSection):
 class ModelCfg(_PluginSection):
     kind: str = "mlp"
     init: Literal["shared", "independent"] = "shared"  # independent: one keyed init per client/node
+    nonconvex_reg: float = Field(0.0, ge=0)  # lambda sum x^2/(1+x^2) added to every client's loss
 
 
 class TopologyCfg(_PluginSection):
@@ -226,15 +227,16 @@ def resolve_plugins(sc: Scenario) -> Scenario:
 
 
 def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
-    """Strategy params; a `compressor` the factory does not take itself wraps its uplink."""
+    """Strategy params; a `compressor` the factory does not take itself compresses its uplink
+    (`strategies.uplink.compress_uplink`), validated here as a nested compressor."""
+    from fedsim.registry import build_nested
+
     head = {"name": cfg.name, "batch_size": cfg.batch_size}
     params = cfg.params()
     comp = None
     if "compressor" in params and "compressor" not in registry.params(cfg.name):
-        from strategies.compress import validate_compressor
-
         try:
-            comp = validate_compressor(params.pop("compressor"))
+            comp = build_nested("compressors", params.pop("compressor"))
         except ConfigError as err:
             raise err.at(prefix="strategy.compressor") from None
     try:
@@ -248,16 +250,11 @@ def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
 
 def to_dict(sc: Scenario) -> dict[str, Any]:
     """Plain, YAML-serialisable dict of the resolved scenario (the run folder's config.yaml)."""
-    def plain(v: Any) -> Any:
+    def section(v: Any) -> Any:
         if isinstance(v, BaseModel):
-            d = {k: plain(getattr(v, k)) for k in type(v).model_fields if k != "source"}
+            d = {k: section(getattr(v, k)) for k in type(v).model_fields if k != "source"}
             d.update({k: plain(x) for k, x in (v.model_extra or {}).items()})
             return d
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, BaseModel.__mro__[0]) and hasattr(v, "model_dump"):
-            return v.model_dump()
-        return v
-    return plain(sc)
+        return plain(v)
+    out: dict[str, Any] = section(sc)
+    return out

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fedsim.models import StackedModel
+from fedsim.objectives import Regularized
 from fedsim.oracle import BlockOracle, ClientData, evaluate
 from fedsim.types import Oracle
 
@@ -42,14 +43,17 @@ class DataProblem:
 
     def __init__(self, model: StackedModel, data: ClientData, x_test: torch.Tensor,
                  y_test: torch.Tensor, sizes: np.ndarray, seed: int, batch_size: int | None,
-                 eval_batch: int = 2048) -> None:
+                 eval_batch: int = 2048, nonconvex_reg: float = 0.0) -> None:
         self.model, self.data, self.x_test, self.y_test = model, data, x_test, y_test
         self.sizes, self.seed, self.batch_size, self.eval_batch = sizes, seed, batch_size, eval_batch
+        self.nonconvex_reg = nonconvex_reg
         self.num_clients = len(sizes)
         self.device, self.dtype = data.x.device, data.x.dtype
 
-    def oracle(self, ids: torch.Tensor, round: int) -> BlockOracle:
-        return BlockOracle(self.model, self.data, ids, round, self.seed, self.batch_size)
+    def oracle(self, ids: torch.Tensor, round: int) -> Oracle:
+        """Gradients of the clients' training losses (plus the scenario's regulariser)."""
+        oracle = BlockOracle(self.model, self.data, ids, round, self.seed, self.batch_size)
+        return Regularized(oracle, self.nonconvex_reg) if self.nonconvex_reg else oracle
 
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return evaluate(self.model, x, self.x_test, self.y_test, self.eval_batch)
@@ -58,7 +62,8 @@ class DataProblem:
         if len(owned) == self.num_clients:
             return self
         return DataProblem(self.model, self.data.subset(np.asarray(owned)), self.x_test, self.y_test,
-                           self.sizes, self.seed, self.batch_size, self.eval_batch)
+                           self.sizes, self.seed, self.batch_size, self.eval_batch,
+                           self.nonconvex_reg)
 
     def memory_per_client(self) -> int:
         """Rough bytes of one client's working set in a stacked step (for chunk sizing)."""

@@ -67,8 +67,6 @@ def row_bytes(strategy: Strategy, payload: Tree, info: Tree) -> torch.Tensor:
     m, width = counted[0].shape[0], counted[0].element_size() * 8
     dense = sum(v[0].numel() for v in counted) if m else 0
     dev = counted[0].device
-    if "up_bits" in info:  # TEMPORARY bridge while compressors move to Encoding
-        return torch.ceil(info["up_bits"].double() / 8).to(torch.int64)
     values = info.get("sent_values", torch.full((m,), float(dense), dtype=torch.float64, device=dev))
     bits = values.double() * width + info.get("sent_bits", torch.zeros(m, dtype=torch.float64, device=dev))
     return torch.ceil(bits.double() / 8).to(torch.int64)

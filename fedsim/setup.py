@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -47,7 +46,8 @@ class Setup:
             self._problem = DataProblem(
                 self.model, data, torch.as_tensor(ds.x_test, dtype=self.dtype, device=self.device),
                 torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
-                self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size)
+                self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size,
+                nonconvex_reg=sc.model.nonconvex_reg)
         return self._problem
 
     @property
@@ -86,6 +86,7 @@ def resolve_device(name: str) -> torch.device:
 def build_setup(sc: Scenario) -> Setup:
     """Data, partition, model, strategy, participation and topology of scenario `sc`."""
     from strategies import STRATEGIES
+    from strategies.uplink import compress_uplink
     from topologies import build_topology
 
     device = resolve_device(sc.engine.device)
@@ -113,16 +114,15 @@ def build_setup(sc: Scenario) -> Setup:
                               probabilities=getattr(participation, "probabilities", None),
                               p_nominal=getattr(participation, "p_nominal", None))
     with _located(sc.source, "strategy"):
-        factory = STRATEGIES.get(sc.strategy.name)
-        extra = {"runtime": runtime} if "runtime" in inspect.signature(factory).parameters else {}
         params = sc.strategy.params()
         uplink = None if "compressor" in STRATEGIES.params(sc.strategy.name) \
             else params.pop("compressor", None)
-        strategy = STRATEGIES.build(sc.strategy.name, params, **extra)
+        strategy = STRATEGIES.build(sc.strategy.name, params, runtime=runtime)
         if uplink is not None:
-            from strategies.compress import compress_uplink
-
-            strategy = compress_uplink(strategy, uplink, runtime)
+            try:
+                strategy = compress_uplink(strategy, uplink)
+            except ValueError as exc:
+                raise ConfigError(str(exc).partition(": ")[2] or str(exc), key="compressor") from None
         if strategy.comm == "mix" and sc.participation.kind != "full":
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")

@@ -245,20 +245,17 @@ __all__ = ["QuadraticProblem", "QuadraticOracle", "drift_quadratic", "participat
 
 def build(name: str, params: dict | None = None, problem: Any = None, participation: Any = None,
           segments: tuple[tuple[str, int, int], ...] | None = None) -> Strategy:
-    """A registered strategy with its `runtime` filled from a test problem (if it asks for one)."""
-    import inspect
-
+    """A registered strategy, its `runtime` filled from a test problem (for factories that ask)."""
     from fedsim.types import StrategyRuntime
     from strategies import STRATEGIES
 
-    factory = STRATEGIES.get(name)
-    extra = {}
-    if "runtime" in inspect.signature(factory).parameters:
+    runtime = None
+    if problem is not None:
         n = problem.num_clients
-        extra["runtime"] = StrategyRuntime(
+        runtime = StrategyRuntime(
             num_clients=n, segments=segments or (("x", 0, problem.dim),),
             num_samples=np.asarray(problem.sizes),
             probabilities=getattr(participation, "probabilities", None) if participation is not None
             else np.ones(n),
             p_nominal=getattr(participation, "p_nominal", None))
-    return STRATEGIES.build(name, params or {}, **extra)
+    return STRATEGIES.build(name, params or {}, runtime=runtime)

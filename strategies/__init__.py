@@ -1,9 +1,10 @@
-"""Federated and decentralized strategies, registered by name (scenario `strategy.name`).
+"""Federated and decentralized strategies and compressors, registered by name.
 
-Every module in this package registers its factories with ``@STRATEGIES.register(name)``;
-modules are discovered automatically, so adding a strategy means adding one file.
-User strategies load by dotted path (``strategy: {name: "pkg.module:factory"}``) or from
-the entry-point group ``fedsim.strategies`` of an installed package.
+Every module in this package registers its factories with ``@STRATEGIES.register(name)``
+(scenario `strategy.name`) or ``@COMPRESSORS.register(name)`` (a `compressor` mapping);
+modules are discovered automatically, so adding a strategy means adding one file. User
+strategies load by dotted path (``strategy: {name: "pkg.module:factory"}``) or from the
+entry-point groups ``fedsim.strategies`` / ``fedsim.compressors`` of an installed package.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from fedsim.registry import Registry
 
 STRATEGIES = Registry("strategies", builtins=("strategies._all",), reserved=("runtime",))
+COMPRESSORS = Registry("compressors", builtins=("strategies.compress", "strategies.feedback"),
+                       self_describing=True)
 
 
-__all__ = ["STRATEGIES"]
+__all__ = ["STRATEGIES", "COMPRESSORS"]
