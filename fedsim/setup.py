@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fedsim.config import TOP_KEYS, Scenario
-from fedsim.data import Dataset, label_distribution, load_dataset, partition
+from fedsim.data import ClientSplits, Dataset, client_splits, label_distribution, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import StackedModel, build_model, init_params
 from fedsim.oracle import ClientData
@@ -36,15 +36,22 @@ class Setup:
     topology: Any | None
     device: torch.device
     dtype: torch.dtype
+    splits: ClientSplits | None = None  # each client's own test split (per-client metrics)
 
     def problem(self) -> DataProblem:
         """The scenario's data and model as a `fedsim.problem.Problem` (data moved to the device)."""
         ds, sc = self.dataset, self.scenario
-        data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype)
-        return DataProblem(self.model, data,
-                           torch.as_tensor(ds.x_test, dtype=self.dtype, device=self.device),
+        x_train = ds.features(ds.x_train)
+        data = ClientData.from_parts(x_train, ds.y_train, self.parts, self.device, self.dtype)
+        prob = DataProblem(self.model, data,
+                           torch.as_tensor(ds.features(ds.x_test), dtype=self.dtype, device=self.device),
                            torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
                            self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size)
+        if self.splits is not None and self.splits.test is not None:
+            x, y = self.splits.test_arrays(ds)
+            x = x_train if self.splits.test_from == "train" else ds.features(x)
+            prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype)
+        return prob
 
     @property
     def num_clients(self) -> int:
@@ -90,8 +97,9 @@ def build_setup(sc: Scenario) -> Setup:
     with _located(sc.source, "data"):
         ds = load_dataset(sc.data.dataset, sc.data.params(), num_clients=n, seed=sc.seed)
     with _located(sc.source, "data.partition"):
-        parts = partition(sc.data.partition.kind, sc.data.partition.params(), ds,
-                          num_clients=n, seed=sc.seed)
+        splits = client_splits(sc.data.partition.kind, sc.data.partition.params(), ds,
+                               num_clients=n, seed=sc.seed)
+        parts = splits.train
     with _located(sc.source, "model"):
         make = lambda: build_model(sc.model.kind, sc.model.params(),  # noqa: E731
                                    input_shape=ds.feature_shape, num_classes=ds.num_classes)
@@ -123,4 +131,4 @@ def build_setup(sc: Scenario) -> Setup:
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")
     return Setup(sc, ds, parts, sizes, model, make, x0, strategy, participation, topology,
-                 device, dtype)
+                 device, dtype, splits)

@@ -151,7 +151,10 @@ def test_npz_round_trip(tmp_path) -> None:
                  x_test=xs[20:], y_test=np.arange(10.0) % 3)
     ds = load_dataset("npz", {"path": path}, num_clients=2, seed=0)
     assert ds.feature_shape == (1, 4, 4) and ds.num_classes == 3
-    assert ds.x_train.dtype == np.float32 and np.allclose(ds.x_train, xs[:20] / 255)
+    # uint8 pixels stay uint8 (4x smaller); the device sees them scaled to [0, 1]
+    assert ds.x_train.dtype == np.uint8 and np.array_equal(ds.x_train, xs[:20])
+    assert ds.features(ds.x_train).dtype == np.float32
+    assert np.allclose(ds.features(ds.x_train), xs[:20] / 255)
     assert ds.y_test.dtype == np.int64 and ds.y_test.tolist() == [0, 1, 2] * 3 + [0]
     five = load_dataset("npz", {"path": path, "num_classes": 5}, num_clients=2, seed=0)
     assert five.num_classes == 5

@@ -1,0 +1,101 @@
+"""Flower Datasets' partitioners as fedsim partition kinds (``partition: {kind: flwr-...}``).
+
+Each kind runs the real ``flwr_datasets.partitioner`` class on a ``datasets.Dataset`` holding
+the training labels (and the natural client id of every row) and reads back the row indices
+of every partition, so any fedsim dataset (digits, LEAF, npz, hf) can be split exactly as a
+Flower app would split it. Flower's partitioners seed their own numpy generator: fedsim passes
+a 32-bit seed derived from (seed, PARTITION, "flower"). Needs the ``[hf]`` extra.
+
+Reference: Flower Datasets, https://flower.ai/docs/datasets/ (``IidPartitioner``,
+``DirichletPartitioner``, ``PathologicalPartitioner``, ``NaturalIdPartitioner``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from fedsim import rng
+from fedsim.errors import ConfigError
+from fedsim.partition import PARTITIONS
+
+_ROW, _LABEL, _CLIENT = "row", "label", "client"
+
+
+def _flower_seed(seed: int) -> int:
+    return rng.key(seed, rng.PARTITION, rng.purpose_id("flower")) % (2 ** 32)
+
+
+def _run(make: Any, labels: np.ndarray, num_clients: int,
+         natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Rows of every partition of Flower partitioner `make()` over a label table."""
+    try:
+        import datasets
+        from flwr_datasets import partitioner as fp
+    except ImportError:
+        raise ConfigError("Flower partitioners need flwr-datasets", key="kind",
+                          allowed='pip install -e ".[hf]"') from None
+    table = {_ROW: np.arange(len(labels)), _LABEL: labels}
+    if natural_split is not None:
+        owner = np.full(len(labels), -1, dtype=np.int64)
+        for k, rows in enumerate(natural_split):
+            owner[rows] = k
+        table[_CLIENT] = owner
+    part = make(fp)
+    part.dataset = datasets.Dataset.from_dict(table)
+    try:
+        return [np.asarray(part.load_partition(i)[_ROW], dtype=np.int64)
+                for i in range(num_clients)]
+    except ValueError as exc:  # Flower's own checks (e.g. min_partition_size not reachable)
+        raise ConfigError(f"Flower partitioner failed: {str(exc).splitlines()[0]}",
+                          key="kind", value=type(part).__name__) from None
+
+
+@PARTITIONS.register("flwr-iid")
+def flwr_iid(*, labels: np.ndarray, num_clients: int, seed: int,
+             natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Flower's IidPartitioner: contiguous equal shards of the rows (shuffle the data first)."""
+    return _run(lambda fp: fp.IidPartitioner(num_partitions=num_clients), labels, num_clients)
+
+
+@PARTITIONS.register("flwr-dirichlet")
+def flwr_dirichlet(*, alpha: Annotated[float, Field(gt=0)],
+                   min_partition_size: Annotated[int, Field(ge=0)] = 10,
+                   self_balancing: bool = False, labels: np.ndarray, num_clients: int,
+                   seed: int, natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Flower's DirichletPartitioner (Yurochkin et al. 2019): per-class shares ~ Dir(alpha)."""
+    return _run(lambda fp: fp.DirichletPartitioner(
+        num_partitions=num_clients, partition_by=_LABEL, alpha=alpha,
+        min_partition_size=min_partition_size, self_balancing=self_balancing,
+        seed=_flower_seed(seed)), labels, num_clients)
+
+
+@PARTITIONS.register("flwr-pathological")
+def flwr_pathological(*, num_classes_per_partition: Annotated[int, Field(ge=1)] = 2,
+                      class_assignment_mode: Literal["random", "deterministic",
+                                                     "first-deterministic"] = "random",
+                      labels: np.ndarray, num_clients: int, seed: int,
+                      natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Flower's PathologicalPartitioner: each client gets samples of only k classes."""
+    return _run(lambda fp: fp.PathologicalPartitioner(
+        num_partitions=num_clients, partition_by=_LABEL,
+        num_classes_per_partition=num_classes_per_partition,
+        class_assignment_mode=class_assignment_mode, seed=_flower_seed(seed)),
+        labels, num_clients)
+
+
+@PARTITIONS.register("flwr-natural")
+def flwr_natural(*, labels: np.ndarray, num_clients: int, seed: int,
+                 natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Flower's NaturalIdPartitioner by the dataset's client id (sorted ids, as `natural`)."""
+    if natural_split is None:
+        raise ConfigError("this dataset defines no natural client ids", value="flwr-natural",
+                          allowed="a dataset with clients (leaf, npz with client_id, hf with "
+                          "client_column, synthetic, logistic)")
+    if num_clients != len(natural_split):
+        raise ConfigError(f"the dataset has {len(natural_split)} natural clients",
+                          key="clients", value=num_clients, allowed=str(len(natural_split)))
+    return _run(lambda fp: fp.NaturalIdPartitioner(partition_by=_CLIENT), labels, num_clients,
+                natural_split)
