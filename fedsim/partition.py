@@ -78,7 +78,7 @@ def _partition(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
                seed: int) -> list[np.ndarray]:
     n = len(ds.y_train)
     if num_clients > n:
-        raise ConfigError("needs at least one sample per client", file=ds.source, key="clients",
+        raise ConfigError("needs at least one sample per client", file=ds.source, key="data.clients",
                           value=num_clients, allowed=f"at most {n} (training samples)")
     parts = PARTITIONS.build(kind, params, labels=ds.y_train, num_clients=num_clients,
                              seed=seed, natural_split=ds.natural_split)
@@ -274,7 +274,7 @@ def natural(*, select: Literal["all", "first", "random"] = "all", labels: np.nda
                           "synthetic, logistic, leaf, npz with client_id, hf with client_column)")
     total = len(natural_split)
     if num_clients > total or (select == "all" and num_clients != total):
-        raise ConfigError(f"the dataset has {total} natural clients", key="clients",
+        raise ConfigError(f"the dataset has {total} natural clients", key="data.clients",
                           value=num_clients, allowed=f"{total}, or fewer with "
                           "data.partition.select: first | random")
     if select == "random":

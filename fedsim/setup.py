@@ -68,13 +68,17 @@ class Setup:
 
 @contextmanager
 def _located(file: str | None, prefix: str) -> Iterator[None]:
-    """Re-raise ConfigErrors from a plug-in factory with the file and section key path."""
+    """Re-raise ConfigErrors from a plug-in factory with the file and section key path.
+
+    An error that names its own file (a data file) keeps it: the scenario is not the culprit.
+    """
     try:
         yield
     except ConfigError as err:
+        where = err.file or file
         if err.key and err.key.split(".")[0] in TOP_KEYS:
-            raise err.at(file=file) from None
-        raise err.at(file=file, prefix=prefix) from None
+            raise err.at(file=where) from None
+        raise err.at(file=where, prefix=prefix) from None
 
 
 def resolve_device(name: str) -> torch.device:

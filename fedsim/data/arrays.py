@@ -89,8 +89,8 @@ def compact_unit_floats(x: np.ndarray) -> tuple[np.ndarray, bool]:
     return k.astype(np.uint8), True
 
 
-def client_groups(ids: Any, *, file: str | None, key: str, singletons_ok: bool = False
-                  ) -> tuple[tuple[str, ...], list[np.ndarray]]:
+def client_groups(ids: Any, *, file: str | None, key: str, singletons_ok: bool = False,
+                  column: str | None = None) -> tuple[tuple[str, ...], list[np.ndarray]]:
     """Rows of each distinct client id, ids in sorted order (as Flower's NaturalIdPartitioner).
 
     Returns (names, groups): groups[k] holds the rows (ascending) whose id is names[k].
@@ -107,7 +107,7 @@ def client_groups(ids: Any, *, file: str | None, key: str, singletons_ok: bool =
     if not singletons_ok and len(ids) > 1 and counts.max() == 1:
         raise ConfigError("every client id occurs once: this looks like a per-sample id, "
                           "not a client id", file=file, key=key,
-                          value=f"{len(names)} distinct ids in {len(ids)} rows",
+                          value=f"{column or key}: {len(names)} distinct ids in {len(ids)} rows",
                           allowed="a column that groups samples by client (e.g. FEMNIST's "
                           "writer_id), or no client column with an iid/dirichlet partition")
     order = np.argsort(inv.reshape(-1), kind="stable")
@@ -153,7 +153,7 @@ def match_test_clients(names: tuple[str, ...], test_ids: Any, *, file: str | Non
 def assemble(name: str, x: np.ndarray, y: np.ndarray, *, ids: Any = None,
              test: tuple[np.ndarray, np.ndarray, Any] | None = None, test_fraction: float,
              seed: int, file: str | None, id_key: str, num_classes: int | None = None,
-             **fields: Any) -> "Dataset":
+             id_column: str | None = None, **fields: Any) -> "Dataset":
     """A `Dataset` from checked arrays: natural clients from `ids`, a test set, client tests.
 
     Args:
@@ -173,7 +173,7 @@ def assemble(name: str, x: np.ndarray, y: np.ndarray, *, ids: Any = None,
                           "every client's samples, or a test split")
     names = split = client_test = None
     if ids is not None:
-        names, groups = client_groups(ids, file=file, key=id_key)
+        names, groups = client_groups(ids, file=file, key=id_key, column=id_column)
     else:
         groups = [np.arange(len(y), dtype=np.int64)]
     if test is None:

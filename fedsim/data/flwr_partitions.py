@@ -28,21 +28,27 @@ def _flower_seed(seed: int) -> int:
     return rng.key(seed, rng.PARTITION, rng.purpose_id("flower")) % (2 ** 32)
 
 
-def _run(make: Any, labels: np.ndarray, num_clients: int,
+def _run(make: Any, labels: np.ndarray, num_clients: int, seed: int,
          natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """Rows of every partition of Flower partitioner `make()` over a label table."""
+    """Rows of every partition of Flower partitioner `make(module)` over a label table.
+
+    The table's rows are the training rows in a random order keyed by (seed, PARTITION,
+    "flower", 1), as Flower's FederatedDataset shuffles before partitioning.
+    """
     try:
         import datasets
         from flwr_datasets import partitioner as fp
     except ImportError:
         raise ConfigError("Flower partitioners need flwr-datasets", key="kind",
                           allowed='pip install -e ".[hf]"') from None
-    table = {_ROW: np.arange(len(labels)), _LABEL: labels}
+    # rows in a keyed random order, as FederatedDataset(shuffle=True) hands them to Flower
+    order = rng.np_rng(seed, rng.PARTITION, rng.purpose_id("flower"), 1).permutation(len(labels))
+    table = {_ROW: order, _LABEL: labels[order]}
     if natural_split is not None:
         owner = np.full(len(labels), -1, dtype=np.int64)
         for k, rows in enumerate(natural_split):
             owner[rows] = k
-        table[_CLIENT] = owner
+        table[_CLIENT] = owner[order]
     part = make(fp)
     part.dataset = datasets.Dataset.from_dict(table)
     try:
@@ -56,8 +62,8 @@ def _run(make: Any, labels: np.ndarray, num_clients: int,
 @PARTITIONS.register("flwr-iid")
 def flwr_iid(*, labels: np.ndarray, num_clients: int, seed: int,
              natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """Flower's IidPartitioner: contiguous equal shards of the rows (shuffle the data first)."""
-    return _run(lambda fp: fp.IidPartitioner(num_partitions=num_clients), labels, num_clients)
+    """Flower's IidPartitioner: equal shards of the (keyed-shuffled) rows."""
+    return _run(lambda fp: fp.IidPartitioner(num_partitions=num_clients), labels, num_clients, seed)
 
 
 @PARTITIONS.register("flwr-dirichlet")
@@ -69,7 +75,7 @@ def flwr_dirichlet(*, alpha: Annotated[float, Field(gt=0)],
     return _run(lambda fp: fp.DirichletPartitioner(
         num_partitions=num_clients, partition_by=_LABEL, alpha=alpha,
         min_partition_size=min_partition_size, self_balancing=self_balancing,
-        seed=_flower_seed(seed)), labels, num_clients)
+        seed=_flower_seed(seed)), labels, num_clients, seed)
 
 
 @PARTITIONS.register("flwr-pathological")
@@ -83,7 +89,7 @@ def flwr_pathological(*, num_classes_per_partition: Annotated[int, Field(ge=1)] 
         num_partitions=num_clients, partition_by=_LABEL,
         num_classes_per_partition=num_classes_per_partition,
         class_assignment_mode=class_assignment_mode, seed=_flower_seed(seed)),
-        labels, num_clients)
+        labels, num_clients, seed)
 
 
 @PARTITIONS.register("flwr-natural")
@@ -98,4 +104,4 @@ def flwr_natural(*, labels: np.ndarray, num_clients: int, seed: int,
         raise ConfigError(f"the dataset has {len(natural_split)} natural clients",
                           key="clients", value=num_clients, allowed=str(len(natural_split)))
     return _run(lambda fp: fp.NaturalIdPartitioner(partition_by=_CLIENT), labels, num_clients,
-                natural_split)
+                seed, natural_split)

@@ -60,16 +60,20 @@ def hf(*, path: str, subset: str | None = None, revision: str | None = None,
     train, test = (_convert_mode(d, cols[0], image_mode) for d in (train, test))
     x, y, ids = _read(train, cols, path)
     x_te, y_te, ids_te = _read(test, cols, path) if test is not None else (None, None, None)
+    next_char = x.dtype.kind in "US" and y.dtype.kind in "US"
+    classes = num_classes or (None if next_char else _class_count(train, cols[1]))
     if x.dtype.kind in "US":
         x, y, x_te, y_te, extra = _text(x, y, x_te, y_te, cols, path, tokens=tokens, vocab=vocab,
                                         seq_len=seq_len, vocab_size=vocab_size)
     else:
         extra = {"normalize": _normalize(x, mean, std, path)}
+    if next_char:  # one class per vocabulary entry, whether or not it occurs as a label
+        classes = num_classes or len(extra["vocab"])
     y = int_labels(y, file=path, key="label")
     test_arrays = None if x_te is None else (x_te, int_labels(y_te, file=path, key="label"), ids_te)
     return assemble("hf", x, y, ids=ids, test=test_arrays, test_fraction=test_fraction,
-                    seed=seed, file=path, id_key="client_column",
-                    num_classes=num_classes or _class_count(train, cols[1]), **extra)
+                    seed=seed, file=path, id_key="client_column", id_column=client_column,
+                    num_classes=classes, **extra)
 
 
 def _text(x: np.ndarray, y: np.ndarray, x_te: np.ndarray | None, y_te: np.ndarray | None,

@@ -57,6 +57,8 @@ def leaf(*, path: str, test_path: str | None = None, input_shape: list[PosInt] |
     if input_shape is not None:
         x_tr, x_te = (_reshape(a, input_shape, src) for a in (x_tr, x_te))
     has_test = test_files is not None
+    if is_text(y):  # next-character prediction: one class per vocabulary entry
+        num_classes = num_classes or len(extra["vocab"])
     return assemble("leaf", x_tr, y_tr, ids=np.asarray(ids),
                     test=(x_te, y_te, np.asarray(test[2])) if has_test else None,
                     test_fraction=test_fraction, seed=seed, file=src, id_key="users",
