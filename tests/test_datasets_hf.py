@@ -230,5 +230,7 @@ def test_missing_hub_dataset_offline_exits_2(tmp_path) -> None:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr
     msg = res.stderr.strip()
-    assert msg.startswith("error: uoft-cs/cifar10: data.path:") and "offline mode is on" in msg
+    # the scenario names a dataset that cannot be loaded: its file, key and value
+    assert msg.startswith(f"error: {scen}: data.path: dataset is not in the Hugging Face cache")
+    assert "offline mode is on" in msg and "(got 'uoft-cs/cifar10')" in msg
     assert "datasets.load_dataset('uoft-cs/cifar10')" in msg and "Traceback" not in msg
