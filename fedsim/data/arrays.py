@@ -132,14 +132,25 @@ def split_rows(groups: Sequence[np.ndarray], fraction: float, seed: int, purpose
     return train, test
 
 
+def owners(groups: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """int64 [n]: the group (client) of every row, -1 for rows in no group."""
+    owner = np.full(n, -1, dtype=np.int64)
+    for k, rows in enumerate(groups):
+        owner[rows] = k
+    return owner
+
+
+def blocks(sizes: Sequence[int]) -> list[np.ndarray]:
+    """Consecutive row ranges of the given sizes: [0, s0), [s0, s0 + s1), ..."""
+    ends = np.cumsum(np.asarray(sizes, dtype=np.int64))
+    return [np.arange(e - n, e, dtype=np.int64) for e, n in zip(ends, sizes)]
+
+
 def gather_clients(x: np.ndarray, y: np.ndarray, groups: Sequence[np.ndarray]
                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Rows of `groups` stored client after client, and each client's block of new rows."""
-    sizes = np.array([len(g) for g in groups], dtype=np.int64)
     order = np.concatenate(list(groups)) if len(groups) else np.zeros(0, np.int64)
-    ends = np.cumsum(sizes)
-    blocks = [np.arange(e - n, e, dtype=np.int64) for e, n in zip(ends, sizes)]
-    return x[order], y[order], blocks
+    return x[order], y[order], blocks([len(g) for g in groups])
 
 
 def match_test_clients(names: tuple[str, ...], test_ids: Any, *, file: str | None, key: str

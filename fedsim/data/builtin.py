@@ -15,6 +15,7 @@ from pydantic import Field
 
 from fedsim import rng
 from fedsim.data import DATASETS, Dataset
+from fedsim.data.arrays import blocks as row_blocks
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNeg = Annotated[float, Field(ge=0)]
@@ -38,17 +39,13 @@ def _assemble(name: str, blocks: list[tuple[np.ndarray, np.ndarray]], num_classe
     n_all = np.array([len(y) for _, y in blocks])
     n_test = np.minimum(np.rint(n_all * test_fraction).astype(np.int64), n_all - 1)
     n_train = n_all - n_test
-    split = _blocks(n_train)
+    split = row_blocks(n_train)
     x_tr = np.concatenate([x[:n] for (x, _), n in zip(blocks, n_train)])
     y_tr = np.concatenate([y[:n] for (_, y), n in zip(blocks, n_train)])
     x_te = np.concatenate([x[n:] for (x, _), n in zip(blocks, n_train)])
     y_te = np.concatenate([y[n:] for (_, y), n in zip(blocks, n_train)])
-    return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes, split, client_test=_blocks(n_test))
+    return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes, split, client_test=row_blocks(n_test))
 
-
-def _blocks(sizes: np.ndarray) -> list[np.ndarray]:
-    ends = np.cumsum(sizes)
-    return [np.arange(e - n, e, dtype=np.int64) for e, n in zip(ends, sizes)]
 
 
 @DATASETS.register("synthetic")

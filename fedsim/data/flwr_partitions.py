@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from fedsim import rng
+from fedsim.data.arrays import owners
 from fedsim.errors import ConfigError
 from fedsim.partition import PARTITIONS
 
@@ -45,10 +46,7 @@ def _run(make: Any, labels: np.ndarray, num_clients: int, seed: int,
     order = rng.np_rng(seed, rng.PARTITION, rng.purpose_id("flower"), 1).permutation(len(labels))
     table = {_ROW: order, _LABEL: labels[order]}
     if natural_split is not None:
-        owner = np.full(len(labels), -1, dtype=np.int64)
-        for k, rows in enumerate(natural_split):
-            owner[rows] = k
-        table[_CLIENT] = owner[order]
+        table[_CLIENT] = owners(natural_split, len(labels))[order]
     part = make(fp)
     part.dataset = datasets.Dataset.from_dict(table)
     try:

@@ -117,7 +117,7 @@ def _open(path: str, subset: str | None, revision: str | None, cache_dir: str | 
         else:
             loaded = _guard(lambda: datasets.load_dataset(path, cache_dir=cache_dir), path)
     elif path.startswith((".", "/", "~")) or path.endswith((".parquet", ".csv", ".json")):
-        raise ConfigError("data path not found", file=path, key="path", value=path,
+        raise ConfigError("data path not found", key="path", value=path,
                           allowed="a hub id (org/name), a save_to_disk directory or parquet files")
     else:
         loaded = _guard(lambda: datasets.load_dataset(path, subset, revision=revision,
@@ -137,7 +137,7 @@ def _guard(load: Any, path: str) -> Any:
         mode = "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline \
             else "the Hugging Face Hub cannot be reached"
         raise ConfigError(f"dataset is not in the Hugging Face cache and {mode}: "
-                          f"{str(exc).splitlines()[0]}", file=path, key="path", value=path,
+                          f"{str(exc).splitlines()[0]}", key="path", value=path,
                           allowed="fetch it once where the Hub is reachable: python -c \"import "
                           f"datasets; datasets.load_dataset('{path}')\" (cache: HF_HOME, default "
                           "~/.cache/huggingface), or a local save_to_disk/parquet copy") from None

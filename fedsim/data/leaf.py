@@ -70,7 +70,7 @@ def _files(path: str, key: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise ConfigError("LEAF data not found", file=path, key=key, value=path,
+        raise ConfigError("LEAF data not found", key=key, value=path,
                           allowed="a .json file or a directory of them (LEAF's data/<name>/data)")
     root = os.path.join(path, "train") if os.path.isdir(os.path.join(path, "train")) else path
     files = sorted(glob.glob(os.path.join(root, "*.json")))

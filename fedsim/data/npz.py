@@ -73,7 +73,7 @@ def _same_length(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str, path: s
 def _read(path: str) -> dict[str, np.ndarray]:
     """The known arrays of the file; corrupt, truncated or incomplete files are ConfigErrors."""
     if not os.path.isfile(path):
-        raise ConfigError("data file not found", file=path, key="path", value=path)
+        raise ConfigError("data file not found", key="path", value=path)
     try:
         with np.load(path, allow_pickle=False) as f:
             names = set(f.files)

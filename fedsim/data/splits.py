@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from fedsim import rng
-from fedsim.data.arrays import split_rows
+from fedsim.data.arrays import owners, split_rows
 
 if TYPE_CHECKING:
     from fedsim.data import Dataset
@@ -52,25 +52,6 @@ def client_splits(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
     for training) are its test split, a random subset keyed by (seed, HOLDOUT, k). f = 0:
     clients that coincide with the dataset's natural clients get ``ds.client_test``.
     """
-    rest = dict(params)
-    holdout = float(rest.pop("holdout", 0.0))
-    parts = _partition(kind, rest, ds, num_clients=num_clients, seed=seed)
-    if holdout > 0:
-        from fedsim.data.arrays import split_rows
-
-        train, test = split_rows(parts, holdout, seed, HOLDOUT)
-        return ClientSplits(train, test, "train")
-    return ClientSplits(parts, _natural_test(parts, ds))
-
-
-def client_splits(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
-                  seed: int) -> ClientSplits:
-    """Partition ``ds.x_train`` by `kind`, then give every client its own test split.
-
-    ``params["holdout"]`` = f > 0: round(f n_k) of client k's samples (at least one stays
-    for training) are its test split, a random subset keyed by (seed, HOLDOUT, k). f = 0:
-    clients that coincide with the dataset's natural clients get ``ds.client_test``.
-    """
     from fedsim.partition import _partition
 
     rest = dict(params)
@@ -90,9 +71,7 @@ def _natural_test(parts: list[np.ndarray], ds: "Dataset") -> list[np.ndarray] | 
     """
     if ds.natural_split is None or ds.client_test is None:
         return None
-    owner = np.full(len(ds.y_train), -1, dtype=np.int64)
-    for k, rows in enumerate(ds.natural_split):
-        owner[rows] = k
+    owner = owners(ds.natural_split, len(ds.y_train))
     out = []
     for p in parts:
         k = int(owner[p[0]])
