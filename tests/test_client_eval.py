@@ -115,3 +115,16 @@ def test_global_test_set_stays() -> None:
     ids = torch.arange(s.num_clients)
     _, correct, count = prob.evaluate_clients(s.x0.expand(s.num_clients, -1), ids)
     assert client_metrics(correct, count)["client_acc_weighted"] == pytest.approx(float(acc[0]))
+
+
+def test_holdout_and_select_errors() -> None:
+    from fedsim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holdout") as err:
+        parse_scenario(small_scenario(data={"dataset": "digits", "clients": 4,
+                                            "partition": {"kind": "iid", "holdout": 1.0}}))
+    assert err.value.key == "data.partition.holdout" and err.value.value == 1.0
+    ds = load_dataset("synthetic", {"samples_per_client": 10, "dim": 3}, num_clients=4, seed=0)
+    with pytest.raises(ConfigError, match="has 4 natural clients") as err:
+        client_splits("natural", {"select": "random"}, ds, num_clients=5, seed=0)
+    assert "select" in err.value.allowed

@@ -158,3 +158,18 @@ def test_npz_round_trip(tmp_path) -> None:
     assert ds.y_test.dtype == np.int64 and ds.y_test.tolist() == [0, 1, 2] * 3 + [0]
     five = load_dataset("npz", {"path": path, "num_classes": 5}, num_clients=2, seed=0)
     assert five.num_classes == 5
+
+
+def test_normalize_numpy_and_torch_agree() -> None:
+    import torch
+
+    from fedsim.data import Normalize
+
+    x = np.arange(2 * 3 * 2 * 2, dtype=np.uint8).reshape(2, 3, 2, 2) * 10
+    norm = Normalize(mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
+    want = (x / 255.0 - np.array([0.1, 0.2, 0.3])[:, None, None]) / np.array([0.5, 0.25, 2.0])[:, None, None]
+    assert np.allclose(norm.apply(x), want, atol=1e-6)
+    got = norm.apply_torch(torch.as_tensor(x), torch.float64)
+    assert got.dtype == torch.float64 and np.allclose(got.numpy(), want)
+    flat = Normalize(mean=(0.5,), std=(0.5,)).apply(np.array([[0, 255]], np.uint8))
+    assert np.allclose(flat, [[-1.0, 1.0]])

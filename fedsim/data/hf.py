@@ -63,7 +63,7 @@ def hf(*, path: str, subset: str | None = None, revision: str | None = None,
     next_char = x.dtype.kind in "US" and y.dtype.kind in "US"
     classes = num_classes or (None if next_char else _class_count(train, cols[1]))
     if x.dtype.kind in "US":
-        x, y, x_te, y_te, extra = _text(x, y, x_te, y_te, cols, path, tokens=tokens, vocab=vocab,
+        x, y, x_te, y_te, extra = _text(x, y, x_te, y_te, path, tokens=tokens, vocab=vocab,
                                         seq_len=seq_len, vocab_size=vocab_size)
     else:
         extra = {"normalize": _normalize(x, mean, std, path)}
@@ -77,7 +77,7 @@ def hf(*, path: str, subset: str | None = None, revision: str | None = None,
 
 
 def _text(x: np.ndarray, y: np.ndarray, x_te: np.ndarray | None, y_te: np.ndarray | None,
-          cols: tuple[str, str, str | None], path: str, **how: Any) -> tuple[Any, ...]:
+          path: str, **how: Any) -> tuple[Any, ...]:
     """String inputs as token ids; single-character string labels as next-character ids."""
     chars = y.dtype.kind in "US"
     labels = [*y.tolist(), *([] if y_te is None else y_te.tolist())] if chars else ()
