@@ -62,11 +62,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """Each plug-in of a kind: its name, first docstring line, and its keys (type, default)."""
+    from fedsim.plugin_doc import param_lines
+
     reg = _registry(args.what)
     names = reg.names()
     width = max((len(n) for n in names), default=0)
     for n in names:
         print(f"{n:<{width}}  {reg.describe(n)}")
+        for line in param_lines(reg, n):
+            print(f"{'':<{width}}    {line}")
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedsim.models import StackedModel
 from fedsim.objectives import Regularized
@@ -39,7 +40,14 @@ class Problem(Protocol):
 
 
 class DataProblem:
-    """Clients' samples on one device, a stacked model, a global test set."""
+    """Clients' samples on one device, a stacked model, a global test set.
+
+    ``client_test`` (optional) holds every client's own test split, rows concatenated client
+    by client as in `ClientData` (set by `fedsim.setup.Setup.problem`); `evaluate_clients`
+    scores models on it.
+    """
+
+    client_test: ClientData | None = None
 
     def __init__(self, model: StackedModel, data: ClientData, x_test: torch.Tensor,
                  y_test: torch.Tensor, sizes: np.ndarray, seed: int, batch_size: int | None,
@@ -58,12 +66,42 @@ class DataProblem:
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return evaluate(self.model, x, self.x_test, self.y_test, self.eval_batch)
 
+    @torch.no_grad()
+    def evaluate_clients(self, x: torch.Tensor, ids: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Model j of x [k, P] on client ids[j]'s own test split: (loss sum, correct, count).
+
+        Each output is float64 [k]; `fedsim.client_metrics.client_metrics(correct, count,
+        loss)` summarises them over clients. None when clients have no test splits. Rows are
+        read in blocks of max(1, eval_batch // k) positions per client, padded and masked.
+        """
+        ct = self.client_test
+        if ct is None:
+            return None
+        k = x.shape[0]
+        sizes, offsets = ct.sizes[ids], ct.offsets[ids]
+        loss = torch.zeros(k, dtype=torch.float64, device=x.device)
+        correct = torch.zeros(k, dtype=torch.float64, device=x.device)
+        n_max, step = int(sizes.max()) if k else 0, max(1, self.eval_batch // max(k, 1))
+        for s in range(0, n_max, step):
+            pos = torch.arange(s, min(s + step, n_max), device=x.device)[None, :]
+            valid = pos < sizes[:, None]
+            rows = offsets[:, None] + torch.where(valid, pos, 0)
+            logits = self.model.forward(x, ct.x[rows])  # [k, b, C]
+            y = ct.y[rows]
+            per = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+            loss += torch.where(valid, per, 0).sum(1).double()
+            correct += ((logits.argmax(-1) == y) & valid).sum(1).double()
+        return loss, correct, sizes.double()
+
     def restrict(self, owned: np.ndarray) -> "DataProblem":
         if len(owned) == self.num_clients:
             return self
-        return DataProblem(self.model, self.data.subset(np.asarray(owned)), self.x_test, self.y_test,
-                           self.sizes, self.seed, self.batch_size, self.eval_batch,
-                           self.nonconvex_reg)
+        out = DataProblem(self.model, self.data.subset(np.asarray(owned)), self.x_test, self.y_test,
+                          self.sizes, self.seed, self.batch_size, self.eval_batch, self.nonconvex_reg)
+        if self.client_test is not None:
+            out.client_test = self.client_test.subset(np.asarray(owned))
+        return out
 
     def memory_per_client(self) -> int:
         """Rough bytes of one client's working set in a stacked step (for chunk sizing)."""

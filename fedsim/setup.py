@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fedsim.config import TOP_KEYS, Scenario
-from fedsim.data import Dataset, label_distribution, load_dataset, partition
+from fedsim.data import ClientSplits, Dataset, client_splits, label_distribution, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import StackedModel, build_model, init_params
 from fedsim.oracle import ClientData
@@ -35,6 +35,7 @@ class Setup:
     topology: Any | None
     device: torch.device
     dtype: torch.dtype
+    splits: ClientSplits | None = None  # each client's own test split (per-client metrics)
     _problem: DataProblem | None = field(default=None, init=False, repr=False, compare=False)
 
     def problem(self) -> DataProblem:
@@ -42,12 +43,19 @@ class Setup:
         on the first call; later calls share it)."""
         if self._problem is None:
             ds, sc = self.dataset, self.scenario
-            data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype)
-            self._problem = DataProblem(
-                self.model, data, torch.as_tensor(ds.x_test, dtype=self.dtype, device=self.device),
+            x_train = ds.features(ds.x_train)
+            data = ClientData.from_parts(x_train, ds.y_train, self.parts, self.device, self.dtype)
+            prob = DataProblem(
+                self.model, data,
+                torch.as_tensor(ds.features(ds.x_test), dtype=self.dtype, device=self.device),
                 torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
                 self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size,
                 nonconvex_reg=sc.model.nonconvex_reg)
+            if self.splits is not None and self.splits.test is not None:
+                x, y = self.splits.test_arrays(ds)
+                x = x_train if self.splits.test_from == "train" else ds.features(x)
+                prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype)
+            self._problem = prob
         return self._problem
 
     @property
@@ -65,13 +73,17 @@ class Setup:
 
 @contextmanager
 def _located(file: str | None, prefix: str) -> Iterator[None]:
-    """Re-raise ConfigErrors from a plug-in factory with the file and section key path."""
+    """Re-raise ConfigErrors from a plug-in factory with the file and section key path.
+
+    An error that names its own file (a data file) keeps it: the scenario is not the culprit.
+    """
     try:
         yield
     except ConfigError as err:
+        where = err.file or file
         if err.key and err.key.split(".")[0] in TOP_KEYS:
-            raise err.at(file=file) from None
-        raise err.at(file=file, prefix=prefix) from None
+            raise err.at(file=where) from None
+        raise err.at(file=where, prefix=prefix) from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,8 +107,9 @@ def build_setup(sc: Scenario) -> Setup:
     with _located(sc.source, "data"):
         ds = load_dataset(sc.data.dataset, sc.data.params(), num_clients=n, seed=sc.seed)
     with _located(sc.source, "data.partition"):
-        parts = partition(sc.data.partition.kind, sc.data.partition.params(), ds,
-                          num_clients=n, seed=sc.seed)
+        splits = client_splits(sc.data.partition.kind, sc.data.partition.params(), ds,
+                               num_clients=n, seed=sc.seed)
+        parts = splits.train
     with _located(sc.source, "model"):
         make = lambda: build_model(sc.model.kind, sc.model.params(),  # noqa: E731
                                    input_shape=ds.feature_shape, num_classes=ds.num_classes)
@@ -127,4 +140,4 @@ def build_setup(sc: Scenario) -> Setup:
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")
     return Setup(sc, ds, parts, sizes, model, make, x0, strategy, participation, topology,
-                 device, dtype)
+                 device, dtype, splits)

@@ -1,64 +1,25 @@
-"""Datasets: generators and local files only (no network at run time).
+"""Built-in generated and bundled datasets: LEAF Synthetic, a logistic problem, digits.
 
-Built in (``DATASETS``): ``synthetic`` (LEAF Synthetic(alpha, beta)), ``logistic`` (a convex
-binary problem with a known generator), ``digits`` (scikit-learn's bundled real data) and
-``npz`` (arrays from a local file). All randomness is keyed by (seed, ``rng.DATASET``, ...):
-the generators give the same arrays on every process. Partitions live in `fedsim.partition`
-and are re-exported here (``PARTITIONS``, ``partition``, ``label_distribution``).
+All randomness is keyed by (seed, ``rng.DATASET``, ...): the generators give the same arrays
+on every process. The generators define their own clients (``natural_split``) and keep a
+`test_fraction` of each client's samples as that client's test data (``client_test``; the
+global test set is the union).
 """
 
 from __future__ import annotations
 
-import os
-import zipfile
-from dataclasses import dataclass, replace
 from typing import Annotated
 
 import numpy as np
 from pydantic import Field
 
 from fedsim import rng
-from fedsim.errors import ConfigError
-from fedsim.registry import Registry
+from fedsim.data import DATASETS, Dataset
+from fedsim.data.arrays import blocks as row_blocks
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNeg = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Train/test arrays of one dataset.
-
-    ``x_*`` are float32 ``[n, *feature_shape]`` (images ``[n, C, H, W]``), ``y_*`` int64 ``[n]``
-    in ``[0, num_classes)``. ``natural_split`` holds per-client train index arrays when the
-    generator defines clients itself (used by the ``natural`` partition).
-    """
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    natural_split: list[np.ndarray] | None = None
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-
-DATASETS = Registry("datasets", builtins=("fedsim.data",), reserved=("num_clients", "seed"))
-
-
-def load_dataset(name: str, params: dict, *, num_clients: int, seed: int) -> Dataset:
-    """Build dataset `name` with scenario `params`; arrays cast to float32 / int64."""
-    ds = DATASETS.build(name, params, num_clients=num_clients, seed=seed)
-    if not isinstance(ds, Dataset):
-        raise ConfigError("dataset factory did not return a fedsim.data.Dataset", value=name)
-    return replace(ds, x_train=np.asarray(ds.x_train, np.float32),
-                   x_test=np.asarray(ds.x_test, np.float32),
-                   y_train=np.asarray(ds.y_train, np.int64), y_test=np.asarray(ds.y_test, np.int64))
 
 
 # ---- per-client generators (LEAF synthetic, logistic) ---------------------------------------
@@ -73,17 +34,18 @@ def _client_sizes(num_clients: int, mean: int, skew: float, seed: int) -> np.nda
 
 def _assemble(name: str, blocks: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
               test_fraction: float) -> Dataset:
-    """Split each client's block into train/test (test pooled); natural split = train blocks."""
+    """Split each client's block into train/test: natural split = train blocks, client test =
+    test blocks (pooled into the global test set)."""
     n_all = np.array([len(y) for _, y in blocks])
     n_test = np.minimum(np.rint(n_all * test_fraction).astype(np.int64), n_all - 1)
     n_train = n_all - n_test
-    ends = np.cumsum(n_train)
-    split = [np.arange(e - n, e, dtype=np.int64) for e, n in zip(ends, n_train)]
+    split = row_blocks(n_train)
     x_tr = np.concatenate([x[:n] for (x, _), n in zip(blocks, n_train)])
     y_tr = np.concatenate([y[:n] for (_, y), n in zip(blocks, n_train)])
     x_te = np.concatenate([x[n:] for (x, _), n in zip(blocks, n_train)])
     y_te = np.concatenate([y[n:] for (_, y), n in zip(blocks, n_train)])
-    return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes, split)
+    return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes, split, client_test=row_blocks(n_test))
+
 
 
 @DATASETS.register("synthetic")
@@ -103,7 +65,8 @@ def synthetic(*, alpha: NonNeg = 1.0, beta: NonNeg = 1.0, dim: PosInt = 60, clas
 
     Sizes: `samples_per_client` each when `size_skew` = 0, else lognormal with sigma `size_skew`
     and mean `samples_per_client` (LEAF itself uses lognormal(4, 2) + 50). A `test_fraction` of
-    each client's samples (rounded, leaving >= 1 for training) is pooled into the test set.
+    each client's samples (rounded, leaving >= 1 for training) is its test data, pooled
+    into the global test set.
     The train rows are stored client after client; `natural_split` gives each client's block.
     """
     sizes = _client_sizes(num_clients, samples_per_client, size_skew, seed)
@@ -191,60 +154,3 @@ def digits(*, flatten: bool = True, test_fraction: Annotated[float, Field(gt=0, 
     n_test = int(round(len(y) * test_fraction))
     te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     return Dataset("digits", x[tr], y[tr], x[te], y[te], 10)
-
-
-@DATASETS.register("npz")
-def npz(*, path: str, num_classes: PosInt | None = None, num_clients: int, seed: int) -> Dataset:
-    """Arrays x_train, y_train, x_test, y_test from a local .npz file (numpy.savez).
-
-    Features are used as stored (cast to float32), except uint8 arrays, scaled to [0, 1].
-    Labels must be non-negative integers (integer dtype, or floats with integral values);
-    `num_classes` defaults to max label + 1. A relative `path` is relative to the working dir.
-    """
-    arrays = _read_npz(path)
-    x_tr, y_tr, x_te, y_te = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-    for xs, ys, part in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
-        if ys.ndim != 1 or len(xs) != len(ys):
-            raise ConfigError(f"x_{part} and y_{part} lengths differ (y_{part} must be 1-D)",
-                              file=path, value=(xs.shape, ys.shape))
-    if x_tr.shape[1:] != x_te.shape[1:]:
-        raise ConfigError("x_train and x_test feature shapes differ", file=path,
-                          value=(x_tr.shape[1:], x_te.shape[1:]))
-    y_tr, y_te = _int_labels(y_tr, path, "y_train"), _int_labels(y_te, path, "y_test")
-    top = int(max(y_tr.max(initial=-1), y_te.max(initial=-1))) + 1
-    if num_classes is not None and top > num_classes:
-        raise ConfigError("a label is >= num_classes", file=path, key="num_classes",
-                          value=num_classes, allowed=f">= {top}")
-    return Dataset("npz", _features(x_tr), y_tr, _features(x_te), y_te, num_classes or top)
-
-
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-    if not os.path.isfile(path):
-        raise ConfigError("data file not found", file=path, key="path", value=path)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
-            if missing:
-                raise ConfigError(f"missing array {missing[0]!r} in .npz file", file=path,
-                                  allowed="arrays x_train, y_train, x_test, y_test")
-            return {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"cannot read .npz file: {exc}", file=path) from None
-
-
-def _int_labels(y: np.ndarray, path: str, name: str) -> np.ndarray:
-    ok = np.issubdtype(y.dtype, np.integer) or (
-        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0)))
-    if not ok or (y.size and y.min() < 0):
-        raise ConfigError(f"{name} must hold non-negative integer labels", file=path,
-                          value=str(y.dtype))
-    return y.astype(np.int64)
-
-
-def _features(x: np.ndarray) -> np.ndarray:
-    return (x / np.float32(255) if x.dtype == np.uint8 else x).astype(np.float32)
-
-
-from fedsim.partition import PARTITIONS, label_distribution, partition  # noqa: E402  (re-export)
-
-__all__ = ["DATASETS", "Dataset", "PARTITIONS", "label_distribution", "load_dataset", "partition"]
