@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from fedsim.errors import ConfigError
 
 LISTABLE = ("strategies", "topologies", "datasets", "partitions", "models", "participation",
-            "engines", "compressors")
+            "engines", "compressors", "optimizers")
 
 
 def _registry(what: str) -> Any:
@@ -32,6 +32,8 @@ def _registry(what: str) -> Any:
         from fedsim.participation import PARTICIPATION as r
     elif what == "engines":
         from fedsim.engines import ENGINES as r
+    elif what == "optimizers":
+        from strategies import OPTIMIZERS as r
     else:
         from strategies import COMPRESSORS as r
     return r

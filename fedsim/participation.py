@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Annotated, Callable, Protocol
 
 import numpy as np
-from pydantic import Field
 
+from annotated_types import Ge
+from fedsim.constraints import Fraction, PositiveInt
 from fedsim import rng
 from fedsim.errors import ConfigError
 from fedsim.registry import Registry
@@ -27,7 +28,6 @@ PARTICIPATION = Registry("participation", builtins=("fedsim.participation",),
                          reserved=("num_clients", "seed", "label_dist"))
 
 _TAG_P, _TAG_INIT, _TAG_MULT = -1, -2, -3   # per-client streams; rounds are >= 0
-Prob = Annotated[float, Field(gt=0, le=1)]
 
 
 class Participation(Protocol):
@@ -134,8 +134,8 @@ def full(*, num_clients: int, seed: int, label_dist: np.ndarray | None = None) -
 
 
 @PARTICIPATION.register("uniform")
-def uniform(*, clients_per_round: Annotated[int, Field(ge=1)] | None = None,
-            fraction: Prob | None = None, num_clients: int, seed: int,
+def uniform(*, clients_per_round: PositiveInt | None = None,
+            fraction: Fraction | None = None, num_clients: int, seed: int,
             label_dist: np.ndarray | None = None) -> Participation:
     """Exactly k distinct clients per round, uniformly without replacement (McMahan et al. 2017).
 
@@ -173,7 +173,7 @@ def bernoulli(*, p: float | list[float] | None = None, p_range: list[float] | No
 
 
 @PARTICIPATION.register("cyclic")
-def cyclic(*, period: Annotated[int, Field(ge=2)] = 100, p: float | list[float] | None = None,
+def cyclic(*, period: Annotated[int, Ge(2)] = 100, p: float | list[float] | None = None,
            p_range: list[float] | None = None, p_from_labels: bool = False,
            p_mean: float | None = None, p_min: float | None = None,
            dirichlet_alpha: float | None = None, num_clients: int, seed: int,
@@ -233,7 +233,7 @@ class _Markov:
 
 
 @PARTICIPATION.register("markov")
-def markov(*, q: Prob = 0.05, p: float | list[float] | None = None,
+def markov(*, q: Fraction = 0.05, p: float | list[float] | None = None,
            p_range: list[float] | None = None, p_from_labels: bool = False,
            p_mean: float | None = None, p_min: float | None = None,
            dirichlet_alpha: float | None = None, num_clients: int, seed: int,

@@ -32,7 +32,8 @@ from fedsim.errors import ConfigError
 
 # kind -> (singular noun, the scenario key that chooses the plug-in)
 _NOUNS = {"strategies": ("strategy", "name"), "datasets": ("dataset", "dataset"),
-          "compressors": ("compressor", "name"), "topologies": ("topology", "kind"),
+          "compressors": ("compressor", "name"), "optimizers": ("optimizer", "name"),
+          "topologies": ("topology", "kind"),
           "partitions": ("partition", "kind"), "models": ("model", "kind"),
           "participation": ("participation pattern", "kind"), "engines": ("engine", "kind")}
 
@@ -181,24 +182,25 @@ _MODEL_CACHE: dict[Callable[..., Any], Any] = {}
 
 def nested_registry(kind: str) -> Registry:
     """The registry of plug-ins that appear as arguments of other plug-ins, by kind."""
-    if kind == "compressors":
-        from strategies import COMPRESSORS
+    import strategies
 
-        return COMPRESSORS
-    raise KeyError(kind)
+    return {"compressors": strategies.COMPRESSORS, "optimizers": strategies.OPTIMIZERS}[kind]
 
 
 def _nested_kind(ann: Any) -> tuple[str, bool] | None:
-    """("compressors", is_list) when `ann` is Compressor, Compressor | None or list[Compressor]."""
-    from fedsim.types import Compressor
+    """(kind, is_list) when `ann` is a plug-in type T (`fedsim.types.Compressor` or
+    `LocalOptimizer`), T | None or list[T]."""
+    from fedsim.types import Compressor, LocalOptimizer
 
-    if ann is Compressor:
-        return "compressors", False
+    kinds = {Compressor: "compressors", LocalOptimizer: "optimizers"}
+    if ann in kinds:
+        return kinds[ann], False
     origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin is list and args and args[0] is Compressor:
-        return "compressors", True
-    if args and Compressor in args and all(a in (Compressor, type(None)) for a in args):
-        return "compressors", False
+    if origin is list and args and args[0] in kinds:
+        return kinds[args[0]], True
+    members = [a for a in args if a is not type(None)]
+    if len(members) == 1 and members[0] in kinds:
+        return kinds[members[0]], False
     return None
 
 

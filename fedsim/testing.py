@@ -39,10 +39,8 @@ class QuadraticOracle:
     def __init__(self, h: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, round: int,
                  noise: float, seed: int) -> None:
         self.h, self.c, self.ids, self.round, self.noise, self.seed = h[ids], c[ids], ids, round, noise, seed
-        self.calls = 0
 
     def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.calls += 1
         r = x - self.c
         return 0.5 * (self.h * r * r).sum(-1), self.h * r
 
@@ -179,38 +177,57 @@ def _equal(a: Tree, b: Tree) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def check_purity_and_shapes(strategy: Strategy, problem: Any, *, seed: int = 0) -> None:
-    """One block through local / server_update / node_update: shapes right, inputs unchanged."""
-    n = problem.num_clients
-    x0 = torch.zeros(problem.dim, dtype=problem.dtype)
+def _check_block(strategy: Strategy, problem: Any, server: Tree, clients: Tree, t: int,
+                 seed: int) -> None:
+    """One block of all N clients through local / server_update / node_update."""
+    n, p = problem.num_clients, problem.dim
     ids = torch.arange(n)
-    server = strategy.init_server(x0)
-    clients = strategy.init_clients(x0, ids)
-    for k, v in clients.items():
-        assert v.shape[0] == n, f"client state {k!r} must have a leading client axis of {n}"
-    ctx = kernel.make_ctx(0, seed, ids, torch.ones(n, dtype=torch.bool),
+    ctx = kernel.make_ctx(t, seed, ids, torch.ones(n, dtype=torch.bool),
                           torch.as_tensor(problem.sizes), problem.dtype)
     s0, c0 = _clone(server), _clone(clients)
-    payload, new_clients, info = strategy.local(server, clients, problem.oracle(ids, 0), ctx)
-    assert _equal(server, s0) and _equal(clients, c0), "local() must not modify its inputs"
+    payload, new_clients, info = strategy.local(server, clients, problem.oracle(ids, t), ctx)
+    assert _equal(server, s0) and _equal(clients, c0), f"round {t}: local() must not modify its inputs"
     for k, v in {**payload, **new_clients}.items():
         assert v.shape[0] == n, f"{k!r} must have a leading client axis of {n}, got {tuple(v.shape)}"
     assert set(new_clients) == set(clients), "local() must return the same client-state keys"
-    for k in ("loss", "up_bits"):
+    declared = strategy.payload(p)
+    got = {k: tuple(v.shape[1:]) for k, v in payload.items()}
+    assert got == declared, f"payload {got} differs from the declared Strategy.payload {declared}"
+    for k in ("loss", "sent_values", "sent_bits"):
         if k in info:
             assert info[k].shape == (n,), f"info[{k!r}] must have shape [m]"
     if strategy.comm == "reduce":
+        assert strategy.server_update is not None
         reduced = kernel.block_partial(strategy, server, payload, ctx)
         r0 = _clone(reduced)
         new_server = strategy.server_update(server, reduced, ctx)
-        assert _equal(server, s0) and _equal(reduced, r0), "server_update() must not modify its inputs"
-        assert new_server[strategy.model_key].shape == x0.shape
+        assert _equal(server, s0) and _equal(reduced, r0), \
+            f"round {t}: server_update() must not modify its inputs"
+        assert new_server[strategy.model_key].shape == (p,)
         strategy.server_update(server, {}, ctx)  # a round nobody took part in must be legal
+        assert _equal(server, s0), "server_update(server, {}) must not modify its inputs"
     else:
-        p0 = _clone(payload)
+        assert strategy.node_update is not None
+        p0, n0 = _clone(payload), _clone(new_clients)
         out = strategy.node_update(new_clients, payload, ctx)
-        assert _equal(payload, p0), "node_update() must not modify its inputs"
-        assert out[strategy.model_key].shape == (n, problem.dim)
+        assert _equal(payload, p0) and _equal(new_clients, n0), "node_update() must not modify its inputs"
+        assert out[strategy.model_key].shape == (n, p)
+
+
+def check_purity_and_shapes(strategy: Strategy, problem: Any, *, seed: int = 0, warm_rounds: int = 3,
+                            participation: Any = None, topology: Any = None) -> None:
+    """Shapes, the declared payload, and inputs left unmodified: on fresh state, and again on
+    the server and client state reached after `warm_rounds` rounds (state-dependent branches:
+    EF21's seen rows, FedAU's counters, CO2's anchor)."""
+    n = problem.num_clients
+    x0 = torch.zeros(problem.dim, dtype=problem.dtype)
+    ids = torch.arange(n)
+    clients = strategy.init_clients(x0, ids)
+    for k, v in clients.items():
+        assert v.shape[0] == n, f"client state {k!r} must have a leading client axis of {n}"
+    _check_block(strategy, problem, strategy.init_server(x0), clients, 0, seed)
+    warm = run(strategy, problem, warm_rounds, seed=seed, participation=participation, topology=topology)
+    _check_block(strategy, problem, warm.state.server, warm.state.store.gather(ids), warm_rounds, seed)
 
 
 def check_strategy(make: Callable[[], Strategy], problem: Any = None, rounds: int = 30, *,
@@ -226,7 +243,7 @@ def check_strategy(make: Callable[[], Strategy], problem: Any = None, rounds: in
     Returns the reference run's loop (for extra assertions such as convergence).
     """
     problem = problem or heterogeneous_quadratic(noise=0.05, seed=seed)
-    check_purity_and_shapes(make(), problem, seed=seed)
+    check_purity_and_shapes(make(), problem, seed=seed, participation=participation, topology=topology)
     kw = dict(participation=participation, topology=topology, seed=seed)
     ref = run(make(), problem, rounds, **kw)
     again = run(make(), problem, rounds, **kw)

@@ -219,6 +219,19 @@ class Compressor(Protocol):
         ...
 
 
+class LocalOptimizer(Protocol):
+    """A client-side optimizer over stacked rows (`strategies.local`: sgd, momentum, adamw)."""
+
+    def init(self, rows: torch.Tensor) -> Tree:
+        """State of fresh rows [m, P] ({} if stateless)."""
+        ...
+
+    def update(self, y: torch.Tensor, g: torch.Tensor, state: Tree, lr: float
+               ) -> tuple[torch.Tensor, Tree]:
+        """One step on every row along g [m, P]: (new rows, new state)."""
+        ...
+
+
 # ---- the seams an engine is built from -------------------------------------------------------
 
 class Participation(Protocol):

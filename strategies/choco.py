@@ -12,7 +12,7 @@ import torch
 from fedsim.constraints import Fraction, NonNegativeFloat, PositiveInt
 from fedsim.types import Compressor, Oracle, RoundCtx, Strategy, Tree, model_rows
 from strategies import STRATEGIES
-from strategies._local import broadcast_rows, local_sgd
+from strategies.local import broadcast_rows, local_sgd
 from strategies.compress import contractive, require_stateless, top_k
 
 

@@ -32,7 +32,7 @@ from fedsim.objectives import estimate_smoothness
 from fedsim.types import (Compressor, Oracle, RoundCtx, Strategy, StrategyRuntime, Tree, model_rows,
                           no_clients)
 from strategies import STRATEGIES
-from strategies._local import broadcast_rows
+from strategies.local import broadcast_rows
 from strategies.compress import require_stateless, top_k
 from strategies.feedback import Init, ef14, econtrol as econtrol_wrapper, ef21 as ef21_wrapper
 from strategies.uplink import compress_uplink

@@ -9,17 +9,14 @@ References:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field
 
+from fedsim.constraints import PositiveFloat, PositiveInt
 from fedsim.types import RoundCtx, Strategy, Tree, no_clients
 from strategies import STRATEGIES
-from strategies._local import delta_local
-
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+from strategies.local import delta_local
 
 
 def participant_weights(weighting: str, ctx: RoundCtx) -> torch.Tensor:

@@ -11,19 +11,15 @@ References:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field
 
+from fedsim.constraints import Momentum, PositiveFloat, PositiveInt
 from fedsim.types import RoundCtx, Strategy, Tree, no_clients
 from strategies import STRATEGIES
-from strategies._local import delta_local
 from strategies.fedavg import participant_weights
-
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-Momentum = Annotated[float, Field(ge=0, lt=1)]
+from strategies.local import delta_local
 
 
 @STRATEGIES.register("fedavgm")

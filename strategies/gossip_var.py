@@ -16,15 +16,15 @@ References:
 
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from typing import Sequence
 
 import torch
-from pydantic import Field
 
+from fedsim.constraints import NonNegativeFloat, PositiveInt, Probability
 from fedsim.types import Oracle, RoundCtx, Strategy, StrategyRuntime, Tree
 from strategies import STRATEGIES
-from strategies._local import local_sgd
-from strategies.gossip import NonNegativeFloat, PositiveInt, node_models
+from strategies.gossip import node_models
+from strategies.local import local_sgd
 
 Segment = tuple[int, int]
 
@@ -81,7 +81,7 @@ def variance_correct(avg: torch.Tensor, target: torch.Tensor, segs: Sequence[Seg
 
 @STRATEGIES.register("gossip-var")
 def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
-               local_steps: PositiveInt = 1, beta: Annotated[float, Field(ge=0, le=1)] = 0.5,
+               local_steps: PositiveInt = 1, beta: Probability = 0.5,
                eps: NonNegativeFloat = 1e-4, population_var: bool = False,
                weights_only: bool = False) -> Strategy:
     """Gossip learning with variance-corrected averaging (Tian et al. 2024, arXiv:2404.04616).

@@ -10,18 +10,15 @@ The helpers `zero_controls` and `control_weights` are shared with SCAFFOLD-M
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field
 
-from fedsim.types import Oracle, RoundCtx, Strategy, Tree
+from fedsim.constraints import PositiveFloat, PositiveInt
+from fedsim.types import Oracle, RoundCtx, Strategy, Tree, model_rows
 from strategies import STRATEGIES
-from strategies._local import broadcast_rows, local_sgd
 from strategies.fedavg import participant_weights
-
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+from strategies.local import broadcast_rows, local_sgd
 
 
 def zero_controls(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
@@ -91,4 +88,4 @@ def scaffold(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server_
     return Strategy(init_server=init_server, init_clients=zero_controls, local=local,
                     server_update=server_update,
                     weights=lambda server, ctx: control_weights(weighting, ctx),
-                    broadcast=("x", "c"))
+                    broadcast=("x", "c"), payload=model_rows("delta", "dc"))

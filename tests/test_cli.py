@@ -108,3 +108,24 @@ def test_python_dash_m_and_lazy_imports(scenario_file, tmp_path):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "tiny-" in res.stdout
+
+
+def test_a_crash_leaves_a_partial_folder_marked_failed_and_exits_1(tmp_path, capsys):
+    """README contract: the run folder keeps its `.partial` name, summary.json says failed with
+    the error, the metrics written so far stay whole lines, and the exit code is 1."""
+    from tests.conftest import small_scenario, write_scenario
+
+    # Prepare: a user strategy that raises in round 2 (of 5) on the last client's block
+    body = small_scenario(rounds=5, participation={"kind": "full"})
+    body["strategy"] = {"name": "tests.mpi_scripts.boom:factory", "batch_size": 8}
+    path = write_scenario(tmp_path, body)
+    # Execute
+    code, out, err = run_cli(["run", path, "--out", str(tmp_path / "runs"), "--quiet"], capsys)
+    # Assert
+    assert code == 1 and "boom: last client, round 2" in err and "Traceback" not in err
+    (folder,) = os.listdir(tmp_path / "runs")
+    assert folder.endswith(".partial")
+    run_dir = tmp_path / "runs" / folder
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "RuntimeError: boom" in summary["error"]
+    assert [m["round"] for m in read_metrics(str(run_dir))] == [1, 2]

@@ -178,22 +178,19 @@ def test_bad_scenario_is_rejected_on_every_rank_with_exit_2(tmp_path):
 
 
 @needs_mpi
-def test_more_ranks_than_clients_is_a_config_error():
-    """Checked in `build`, before any communication (in-process: a 1-rank engine told it has 3)."""
-    from fedsim.config import parse_scenario
-    from fedsim.engines import ENGINES
-    from fedsim.errors import ConfigError
-    from fedsim.setup import build_setup
-
-    # Prepare
+def test_more_ranks_than_clients_is_a_config_error(tmp_path):
+    """Checked in the engine's build, before any communication: exit 2 naming data.clients."""
+    # Prepare: 2 clients on 3 ranks
     body = small_scenario(data={"clients": 2})
     body["participation"] = {"kind": "full"}
-    setup = build_setup(parse_scenario(body))
-    engine = ENGINES.build("mpi", {})
-    engine.size = 3
-    # Execute / Assert
-    with pytest.raises(ConfigError, match="more MPI ranks than clients"):
-        engine.build(setup, lambda m: None)
+    path = write_scenario(tmp_path, body)
+    # Execute
+    res = mpiexec(3, [str(BIN / "fedsim"), "run", path, "--engine", "mpi", "--quiet",
+                      "--out", str(tmp_path / "runs")], timeout=90)
+    # Assert
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "data.clients" in res.stderr and "more MPI ranks than clients" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 @needs_mpi

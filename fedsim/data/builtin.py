@@ -11,15 +11,14 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from pydantic import Field
 
+from annotated_types import Ge, Gt, Lt
+from fedsim.constraints import NonNegativeFloat, PositiveFloat, PositiveInt
 from fedsim import rng
 from fedsim.data import DATASETS, Dataset
 from fedsim.data.arrays import blocks as row_blocks
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNeg = Annotated[float, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]
+HalfOpen = Annotated[float, Ge(0), Lt(1)]
 
 
 # ---- per-client generators (LEAF synthetic, logistic) ---------------------------------------
@@ -49,9 +48,9 @@ def _assemble(name: str, blocks: list[tuple[np.ndarray, np.ndarray]], num_classe
 
 
 @DATASETS.register("synthetic")
-def synthetic(*, alpha: NonNeg = 1.0, beta: NonNeg = 1.0, dim: PosInt = 60, classes:
-              Annotated[int, Field(ge=2)] = 10, samples_per_client: PosInt = 200,
-              size_skew: NonNeg = 0.0, test_fraction: Fraction = 0.2,
+def synthetic(*, alpha: NonNegativeFloat = 1.0, beta: NonNegativeFloat = 1.0, dim: PositiveInt = 60, classes:
+              Annotated[int, Ge(2)] = 10, samples_per_client: PositiveInt = 200,
+              size_skew: NonNegativeFloat = 0.0, test_fraction: HalfOpen = 0.2,
               num_clients: int, seed: int) -> Dataset:
     """LEAF Synthetic(alpha, beta): per-client softmax-regression data (FedProx, arXiv 1812.06127).
 
@@ -86,10 +85,10 @@ def synthetic(*, alpha: NonNeg = 1.0, beta: NonNeg = 1.0, dim: PosInt = 60, clas
 
 
 @DATASETS.register("logistic")
-def logistic(*, dim: PosInt = 20, samples_per_client: PosInt = 100,
-             noise: Annotated[float, Field(ge=0, lt=0.5)] = 0.1, heterogeneity: NonNeg = 0.0,
-             margin: Annotated[float, Field(gt=0)] = 4.0, size_skew: NonNeg = 0.0,
-             test_fraction: Fraction = 0.2, num_clients: int, seed: int) -> Dataset:
+def logistic(*, dim: PositiveInt = 20, samples_per_client: PositiveInt = 100,
+             noise: Annotated[float, Ge(0), Lt(0.5)] = 0.1, heterogeneity: NonNegativeFloat = 0.0,
+             margin: PositiveFloat = 4.0, size_skew: NonNegativeFloat = 0.0,
+             test_fraction: HalfOpen = 0.2, num_clients: int, seed: int) -> Dataset:
     """Convex binary logistic regression with a planted model (labels {0,1}, 2 classes).
 
     Generator: w* ~ N(0, I) rescaled to norm `margin` (stream (seed, DATASET, -2)). Client k
@@ -138,7 +137,7 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 @DATASETS.register("digits")
-def digits(*, flatten: bool = True, test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2,
+def digits(*, flatten: bool = True, test_fraction: Annotated[float, Gt(0), Lt(1)] = 0.2,
            num_clients: int, seed: int) -> Dataset:
     """scikit-learn's bundled handwritten digits (UCI, 1797 8x8 images, 10 classes), in [0, 1].
 

@@ -13,10 +13,11 @@ flwr is imported only inside `run`: the registry imports this module whenever it
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
+from fedsim.constraints import NonNegativeFloat, PositiveFloat, PositiveInt
 from fedsim.engines import ENGINES
 from fedsim.types import OnEval, Progress
 
@@ -25,8 +26,8 @@ class ClientResources(BaseModel):
     """Resources Flower's Ray backend reserves per ClientApp (concurrency = CPUs / num_cpus)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    num_cpus: Annotated[int, Field(ge=1)] = 1
-    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    num_cpus: PositiveInt = 1
+    num_gpus: NonNegativeFloat = 0.0
 
 
 class FlowerEngine:
@@ -104,8 +105,8 @@ class FlowerEngine:
 @ENGINES.register("flower")
 def flower(*, runtime: Literal["inprocess", "ray", "mpi"] = "inprocess",
            client_resources: ClientResources = ClientResources(),
-           timeout_s: Annotated[float, Field(gt=0)] = 3600.0,
-           threads: Annotated[int, Field(gt=0)] | None = None,
+           timeout_s: PositiveFloat = 3600.0,
+           threads: PositiveInt | None = None,
            verbose: bool = False) -> FlowerEngine:
     """The strategy as a real Flower app (ServerApp + ClientApp) on Flower's runtimes.
 

@@ -25,12 +25,12 @@ import os
 import sys
 import time
 import traceback
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
+from fedsim.constraints import PositiveInt
 from fedsim.engines import ENGINES
 from fedsim.engines.loop import RoundLoop
 from fedsim.errors import ConfigError
@@ -193,9 +193,9 @@ class MPIEngine:
 
 
 @ENGINES.register("mpi")
-def mpi(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
-        memory_mb: Annotated[int, Field(gt=0)] = 2048,
-        threads: Annotated[int, Field(gt=0)] = 1,
+def mpi(*, chunk_size: PositiveInt | None = None,
+        memory_mb: PositiveInt = 2048,
+        threads: PositiveInt = 1,
         check_replicas: bool = True) -> MPIEngine:
     """K MPI ranks (mpiexec -n K), each training a contiguous slice of the clients multiplexed.
 

@@ -7,11 +7,11 @@ and a local step is one batched forward/backward pass (no Python loop over clien
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import Field
 
+from fedsim.constraints import PositiveInt
 from fedsim.engines import ENGINES
 from fedsim.engines.loop import RoundLoop
 from fedsim.setup import Setup
@@ -47,9 +47,9 @@ class MultiplexEngine:
 
 
 @ENGINES.register("multiplex")
-def multiplex(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
-              memory_mb: Annotated[int, Field(gt=0)] = 2048,
-              threads: Annotated[int, Field(gt=0)] | None = 1) -> MultiplexEngine:
+def multiplex(*, chunk_size: PositiveInt | None = None,
+              memory_mb: PositiveInt = 2048,
+              threads: PositiveInt | None = 1) -> MultiplexEngine:
     """All clients of a round as one stacked computation on one device (CPU or CUDA).
 
     Args:

@@ -15,7 +15,9 @@ import torch
 
 from fedsim import testing
 from strategies import STRATEGIES
+from fedsim.registry import build_nested
 from strategies.co2 import co2
+from strategies.local import adamw
 
 H, C, TAU, GAMMA = [1.0, 4.0, 2.0], [0.0, 1.0, -1.0], 8, 0.05
 FIXED_POINT = 0.1511183198
@@ -260,8 +262,10 @@ def test_first_stale_update_by_hand(penalty, clip):
 
 
 @pytest.mark.parametrize("inner,torch_opt", [
-    ("adamw", lambda p: torch.optim.AdamW([p], lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
-    ("momentum", lambda p: torch.optim.SGD([p], lr=0.05, momentum=0.7, weight_decay=0.1)),
+    ({"name": "adamw", "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.1},
+     lambda p: torch.optim.AdamW([p], lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    ({"name": "momentum", "mass": 0.7, "weight_decay": 0.1},
+     lambda p: torch.optim.SGD([p], lr=0.05, momentum=0.7, weight_decay=0.1)),
 ])
 def test_inner_state_persists_across_rounds(inner, torch_opt):
     """One worker, staleness 0, beta 0, alpha 1: x_{t+1,0} is the worker's end point, so 3 rounds
@@ -274,8 +278,8 @@ def test_inner_state_persists_across_rounds(inner, torch_opt):
     for _ in range(12):
         p.grad = problem.h[0] * (p.detach() - problem.c[0])
         opt.step()
-    strat = co2(tau=4, lr=0.05, inner=inner, inner_momentum=0.7, weight_decay=0.1, adam_beta1=0.8,
-                adam_beta2=0.99, adam_eps=1e-6, staleness=0, beta=0.0, penalty="const", clip="none")
+    strat = co2(tau=4, lr=0.05, inner=build_nested("optimizers", inner), staleness=0, beta=0.0,
+                penalty="const", clip="none")
     # Execute
     x = _x(strat, 3, problem)
     # Assert
@@ -285,19 +289,9 @@ def test_inner_state_persists_across_rounds(inner, torch_opt):
 def test_inner_state_is_per_client_and_waits_while_absent():
     # Prepare
     masks = [[True, False, True], [True, True, False], [False, False, True]]
-    strat = co2(tau=TAU, lr=GAMMA, inner="adamw", staleness=1)
+    strat = co2(tau=TAU, lr=GAMMA, inner=adamw(), staleness=1)
     # Execute
     loop = testing.run(strat, _problem(), 3, participation=testing.MaskParticipation(masks))
     state = loop.state.store.gather(torch.arange(3))
     # Assert
     assert state["step"].tolist() == [2 * TAU, TAU, 2 * TAU]
-
-
-def test_small_scenario_runs(tmp_path, capsys):
-    from tests.conftest import ROOT, run_cli
-
-    # Execute
-    code, out, err = run_cli(["run", str(ROOT / "scenarios" / "co2.yaml"), "--quiet", "--out",
-                              str(tmp_path), "--set", "rounds=2", "--set", "eval.every=1"], capsys)
-    # Assert
-    assert code == 0, err

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedsim import testing
-from strategies._local import local_sgd
+from strategies.local import local_sgd
 from strategies.gossip_var import corrected_segments, tensor_variances, variance_correct
 from topologies import build_topology, spectral_gap
 
@@ -276,18 +276,3 @@ def test_plain_gossip_shrinks_layer_variance_that_gossip_var_keeps(lr):
     ratio_vc = tensor_variances(corrected, segs).mean(0) / v0
     assert (ratio_plain < 0.2).all(), ratio_plain
     assert ((ratio_vc > 0.8) & (ratio_vc < 1.25)).all(), ratio_vc
-
-
-@pytest.mark.parametrize("name", ["gossip", "gossip-var"])
-def test_scenario_runs_from_the_cli(name, tmp_path, capsys):
-    from fedsim.cli import main
-
-    from tests.conftest import ROOT, read_metrics
-
-    code = main(["run", str(ROOT / "scenarios" / f"{name}.yaml"), "--quiet", "--out", str(tmp_path),
-                 "--set", "rounds=2", "--set", "eval.every=1"])
-    run_dir = capsys.readouterr().out.strip().splitlines()[-1]
-    metrics = read_metrics(run_dir)
-    assert code == 0 and len(metrics) == 2
-    assert {"consensus_distance", "node_accuracy_mean", "test_accuracy"} <= set(metrics[-1])
-    assert metrics[-1]["bytes_up"] > 0
