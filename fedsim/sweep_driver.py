@@ -68,11 +68,11 @@ def dry_run(sweep_dir: str, prepared: list[tuple[Point, Scenario]], spec: SweepS
     return 0
 
 
-def _meta(source: str, spec: SweepSpec, sweep_dir: str) -> dict[str, Any]:
+def _meta(source: str, spec: SweepSpec, sweep_dir: str, seeds: list[int]) -> dict[str, Any]:
     return {"fedsim_sweep": 1, "scenario": source, "folder": os.path.abspath(sweep_dir),
             "launcher": spec.launcher, "grid": spec.grid,
             "cases": {axis: list(cases) for axis, cases in spec.cases.items()},
-            "seeds": spec.seeds, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "seeds": seeds, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 _TERMINATED: list[bool] = []
@@ -101,7 +101,8 @@ def run_sweep(base: dict[str, Any], spec: SweepSpec, source: str, out: str | Non
     for p, _ in prepared:
         with open(os.path.join(sweep_dir, POINTS, f"{p.id}.yaml"), "w", encoding="utf-8") as fh:
             yaml.safe_dump(point_raw(base, p), fh, sort_keys=False)
-    index = Index(sweep_dir, _meta(source, spec, sweep_dir),
+    seeds = list(dict.fromkeys(p.seed for p, _ in prepared))
+    index = Index(sweep_dir, _meta(source, spec, sweep_dir, seeds),
                   {p.id: {"label": p.label, "seed": p.seed, "overrides": dict(p.overrides)}
                    for p, _ in prepared})
     todo = [(p.id, sc.engine.kind == "mpi") for p, sc in prepared if not finished(sweep_dir, p.id)]
@@ -126,7 +127,7 @@ def _dispatch(sweep_dir: str, spec: SweepSpec, index: Index, todo: list[tuple[st
         index.set(pid, **asdict(o))
         done[0] += 1
         if not quiet:
-            tail = f"({o.wall_s:.1f} s)" if o.wall_s is not None else f": {o.error}"
+            tail = f"({o.wall_s:.1f} s)" if o.wall_s is not None else f"- {o.error}"
             print(f"[{done[0]}/{len(todo)}] {o.status:<11} {pid} {tail}", file=sys.stderr)
 
     main = threading.current_thread() is threading.main_thread()

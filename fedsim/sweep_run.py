@@ -62,10 +62,11 @@ class Index:
         """`points`: id -> the point's description (label, seed, overrides) for this sweep."""
         self.path = os.path.join(sweep_dir, INDEX)
         self._lock = threading.Lock()
-        old: dict[str, Any] = {}
+        doc: dict[str, Any] = {}
         if os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as fh:
-                old = {p["id"]: p for p in json.load(fh).get("points", [])}
+                doc = json.load(fh)
+        old = {p["id"]: p for p in doc.get("points", [])}
         entries = {pid: {"id": pid, "status": "pending", "attempts": 0, **old.get(pid, {}), **desc}
                    for pid, desc in points.items()}
         entries.update({pid: e for pid, e in old.items() if pid not in entries})  # earlier sweeps'
@@ -74,7 +75,8 @@ class Index:
                 e.update(status="ok", error=None)
             elif e.get("status") in ("ok", "running"):
                 e["status"] = "interrupted"  # folder gone, or a driver that died mid-point
-        self.data = {**meta, "points": list(entries.values())}
+        self.data = {**meta, "created": doc.get("created", meta.get("created")),
+                     "points": list(entries.values())}
         self._by_id = {e["id"]: e for e in self.data["points"]}
         self.save()
 
@@ -141,7 +143,9 @@ def _error_line(sweep_dir: str, pid: str) -> str | None:
             errs = [ln.strip() for ln in fh if ln.startswith("error:")]
     except OSError:
         return None
-    return errs[-1][len("error:"):].strip() if errs else None
+    if not errs:
+        return None
+    return errs[-1][len("error:"):].replace("(set FEDSIM_DEBUG=1 for a traceback)", "").strip()
 
 
 def run_inprocess(sweep_dir: str, pid: str) -> Outcome:

@@ -51,6 +51,12 @@ def _executor(spec: SweepSpec, folder: str, ranks: int) -> Any:
         params["tasks_per_node"] = ranks
     try:
         ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except (RuntimeError, ValueError) as exc:  # e.g. no srun here: not a Slurm machine
+        raise ConfigError(f"submitit cannot use this cluster: {str(exc).splitlines()[0]}",
+                          key="sweep.submitit.cluster", value=cluster,
+                          allowed="slurm (on a Slurm login node), local or debug (this machine)"
+                          ) from None
+    try:
         ex.update_parameters(**params)
     except (NameError, ValueError, TypeError, AssertionError) as exc:
         raise ConfigError(f"submitit rejects the parameters: {str(exc).splitlines()[0]}",
