@@ -13,8 +13,8 @@ import io
 from typing import Any, Callable
 
 from fedsim.errors import ConfigError
-from fedsim.stats import (Estimate, Group, Run, best, differing, estimate, expand, final,
-                          group_runs, paired, per_seed, short_labels, to_target)
+from fedsim.stats import (Estimate, Group, Run, best, distinguishing_labels, estimate, expand,
+                          final, group_runs, paired, per_seed, to_target)
 
 Metric = tuple[str, Callable[[Run], "float | None"], int]
 """(column name, value of one run, decimals in Markdown)."""
@@ -53,7 +53,7 @@ def contexts(groups: list[Group]) -> list[tuple[str, list[Group]]]:
         out.setdefault(ctx, []).append(g)
     cfgs = [{k: v for k, v in gs[0].config.items() if not k.startswith("strategy.")}
             for gs in out.values()]
-    names = short_labels(cfgs, differing(cfgs)) if len(cfgs) > 1 else ["all"]
+    names = distinguishing_labels(cfgs) if len(cfgs) > 1 else ["all"]
     return list(zip(names, out.values()))
 
 

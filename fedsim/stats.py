@@ -154,11 +154,30 @@ def differing(configs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
 
 
+def short_key(key: str) -> str:
+    """``strategy.lr`` -> ``lr``; a plug-in chooser names its section: ``strategy.name`` ->
+    ``strategy``, ``data.partition.kind`` -> ``partition``."""
+    parts = key.split(".")
+    return parts[-2] if len(parts) > 1 and parts[-1] in ("name", "kind", "dataset") else parts[-1]
+
+
 def short_labels(configs: list[dict[str, Any]], keys: list[str]) -> list[str]:
-    """``k=v`` of `keys` per config, k the key's last component unless that is ambiguous."""
-    last = [k.rsplit(".", 1)[-1] for k in keys]
+    """``k=v`` of `keys` per config (keys a config lacks are left out), k shortened by
+    `short_key` unless that is ambiguous."""
+    last = [short_key(k) for k in keys]
     names = [s if last.count(s) == 1 else k for k, s in zip(keys, last)]
-    return [",".join(f"{n}={c.get(k)}" for n, k in zip(names, keys)) for c in configs]
+    return [",".join(f"{n}={c[k]}" for n, k in zip(names, keys) if k in c) for c in configs]
+
+
+def distinguishing_labels(configs: list[dict[str, Any]]) -> list[str]:
+    """Labels from the keys that differ: first those every config has (a plug-in's own
+    parameters follow its chooser), then, if still ambiguous, the others too."""
+    keys = differing(configs)
+    common = [k for k in keys if all(k in c for c in configs)]
+    out = short_labels(configs, common)
+    if len(set(out)) == len(out):
+        return out
+    return short_labels(configs, common + [k for k in keys if k not in common])
 
 
 def labels(groups: list[Group]) -> list[str]:
@@ -170,7 +189,7 @@ def labels(groups: list[Group]) -> list[str]:
             return [next(iter(c)) for c in cand]
     if len(groups) == 1:
         return [groups[0].runs[0].name]
-    return short_labels([g.config for g in groups], differing([g.config for g in groups]))
+    return distinguishing_labels([g.config for g in groups])
 
 
 @dataclass(frozen=True)

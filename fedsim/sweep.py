@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedsim.config import Scenario, apply_overrides, parse_scenario
 from fedsim.errors import ConfigError
 from fedsim.registry import pydantic_to_config_error
+from fedsim.stats import short_key
 
 RESERVED = ("seed", "name", "output", "sweep")
 """Top-level keys a sweep axis may not set (seeds have their own axis; the sweep names runs)."""
@@ -174,16 +175,9 @@ def _fmt(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", text) or "_"
 
 
-def _last(key: str) -> str:
-    """``strategy.lr`` -> ``lr``; a plug-in chooser names its section: ``strategy.name`` ->
-    ``strategy``, ``data.partition.kind`` -> ``partition``."""
-    parts = key.split(".")
-    return parts[-2] if len(parts) > 1 and parts[-1] in ("name", "kind", "dataset") else parts[-1]
-
-
 def _short_names(spec: SweepSpec) -> dict[str, str]:
     """Grid key -> the name used in point ids: its last component unless that is ambiguous."""
-    last = [_last(k) for k in spec.grid]
+    last = [short_key(k) for k in spec.grid]
     taken = set(spec.cases) | {"seed"}
     return {k: (s if last.count(s) == 1 and s not in taken else k)
             for k, s in zip(spec.grid, last)}
