@@ -50,12 +50,16 @@ def mean_curve(group: Group, x: str, y: str, band: str = "std") -> tuple[list[fl
     return xs, mean, low, high
 
 
-def _log_axis(axis: Any, unit: str) -> None:
-    """Log scale whose tick labels never overlap: majors at 1, 2, 5 x 10^k (thinned by matplotlib
-    on wide ranges), labelled plainly (engineering prefixes for bytes), minor ticks unlabelled."""
+def _log_axis(axis: Any, unit: str, limits: tuple[float, float]) -> None:
+    """Log scale whose tick labels never overlap: majors at 1, 2, 5 x 10^k on a short range, at
+    powers of ten (thinned by matplotlib) on a long one, labelled plainly (engineering prefixes
+    for bytes); minor ticks unlabelled."""
     from matplotlib import ticker
 
-    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=7))
+    lo, hi = sorted(limits)
+    decades = math.log10(hi / lo) if lo > 0 else 99.0
+    subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=subs, numticks=7))
     axis.set_minor_locator(ticker.LogLocator(base=10, subs="auto", numticks=12))
     axis.set_minor_formatter(ticker.NullFormatter())
     if unit:
@@ -101,10 +105,10 @@ def figure(groups: list[Group], x: str = "round", y: str = "test_accuracy", band
                             linewidth=0)
     if log_x:
         ax.set_xscale("log")
-        _log_axis(ax.xaxis, "B")
+        _log_axis(ax.xaxis, "B", ax.get_xlim())
     if log_y:
         ax.set_yscale("log")
-        _log_axis(ax.yaxis, "")
+        _log_axis(ax.yaxis, "", ax.get_ylim())
     ax.set_xlabel(X_AXES[x])
     ax.set_ylabel(y.replace("_", " "))
     ax.set_title(title or _title(groups, y), fontsize=10)

@@ -24,17 +24,19 @@ T2 = 4.302652729911275   # t_{0.975, 2}
 T1 = 12.706204736174707  # t_{0.975, 1}
 
 
-def make_run(root, folder, seed, accs, strategy="fedau", lr=0.1, name="exp", sparams=None, **cfg):
-    """A run folder: config of small_scenario with these settings; one metrics row per acc."""
+def make_run(root, folder, seed, accs, strategy="fedau", lr=0.1, name="exp", sparams=None,
+             first_round=1, **cfg):
+    """A run folder: config of small_scenario with these settings; one metrics row per acc
+    (rounds from `first_round`; bytes 100 per round each way, host seconds 0.1 per round)."""
     body = small_scenario(seed=seed, name=name, strategy={
         "name": strategy, "lr": lr, "local_steps": 3, "batch_size": 8, **(sparams or {})}, **cfg)
     path = os.path.join(root, folder)
     os.makedirs(path)
     with open(os.path.join(path, "config.yaml"), "w") as fh:
         yaml.safe_dump(to_dict(parse_scenario(body)), fh, sort_keys=False)
-    rows = [{"round": t + 1, "train_loss": 1 - a, "test_loss": 2 * (1 - a), "test_accuracy": a,
-             "bytes_up": 100 * (t + 1), "bytes_down": 100 * (t + 1), "wall_s": 0.1 * t}
-            for t, a in enumerate(accs)]
+    rows = [{"round": t, "train_loss": 1 - a, "test_loss": 2 * (1 - a), "test_accuracy": a,
+             "bytes_up": 100 * t, "bytes_down": 100 * t, "wall_s": 0.1 * t}
+            for t, a in enumerate(accs, start=first_round)]
     with open(os.path.join(path, "metrics.jsonl"), "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(path, "summary.json"), "w") as fh:
