@@ -21,7 +21,8 @@ command line (flags replace the YAML's values of the same key):
 The points are the product of the case axes (in order), then the grid axes, then the seeds. A point
 is a list of (dotted key, value) overrides applied to the base scenario like ``--set``; its id,
 e.g. ``pattern=markov,lr=0.1,seed=0``, names its run folder inside the sweep folder, and its label
-(the id without the seed) names its group in `fedsim compare` and `fedsim plot`.
+(the id without the seed) is the run's ``name`` and its group's label in `fedsim compare` and
+`fedsim plot`.
 """
 
 from __future__ import annotations
@@ -183,8 +184,9 @@ def _short_names(spec: SweepSpec) -> dict[str, str]:
             for k, s in zip(spec.grid, last)}
 
 
-def points(spec: SweepSpec, default_seed: int) -> list[Point]:
-    """Every point, seed-major (all settings of the first seed first), with unique ids."""
+def points(spec: SweepSpec, default_seed: int, base_name: str = "run") -> list[Point]:
+    """Every point, seed-major (all settings of the first seed first), with unique ids; without
+    axes the label is the base scenario's name."""
     short = _short_names(spec)
     axes: list[list[tuple[str, tuple[tuple[str, Any], ...]]]] = []
     for axis, cases in spec.cases.items():
@@ -202,15 +204,16 @@ def points(spec: SweepSpec, default_seed: int) -> list[Point]:
                 raise ConfigError("two points get the same name (values differ only in characters "
                                   "a folder name cannot hold)", key="sweep", value=pid)
             seen[pid] = overrides
-            out.append(Point(pid, label or "base", seed, overrides))
+            out.append(Point(pid, label or base_name, seed, overrides))
     return out
 
 
 def point_raw(base: dict[str, Any], point: Point) -> dict[str, Any]:
-    """The point's scenario mapping: the base with the point's overrides and its name."""
+    """The point's scenario mapping: the base with the point's overrides, named by its label (the
+    same for every seed: the name of the experiment, as a plain run's)."""
     sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True, width=10**6)}"
             for k, v in point.overrides]
-    return apply_overrides(base, sets + [f"name={yaml.safe_dump(point.id)}"])
+    return apply_overrides(base, sets + [f"name={yaml.safe_dump(point.label)}"])
 
 
 def validate_point(base: dict[str, Any], point: Point, source: str, build: bool = True,

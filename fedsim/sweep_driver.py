@@ -35,8 +35,9 @@ def sweep_folder(base: dict[str, Any], spec: SweepSpec, out: str | None) -> str:
 def prepare(base: dict[str, Any], spec: SweepSpec, source: str) -> list[tuple[Point, Scenario]]:
     """Every point with its resolved scenario, validated as `fedsim validate` would (data, model,
     strategy built; on the slurm launcher without the device, which only the compute node has)."""
-    seed = base.get("seed", 0)
-    pts = points(spec, seed if isinstance(seed, int) and not isinstance(seed, bool) else 0)
+    seed, name = base.get("seed", 0), base.get("name", "run")
+    pts = points(spec, seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
+                 str(name))
     return [(p, validate_point(base, p, source, build=True, cpu_only=spec.launcher == "slurm"))
             for p in pts]
 

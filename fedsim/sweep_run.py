@@ -6,7 +6,8 @@ finished points and runs the others again):
   sweep.json             the index: the sweep's axes and every point's status (ok, failed,
                          interrupted, running, pending, submitted), error, attempts, wall time
   <point id>/            the run folder of a finished point (exists only once the point succeeded)
-  <point id>-<stamp>.partial/   an attempt that failed or was interrupted (kept for inspection)
+  <label>-<stamp>.partial/   an attempt that failed or was interrupted (kept for inspection; the
+                         run's name is the point's label, its config.yaml has the seed)
   .points/<id>.yaml      the point's scenario: `fedsim run .points/<id>.yaml` reruns it by hand
   .points/<id>.log       its stderr (warnings, the one-line error of a failed point)
 
@@ -98,7 +99,8 @@ class Index:
 def resumable_attempt(sweep_dir: str, pid: str) -> str | None:
     """HOOK for checkpoint/resume (issue 14): an earlier attempt of point `pid` to continue.
 
-    Failed and interrupted attempts stay in the sweep folder as ``<pid>-<stamp>.partial``. Until
+    Failed and interrupted attempts stay in the sweep folder as ``<label>-<stamp>.partial`` (their
+    config.yaml tells the seed; `.points/<pid>.yaml` is what they ran). Until
     runs write checkpoints this returns None and every attempt starts afresh; then it returns the
     newest attempt holding a valid checkpoint, and `launch_args` resumes it instead.
     """
@@ -115,7 +117,7 @@ def launch_args(sweep_dir: str, pid: str) -> list[str]:
 
 def conclude(sweep_dir: str, pid: str, code: int, stdout: str) -> Outcome:
     """Outcome of an attempt from its exit code and output; a success moves the run folder
-    ``<pid>-<stamp>`` to ``<pid>``."""
+    ``<label>-<stamp>`` to ``<pid>``."""
     if code in INTERRUPTED_CODES:
         return Outcome("interrupted", error=_error_line(sweep_dir, pid) or f"exit code {code}")
     if code != 0:

@@ -52,7 +52,7 @@ def test_points_are_the_product_of_cases_grid_and_seeds_seed_major():
     assert pts[2].overrides == (("strategy.lr", 0.1), ("strategy.name", "fedavg"), ("seed", 0))
     assert pts[4].label == pts[0].label == "pattern=a,lr=0.1,strategy=fedavg"
     # no axes: one point at the scenario's seed; ambiguous last components use the full key
-    assert points(check_section({}), 9) == [Point("seed=9", "base", 9, (("seed", 9),))]
+    assert points(check_section({}), 9, "tiny") == [Point("seed=9", "tiny", 9, (("seed", 9),))]
     amb = points(check_section({"grid": {"a.x": [1], "b.x": [2]}}), 0)
     assert amb[0].id == "a.x=1,b.x=2,seed=0"
 
@@ -94,7 +94,7 @@ def test_sweep_points_equal_direct_runs_and_yaml_equals_flags(tmp_path, capsys):
     assert idx["lr=0.1,seed=1"]["label"] == "lr=0.1" and idx["lr=0.1,seed=1"]["attempts"] == 1
     for pid in ids:
         cfg = yaml.safe_load(open(tmp_path / "sw" / pid / "config.yaml"))
-        assert "sweep" not in cfg and cfg["name"] == pid
+        assert "sweep" not in cfg and cfg["name"] == pid.rsplit(",", 1)[0]  # the label
     # a point equals `fedsim run` with the same overrides, apart from host times
     plain = write_scenario(tmp_path, small_scenario(), "plain.yaml")
     code, out, _ = run_cli(["run", plain, "--out", str(tmp_path / "runs"), "--quiet", "--set",
@@ -149,7 +149,9 @@ def test_a_failed_point_is_recorded_and_the_others_still_run(tmp_path, capsys):
         assert f"failed fail=error,seed={s}: RuntimeError: boom in forward" in err
         assert not (tmp_path / "sw" / f"fail=error,seed={s}").exists()
     attempts = [p.name for p in (tmp_path / "sw").iterdir() if p.name.endswith(".partial")]
-    assert sorted(a.split("-")[0] for a in attempts) == ["fail=error,seed=0", "fail=error,seed=1"]
+    assert len(attempts) == 2 and all(a.startswith("fail=error-") for a in attempts)
+    seeds = [yaml.safe_load(open(tmp_path / "sw" / a / "config.yaml"))["seed"] for a in attempts]
+    assert sorted(seeds) == [0, 1]
     code, _, err = run_cli(["sweep", sc, "--out", str(tmp_path / "sw"), *args], capsys)
     assert code == 1 and "2 had finished before" in err
     assert _index(tmp_path / "sw")["fail=error,seed=0"]["attempts"] == 2
@@ -307,3 +309,26 @@ def test_run_and_validate_accept_a_sweep_file(tmp_path, capsys):
     body["sweep"] = {"grid": {"strategy.lr": []}}
     code, _, err = run_cli(["validate", write_scenario(tmp_path, body, "bad.yaml")], capsys)
     assert code == 2 and "bad.yaml: sweep.grid.strategy.lr: empty grid" in err
+
+
+def test_the_fedau_sweep_is_the_former_per_pattern_runs():
+    """scenarios/paper/fedau/sweep.yaml resolves, point for point, to the scenarios the former
+    run.sh ran: <pattern>.yaml with each strategy's --set flags (seed 0; names aside)."""
+    from fedsim.config import load_scenario, read_yaml, to_dict
+    from fedsim.sweep import validate_point
+
+    here = Path(__file__).resolve().parents[1] / "scenarios" / "paper" / "fedau"
+    raw = read_yaml(str(here / "sweep.yaml"))
+    spec = check_section(raw.pop("sweep"))
+    flags = {"fedau": [], "fedau-k50": ["strategy.cutoff=50"],
+             "known-prob": ["strategy.name=known-prob"],
+             "fedavg": ["strategy.name=fedavg", "strategy.weighting=uniform"],
+             "fedavg-all": ["strategy.name=fedavg-all", "strategy.server_lr=10"],
+             "fedvarp": ["strategy.name=fedvarp"], "mifa": ["strategy.name=mifa"]}
+    pts = [p for p in points(spec, 0) if p.seed == 0]
+    assert len(pts) == 21 and parse_seeds(spec.seeds) == [0, 1, 2]
+    for p in pts:
+        pattern, strategy = (part.split("=")[1] for part in p.label.split(","))
+        old = to_dict(load_scenario(str(here / f"{pattern}.yaml"), flags[strategy]))
+        new = to_dict(validate_point(raw, p, "sweep.yaml", build=False))
+        assert {**new, "name": None} == {**old, "name": None}, p.id

@@ -71,7 +71,8 @@ def test_mlflow_runs_of_a_sweep_go_to_the_sweep_folder(tmp_path, capsys):
     client = MlflowClient(tracking_uri=(tmp_path / "sw" / "mlruns").as_uri())
     exp = client.get_experiment_by_name("sw")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["seed=0", "seed=1"]
+    assert [r.info.run_name for r in runs] == ["tiny", "tiny"]  # one experiment, two seeds
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
 
 
 def test_a_failing_tracker_never_stops_the_run(tmp_path, capsys, monkeypatch):
