@@ -180,13 +180,23 @@ def distinguishing_labels(configs: list[dict[str, Any]]) -> list[str]:
     return short_labels(configs, common + [k for k in keys if k not in common])
 
 
+def drop_common(names: list[str]) -> list[str]:
+    """Sweep-style labels ``a=1,b=2`` without the parts every label has (``pattern=markov`` when
+    all groups are Markov runs), if they stay distinct and non-empty."""
+    parts = [n.split(",") for n in names]
+    common = set.intersection(*(set(p) for p in parts)) if parts else set()
+    out = [",".join(x for x in p if x not in common) for p in parts]
+    ok = len(names) > 1 and all(out) and len(set(out)) == len(out)
+    return out if ok else names
+
+
 def labels(groups: list[Group]) -> list[str]:
     """Sweep labels, else run names, when they tell the groups apart; else the differing keys."""
     for pick in (lambda r: r.sweep_label, lambda r: r.name):
         cand = [{pick(r) for r in g.runs} for g in groups]
         if all(len(c) == 1 and None not in c for c in cand) and \
                 len({next(iter(c)) for c in cand}) == len(groups):
-            return [next(iter(c)) for c in cand]
+            return drop_common([next(iter(c)) for c in cand])
     if len(groups) == 1:
         return [groups[0].runs[0].name]
     return distinguishing_labels([g.config for g in groups])

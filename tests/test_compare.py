@@ -212,3 +212,12 @@ def test_labels_add_plug_in_parameters_only_when_needed(tmp_path):
     assert names(three, "same") == ["strategy=fedau,cutoff=None", "strategy=fedau,cutoff=50",
                                     "strategy=fedavg,weighting=samples"]
     assert names(three[::2], "other") == ["strategy=fedau", "strategy=fedavg"]
+
+
+def test_labels_drop_the_parts_every_group_shares():
+    from fedsim.stats import drop_common
+
+    assert drop_common(["pattern=markov,strategy=fedau", "pattern=markov,strategy=fedavg"]) == \
+        ["strategy=fedau", "strategy=fedavg"]
+    for keep in (["a=1,b=2", "a=1,b=2,c=3"], ["x"], ["fedau-markov", "fedavg-markov"]):
+        assert drop_common(keep) == keep
