@@ -103,8 +103,12 @@ def expand(paths: Iterable[str]) -> list[Run]:
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as fh:
                 entries = json.load(fh).get("points", [])
-            runs += [load_run(os.path.join(p, e["id"]), e.get("label")) for e in entries
-                     if e.get("status") == "ok" and os.path.isdir(os.path.join(p, e["id"]))]
+            done = [e for e in entries
+                    if e.get("status") == "ok" and os.path.isdir(os.path.join(p, e["id"]))]
+            if len(done) < len(entries):
+                print(f"note: {p}: {len(entries) - len(done)} of {len(entries)} points have not "
+                      "finished and are left out", file=sys.stderr)
+            runs += [load_run(os.path.join(p, e["id"]), e.get("label")) for e in done]
         else:
             runs.append(load_run(p))
     if not runs:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from fedsim.errors import ConfigError
 from fedsim.sweep import SweepSpec
-from fedsim.sweep_run import Outcome, run_inprocess
+from fedsim.sweep_run import Outcome, launch_args, run_inprocess
 
 
 def _executor(spec: SweepSpec, folder: str, ranks: int) -> Any:
@@ -79,8 +79,7 @@ def run_point_task(sweep_dir: str, pid: str) -> dict[str, Any] | None:
     if int(os.environ.get("SLURM_PROCID", "0")) > 0:
         from fedsim.cli import main
 
-        main(["run", os.path.join(sweep_dir, ".points", f"{pid}.yaml"), "--out", sweep_dir,
-              "--quiet"])
+        main(launch_args(sweep_dir, pid))
         return None
     return asdict(run_inprocess(sweep_dir, pid))
 

@@ -107,7 +107,8 @@ def test_plot_command_draws_a_sweep_folder(tmp_path, capsys):
     (g,) = group_runs(expand([str(sw)]))
     assert g.seeds == [0, 1] and g.label == "base"
     png = tmp_path / "f.png"
-    code, out, _ = run_cli(["plot", str(sw), "--band", "ci", "-o", str(png)], capsys)
+    code, out, err = run_cli(["plot", str(sw), "--band", "ci", "-o", str(png)], capsys)
     assert code == 0 and out.strip() == str(png) and png.read_bytes()[:4] == b"\x89PNG"
+    assert "1 of 3 points have not finished" in err
     code, _, err = run_cli(["plot", str(sw), "--x", "sim"], capsys)
     assert code == 2 and "sim" in err

@@ -171,15 +171,14 @@ def test_an_interrupted_point_stops_the_sweep_cleanly(tmp_path, capsys, how, cod
 
 def test_parallel_jobs_equal_the_sequential_sweep(tmp_path, capsys):
     sc = write_scenario(tmp_path, small_scenario(model=FLAKY))
-    grid = ("--grid", "strategy.lr=0.05,0.1")
-    assert _sweep(capsys, sc, tmp_path / "seq", "--grid", "model.fail=never", *grid)[0] == 0
-    code, _, err = _sweep(capsys, sc, tmp_path / "par", "--grid", "model.fail=never,error", *grid,
-                          "--jobs", "2")
+    assert _sweep(capsys, sc, tmp_path / "seq", "--grid", "model.fail=never", "--seeds", "0-1")[0] == 0
+    code, _, err = _sweep(capsys, sc, tmp_path / "par", "--grid", "model.fail=never,error",
+                          "--seeds", "0-1", "--jobs", "3")
     assert code == 1
     idx = _index(tmp_path / "par")
-    assert idx["fail=error,lr=0.1,seed=3"]["error"] == "RuntimeError: boom in forward"
-    for lr in ("0.05", "0.1"):
-        pid = f"fail=never,lr={lr},seed=3"
+    assert idx["fail=error,seed=0"]["status"] == idx["fail=error,seed=1"]["status"] == "failed"
+    assert idx["fail=error,seed=1"]["error"] == "RuntimeError: boom in forward"
+    for pid in ("fail=never,seed=0", "fail=never,seed=1"):
         assert idx[pid]["status"] == "ok"
         assert _strip(read_metrics(tmp_path / "par" / pid)) == \
             _strip(read_metrics(tmp_path / "seq" / pid))
