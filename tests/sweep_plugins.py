@@ -6,12 +6,15 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 
 from torch import nn
 
 
 class Flaky(nn.Module):
-    """Logistic regression; `fail` = never | error | interrupt | sigterm decides its forward."""
+    """Logistic regression; `fail` decides its forward: never | error | interrupt | sigterm (to
+    itself) | sigint-parent | sigterm-parent (to the process that started it, then it waits to
+    be interrupted in turn)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, fail: str = "never") -> None:
         super().__init__()
@@ -25,4 +28,8 @@ class Flaky(nn.Module):
             raise KeyboardInterrupt
         if self.fail == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.fail.endswith("-parent"):
+            sig = signal.SIGINT if self.fail.startswith("sigint") else signal.SIGTERM
+            os.kill(os.getppid(), sig)
+            time.sleep(60)
         return self.lin(x.flatten(1))

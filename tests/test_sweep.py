@@ -169,6 +169,23 @@ def test_an_interrupted_point_stops_the_sweep_cleanly(tmp_path, capsys, how, cod
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
+def test_a_signal_to_the_driver_interrupts_its_child_processes(tmp_path):
+    """The driver (a real process) gets SIGTERM from one of its points (Ctrl-C takes the same
+    path), forwards SIGINT to the running children, records them as interrupted and exits 143."""
+    sig, code = "sigterm", 143
+    sc = write_scenario(tmp_path, small_scenario(model=FLAKY))
+    res = subprocess.run([sys.executable, "-m", "fedsim", "sweep", sc, "--out", str(tmp_path / "sw"),
+                          "--jobs", "2", "--grid", f"model.fail={sig}-parent,never",
+                          "--seeds", "0-2"], capture_output=True, text=True, timeout=50,
+                         env=child_env(1))
+    assert res.returncode == code, res.stderr[-2000:]
+    assert "sweep interrupted: rerun the same command to continue" in res.stderr
+    idx = _index(tmp_path / "sw")
+    assert idx[f"fail={sig}-parent,seed=0"]["status"] == "interrupted"
+    assert {p["status"] for p in idx.values()} <= {"ok", "interrupted", "pending"}
+    assert idx[f"fail={sig}-parent,seed=2"]["status"] == "pending"  # never started
+
+
 def test_parallel_jobs_equal_the_sequential_sweep(tmp_path, capsys):
     sc = write_scenario(tmp_path, small_scenario(model=FLAKY))
     assert _sweep(capsys, sc, tmp_path / "seq", "--grid", "model.fail=never", "--seeds", "0-1")[0] == 0
