@@ -2,10 +2,10 @@
 
 A scenario has the top-level keys ``name, seed, rounds, data, model, topology, participation,
 strategy, engine, eval, output`` and ``sweep`` (read by `fedsim sweep`, see fedsim/sweep.py; a
-single run ignores it and never writes it into config.yaml). Sections that pick a plug-in by ``kind``/``name``/``dataset``
-take that plug-in's own keyword arguments next to it; they are validated against the
-factory's signature, so unknown keys and bad values are errors that name the file, the key
-path, the value and what is allowed.
+single run ignores it and never writes it into config.yaml). Sections that pick a plug-in by
+``kind``/``name``/``dataset`` take that plug-in's own keyword arguments next to it; they are
+validated against the factory's signature, so unknown keys and bad values are errors that name
+the file, the key path, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -257,7 +257,8 @@ def to_dict(sc: Scenario) -> dict[str, Any]:
     """Plain, YAML-serialisable dict of the resolved scenario (the run folder's config.yaml)."""
     def plain(v: Any) -> Any:
         if isinstance(v, BaseModel):
-            d = {k: plain(getattr(v, k)) for k in type(v).model_fields if k not in ("source", "sweep")}
+            d = {k: plain(getattr(v, k)) for k in type(v).model_fields
+                 if k not in ("source", "sweep")}
             d.update({k: plain(x) for k, x in (v.model_extra or {}).items()})
             return d
         if isinstance(v, (list, tuple)):

@@ -60,6 +60,7 @@ def check_unchanged(sweep_dir: str, point: Point, sc: Scenario) -> None:
 
 
 def dry_run(sweep_dir: str, prepared: list[tuple[Point, Scenario]], spec: SweepSpec) -> int:
+    """Print every (validated) point: finished or pending, strategy, engine, overrides."""
     print(f"sweep {sweep_dir}: {len(prepared)} points, launcher {spec.launcher}, jobs {spec.jobs}")
     for p, sc in prepared:
         state = "finished" if finished(sweep_dir, p.id) else "pending"
@@ -70,6 +71,7 @@ def dry_run(sweep_dir: str, prepared: list[tuple[Point, Scenario]], spec: SweepS
 
 
 def _meta(source: str, spec: SweepSpec, sweep_dir: str, seeds: list[int]) -> dict[str, Any]:
+    """The sweep-level part of sweep.json: where it came from and its axes."""
     return {"fedsim_sweep": 1, "scenario": source, "folder": os.path.abspath(sweep_dir),
             "launcher": spec.launcher, "grid": spec.grid,
             "cases": {axis: list(cases) for axis, cases in spec.cases.items()},

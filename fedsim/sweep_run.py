@@ -92,7 +92,7 @@ class Index:
     def save(self) -> None:
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.data, fh, indent=1)
+            json.dump(self.data, fh, indent=1, default=str)
         os.replace(tmp, self.path)
 
 
