@@ -1,4 +1,4 @@
-"""Command line: ``fedsim run|validate|list|topology|plot|compare``.
+"""Command line: ``fedsim run|validate|sweep|list|topology|plot|compare``.
 
 Exit codes: 0 success, 2 bad input (one line naming file, key, value and what is allowed),
 1 runtime failure. Heavy libraries (torch, flwr, mpi4py) load only inside the commands that
@@ -103,23 +103,74 @@ def cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.config import apply_overrides, read_yaml
+    from fedsim.sweep import check_section, merge_flags, parse_grid_flags, parse_seeds
+    from fedsim.sweep_driver import run_sweep
+
+    raw = read_yaml(args.scenario)
+    try:
+        raw = apply_overrides(raw, args.set)
+        spec = check_section(raw.pop("sweep", None) or {})
+    except ConfigError as err:
+        raise err.at(file=args.scenario) from None
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError("must be >= 1", key="--jobs", value=args.jobs)
+    parse_seeds(args.seeds, "--seeds")
+    spec = merge_flags(spec, grid=parse_grid_flags(args.grid), seeds=args.seeds, jobs=args.jobs,
+                       launcher=args.launcher, submitit=_kv(args.submitit, "--submitit"))
+    return run_sweep(raw, spec, args.scenario, out=args.out, dry=args.dry_run, quiet=args.quiet)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from fedsim.plot import plot_runs
 
-    out = plot_runs(args.runs, x=args.x, y=args.y, output=args.output)
+    out = plot_runs(args.runs, x=args.x, y=args.y, output=args.output, band=args.band,
+                    title=args.title, logy=True if args.logy else None)
     print(out)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedsim.plot import compare_table
+    from fedsim.compare import compare
 
-    print(compare_table(args.runs))
+    fmt = args.format or ("csv" if (args.output or "").endswith(".csv") else None)
+    text = compare(args.runs, target=args.target, last=args.last, fmt=fmt, baseline=args.baseline)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        print(args.output)
+    else:
+        print(text)
     return 0
 
 
+def _add_sweep(sub: Any) -> None:
+    s = sub.add_parser("sweep", help="run a scenario over a grid of settings and seeds, one run "
+                       "per point in one sweep folder (rerun to resume)")
+    s.add_argument("scenario")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="an axis of the grid, e.g. --grid strategy.lr=0.05,0.1 (repeatable)")
+    s.add_argument("--seeds", help="seeds, e.g. 0-4 or 0,2,7 (default: sweep.seeds or seed)")
+    s.add_argument("--jobs", type=int, help="points at a time (default 1: in this process)")
+    s.add_argument("--out", help="the sweep folder (default: sweep.out or <output.dir>/<name>-sweep)")
+    s.add_argument("--launcher", choices=("local", "slurm"), help="local processes or a Slurm "
+                   "job array through submitit")
+    s.add_argument("--submitit", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit executor parameter, e.g. timeout_min=120, slurm_partition=gpu")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the base scenario (repeatable)")
+    s.add_argument("--dry-run", action="store_true", help="list and validate the points only")
+    s.add_argument("--quiet", action="store_true", help="no line per finished point")
+    s.set_defaults(fn=cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fedsim.provenance import DISTRIBUTION, version
+
     p = argparse.ArgumentParser(prog="fedsim", description="Federated and decentralized training simulator.")
+    p.add_argument("--version", action="version",
+                   version=f"fedsim {version()} (distribution {DISTRIBUTION})")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a scenario and print its run folder")
@@ -135,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("scenario")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(fn=cmd_validate)
+    _add_sweep(sub)
 
     ls = sub.add_parser("list", help="list registered plug-ins")
     ls.add_argument("what", choices=LISTABLE)
@@ -148,16 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("params", nargs="*", metavar="KEY=VALUE", help="topology parameters, e.g. degree=4")
     t.set_defaults(fn=cmd_topology)
 
-    pl = sub.add_parser("plot", help="overlay runs: metric against round or bytes")
-    pl.add_argument("runs", nargs="+")
-    pl.add_argument("--x", choices=("round", "bytes", "bytes_up", "wall"), default="round")
+    pl = sub.add_parser("plot", help="curves of runs and sweeps: mean and band over seeds")
+    pl.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    pl.add_argument("--x", choices=("round", "bytes", "bytes_up", "wall", "sim"), default="round",
+                    help="wall: host seconds; sim: simulated seconds (runs with sim_time_s)")
     pl.add_argument("--y", choices=("test_accuracy", "test_loss", "train_loss", "consensus_distance",
                                     "node_accuracy_mean"), default="test_accuracy")
+    pl.add_argument("--band", choices=("std", "ci", "none"), default="std",
+                    help="shade mean ± std over seeds (default) or the 95%% t-interval")
+    pl.add_argument("--logy", action="store_true", help="log y axis")
+    pl.add_argument("--title", help="figure title (default: metric, data and seeds)")
     pl.add_argument("-o", "--output", default=None, help="PNG file (default: plot.png)")
     pl.set_defaults(fn=cmd_plot)
 
-    c = sub.add_parser("compare", help="table of final metrics of runs")
-    c.add_argument("runs", nargs="+")
+    c = sub.add_parser("compare", help="tables of runs and sweeps: mean ± std and 95%% intervals "
+                       "over seeds, paired differences")
+    c.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    c.add_argument("--target", type=float, help="also rounds to this test accuracy, e.g. 0.8")
+    c.add_argument("--last", type=int, default=1, help="final = mean of the last K evaluations")
+    c.add_argument("--baseline", help="group label or strategy name the others are paired with "
+                   "(default: the first group of each context)")
+    c.add_argument("--format", choices=("md", "csv"), help="default: md (per-run table when no "
+                   "two runs differ only in seed)")
+    c.add_argument("-o", "--output", help="write to this file (.csv: CSV)")
     c.set_defaults(fn=cmd_compare)
 
     # Flower: run any Flower app on fedsim's runtimes; export a scenario as a Flower app.

@@ -1,10 +1,11 @@
 """Scenario files: YAML validated into typed, frozen objects with every default filled.
 
 A scenario has the top-level keys ``name, seed, rounds, data, model, topology, participation,
-strategy, engine, eval, output``. Sections that pick a plug-in by ``kind``/``name``/``dataset``
-take that plug-in's own keyword arguments next to it; they are validated against the
-factory's signature, so unknown keys and bad values are errors that name the file, the key
-path, the value and what is allowed.
+strategy, engine, eval, output`` and ``sweep`` (read by `fedsim sweep`, see fedsim/sweep.py; a
+single run ignores it and never writes it into config.yaml). Sections that pick a plug-in by
+``kind``/``name``/``dataset`` take that plug-in's own keyword arguments next to it; they are
+validated against the factory's signature, so unknown keys and bad values are errors that name
+the file, the key path, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fedsim.errors import ConfigError
 from fedsim.registry import plain, pydantic_to_config_error
 
 TOP_KEYS = ("name", "seed", "rounds", "data", "model", "topology", "participation", "strategy",
-            "engine", "eval", "output")
+            "engine", "eval", "output", "sweep")
 
 
 class _Section(BaseModel):
@@ -87,6 +88,7 @@ class EvalCfg(_Section):
 
 class OutputCfg(_Section):
     dir: str = "runs"
+    trackers: tuple[Literal["tensorboard", "mlflow"], ...] = ()  # fedsim/trackers.py
 
 
 class Scenario(_Section):
@@ -101,6 +103,7 @@ class Scenario(_Section):
     engine: EngineCfg = EngineCfg()
     eval: EvalCfg = EvalCfg()
     output: OutputCfg = OutputCfg()
+    sweep: dict[str, Any] | None = Field(None, exclude=True)  # checked by fedsim.sweep
     source: str | None = Field(None, exclude=True)
 
 
@@ -164,6 +167,10 @@ def parse_scenario(raw: dict[str, Any], source: str | None = None) -> "Scenario"
         except TypeError as exc:  # non-string keys
             raise ConfigError(f"bad scenario structure: {exc}") from None
         sc = resolve_plugins(sc)
+        if sc.sweep is not None:
+            from fedsim.sweep import check_section
+
+            check_section(sc.sweep)
     except ConfigError as err:
         raise err.at(file=source) from None
     return sc.model_copy(update={"source": source})
@@ -252,7 +259,8 @@ def to_dict(sc: Scenario) -> dict[str, Any]:
     """Plain, YAML-serialisable dict of the resolved scenario (the run folder's config.yaml)."""
     def section(v: Any) -> Any:
         if isinstance(v, BaseModel):
-            d = {k: section(getattr(v, k)) for k in type(v).model_fields if k != "source"}
+            d = {k: section(getattr(v, k)) for k in type(v).model_fields
+                 if k not in ("source", "sweep")}
             d.update({k: plain(x) for k, x in (v.model_extra or {}).items()})
             return d
         return plain(v)

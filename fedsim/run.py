@@ -19,7 +19,10 @@ from typing import Any, Callable
 import yaml
 
 from fedsim.config import Scenario, to_dict
+from fedsim.provenance import provenance
+from fedsim.trackers import open_trackers
 from fedsim.types import Engine
+
 
 def _unique_dir(base: str, name: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -37,6 +40,7 @@ class RunWriter:
     def __init__(self, sc: Scenario, out_dir: str | None = None) -> None:
         self.final = _unique_dir(out_dir or sc.output.dir, sc.name)
         self.path = self.final + ".partial"
+        self.trackers = open_trackers(sc, self.path, self.final, out_dir or sc.output.dir)
         os.makedirs(self.path)
         with open(os.path.join(self.path, "config.yaml"), "w", encoding="utf-8") as fh:
             yaml.safe_dump(to_dict(sc), fh, sort_keys=False)
@@ -47,9 +51,11 @@ class RunWriter:
         self.history.append(metrics)
         self._metrics.write(json.dumps(metrics, sort_keys=False) + "\n")
         self._metrics.flush()
+        self.trackers.log(metrics)
 
     def close(self, summary: dict[str, Any], ok: bool) -> str:
         self._metrics.close()
+        self.trackers.close(summary, ok)
         with open(os.path.join(self.path, "summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
         if ok:
@@ -83,7 +89,7 @@ def summarize(sc: Scenario, history: list[dict[str, Any]], wall_s: float, extra:
         "bytes_up": last.get("bytes_up", 0), "bytes_down": last.get("bytes_down", 0),
         "wall_s": round(wall_s, 4), "seed": sc.seed, "strategy": sc.strategy.name,
         "engine": sc.engine.kind, "device": sc.engine.device, "rounds": sc.rounds,
-        "clients": sc.data.clients, **extra,
+        "clients": sc.data.clients, **extra, "provenance": provenance(sc.engine.device, sc.source),
     }
 
 
