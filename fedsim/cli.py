@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from fedsim.errors import ConfigError
 
@@ -259,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "nodes", 1) is not None and getattr(args, "nodes", 1) < 1:
-        print("error: --nodes: must be >= 1 (got %d)" % args.nodes, file=sys.stderr)
+        print(f"error: --nodes: must be >= 1 (got {args.nodes})", file=sys.stderr)
         return 2
     try:
         return int(args.fn(args) or 0)

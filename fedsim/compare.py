@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fedsim.errors import ConfigError
-from fedsim.stats import (Estimate, Group, Run, best, distinguishing_labels, estimate, expand,
-                          final, group_runs, paired, per_seed, to_target)
+from fedsim.stats import (
+    Estimate,
+    Group,
+    Run,
+    best,
+    distinguishing_labels,
+    estimate,
+    expand,
+    final,
+    group_runs,
+    paired,
+    per_seed,
+    to_target,
+)
 
 Metric = tuple[str, Callable[[Run], "float | None"], int]
 """(column name, value of one run, decimals in Markdown)."""
@@ -54,7 +67,7 @@ def contexts(groups: list[Group]) -> list[tuple[str, list[Group]]]:
     cfgs = [{k: v for k, v in gs[0].config.items() if not k.startswith("strategy.")}
             for gs in out.values()]
     names = distinguishing_labels(cfgs) if len(cfgs) > 1 else ["all"]
-    return list(zip(names, out.values()))
+    return list(zip(names, out.values(), strict=True))
 
 
 def _baselines(gs: list[Group], name: str | None) -> list[Group]:
@@ -123,7 +136,7 @@ def markdown(groups: list[Group], ms: list[Metric], prs: list[tuple[str, Group, 
             ests = [paired(per_seed(g, fn), per_seed(b, fn)) for _, fn, _ in pm]
             common = len(set(g.seeds) & set(b.seeds))
             body.append([ctx, g.label, b.label, str(common),
-                         *(_cell(e, d, common, signed=True) for e, (_, _, d) in zip(ests, pm))])
+                         *(_cell(e, d, common, signed=True) for e, (_, _, d) in zip(ests, pm, strict=True))])
         out += _md(["context", "group", "baseline", "pairs", *(f"Δ {m[0]}" for m in pm)], body)
     return "\n".join(out)
 

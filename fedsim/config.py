@@ -156,7 +156,7 @@ def read_yaml(path: str) -> dict[str, Any]:
     return raw
 
 
-def parse_scenario(raw: dict[str, Any], source: str | None = None) -> "Scenario":
+def parse_scenario(raw: dict[str, Any], source: str | None = None) -> Scenario:
     """Validate a raw mapping (structure and every plug-in's parameters)."""
     try:
         try:

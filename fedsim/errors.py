@@ -26,7 +26,7 @@ class ConfigError(Exception):
             text = f"{text}; allowed: {self.allowed}"
         return f"{where}: {text}" if where else text
 
-    def at(self, *, file: str | None = None, prefix: str | None = None) -> "ConfigError":
+    def at(self, *, file: str | None = None, prefix: str | None = None) -> ConfigError:
         """Return the same error located in `file` and/or under key `prefix`."""
         key = ".".join(p for p in (prefix, self.key) if p) or None
         return ConfigError(self.msg, file=file or self.file, key=key, value=self.value,

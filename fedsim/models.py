@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,7 @@ class ParamSpec:
     size: int
 
     @staticmethod
-    def of(module: nn.Module) -> "ParamSpec":
+    def of(module: nn.Module) -> ParamSpec:
         names, shapes, offsets, off = [], [], [], 0
         for name, p in module.named_parameters():
             names.append(name)
@@ -123,11 +124,12 @@ class ParamSpec:
         """Views of x [..., P] shaped as the module's parameters (leading dims kept)."""
         lead = x.shape[:-1]
         return {n: x[..., o:o + math.prod(s)].view(*lead, *s)
-                for n, s, o in zip(self.names, self.shapes, self.offsets)}
+                for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)}
 
     def segments(self) -> list[tuple[str, int, int]]:
         """(name, start, stop) of every parameter tensor in the flat vector."""
-        return [(n, o, o + math.prod(s)) for n, s, o in zip(self.names, self.shapes, self.offsets)]
+        return [(n, o, o + math.prod(s))
+                for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)]
 
 
 def init_params(module_factory: Callable[[], nn.Module], spec: ParamSpec, seed: int,
@@ -181,6 +183,7 @@ class StackedModel:
     def logits_class_first(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         """Logits [m, C, B] (the layout `F.cross_entropy` reduces fastest) of inputs [m, B, *feature]."""
         if self._feature_major:
+            assert self._plan is not None
             return _run_plan_feature_major(self._plan, params, inputs)
         return self.forward_views(params, inputs).transpose(1, 2)
 

@@ -34,7 +34,7 @@ class ClientData:
 
     @staticmethod
     def from_parts(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], device: Any,
-                   dtype: torch.dtype) -> "ClientData":
+                   dtype: torch.dtype) -> ClientData:
         order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -42,11 +42,11 @@ class ClientData:
                           torch.as_tensor(y[order], dtype=torch.int64, device=device),
                           torch.as_tensor(offsets, device=device), torch.as_tensor(sizes, device=device))
 
-    def subset(self, ids: np.ndarray) -> "ClientData":
+    def subset(self, ids: np.ndarray) -> ClientData:
         """The data of clients `ids` only (what one MPI rank or Flower node holds)."""
         ids_t = torch.as_tensor(ids, device=self.x.device)
         rows = torch.cat([torch.arange(int(o), int(o) + int(n), device=self.x.device)
-                          for o, n in zip(self.offsets[ids_t], self.sizes[ids_t])])
+                          for o, n in zip(self.offsets[ids_t], self.sizes[ids_t], strict=True)])
         sizes = torch.zeros_like(self.sizes)
         sizes[ids_t] = self.sizes[ids_t]
         offsets = torch.zeros_like(self.offsets)

@@ -9,8 +9,8 @@ Built in: ``iid``, ``dirichlet``, ``shards``, ``natural`` (here) and Flower Data
 partitioners ``flwr-iid``, ``flwr-dirichlet``, ``flwr-pathological``, ``flwr-natural``
 (`fedsim.data.flwr_partitions`, with the ``[hf]`` extra). Every kind also takes ``holdout``:
 the fraction of each client's samples kept out of training as that client's test split
-(`fedsim.data.splits.client_splits`); with ``holdout: 0`` a client that is one of the dataset's natural clients
-gets the dataset's own test data for it (LEAF's per-user test files, ``test_fraction``).
+(`fedsim.data.splits.client_splits`); with ``holdout: 0`` a client that is one of the dataset's
+natural clients gets the dataset's own test data for it (LEAF's per-user test files, ``test_fraction``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ PARTITIONS = _PartitionRegistry("partitions",
                                 reserved=("labels", "num_clients", "seed", "natural_split"))
 
 
-def partition(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
+def partition(kind: str, params: dict, ds: Dataset, *, num_clients: int,
               seed: int) -> list[np.ndarray]:
     """Split ``ds.x_train`` over `num_clients` by partition `kind`: checked, sorted int64 arrays.
 
@@ -74,7 +74,7 @@ def partition(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
     return client_splits(kind, params, ds, num_clients=num_clients, seed=seed).train
 
 
-def _partition(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
+def _partition(kind: str, params: dict, ds: Dataset, *, num_clients: int,
                seed: int) -> list[np.ndarray]:
     n = len(ds.y_train)
     if num_clients > n:
@@ -238,7 +238,7 @@ def shards(*, classes_per_client: Annotated[int, Field(ge=1)] = 2, labels: np.nd
     by_class = [g.permutation(np.flatnonzero(labels == c)) for c in range(classes)]
     sizes = np.array([len(ix) for ix in by_class], dtype=np.int64)
     per_label = _shards_per_label(sizes, num_clients * classes_per_client)
-    cuts = [s for ix, k in zip(by_class, per_label) if k for s in np.array_split(ix, k)]
+    cuts = [s for ix, k in zip(by_class, per_label, strict=True) if k for s in np.array_split(ix, k)]
     order = g.permutation(len(cuts)).reshape(num_clients, classes_per_client)
     return [np.concatenate([cuts[j] for j in row]) for row in order]
 

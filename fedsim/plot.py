@@ -9,6 +9,7 @@ round-0 evaluation, when runs record one, is the first point (a log axis cannot 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -38,13 +39,22 @@ def mean_curve(group: Group, x: str, y: str, band: str = "std") -> tuple[list[fl
     by_round = [{r["round"]: r for r in run.rows if r.get(y) is not None
                  and x_value(r, x) is not None} for run in group.runs]
     rounds = sorted(set.intersection(*(set(b) for b in by_round)))
-    xs, mean, low, high = [], [], [], []
+    xs: list[float] = []
+    mean: list[float] = []
+    low: list[float] = []
+    high: list[float] = []
     for t in rounds:
         e = estimate([b[t][y] for b in by_round])
-        xs.append(math.fsum(x_value(b[t], x) for b in by_round) / len(by_round))
-        mean.append(e.mean)
-        lo, hi = (e.mean - e.std, e.mean + e.std) if band == "std" and e.std is not None else \
-            (e.low, e.high) if band == "ci" and e.low is not None else (e.mean, e.mean)
+        xs.append(math.fsum(float(x_value(b[t], x)) for b in by_round) / len(by_round))  # type: ignore[arg-type]
+        m = e.mean
+        assert m is not None  # every run of the group has a value at round t
+        mean.append(m)
+        if band == "std" and e.std is not None:
+            lo, hi = m - e.std, m + e.std
+        elif band == "ci" and e.low is not None and e.high is not None:
+            lo, hi = e.low, e.high
+        else:
+            lo, hi = m, m
         low.append(lo)
         high.append(hi)
     return xs, mean, low, high
@@ -93,10 +103,10 @@ def figure(groups: list[Group], x: str = "round", y: str = "test_accuracy", band
         if "accuracy" in y:
             low, high = [max(v, 0.0) for v in low], [min(v, 1.0) for v in high]
         if log_y:  # a band reaching below 0 is cut at a tenth of the mean
-            low = [lo if lo > 0 else m / 10 for lo, m in zip(low, mean)]
+            low = [lo if lo > 0 else m / 10 for lo, m in zip(low, mean, strict=True)]
         if not keep:
             raise ConfigError(f"no values of {y!r} against {x!r}", file=g.runs[0].path)
-        pick = lambda v: [v[i] for i in keep]  # noqa: E731
+        pick = functools.partial(_pick, keep=keep)
         n = len(g.runs)
         (line,) = ax.plot(pick(xs), pick(mean), marker="." if len(keep) < 40 else None,
                           label=g.label + (f" (n={n})" if n > 1 else ""))
@@ -129,3 +139,7 @@ def plot_runs(paths: list[str], x: str = "round", y: str = "test_accuracy",
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _pick(values: list[Any], keep: list[int]) -> list[Any]:
+    return [values[i] for i in keep]

@@ -42,7 +42,7 @@ def param_lines(registry: Any, name: str) -> list[str]:
     fn = registry.get(name)
     try:
         hints = typing.get_type_hints(fn, include_extras=True)
-    except Exception:  # a user plug-in with unresolvable annotations: show them as written
+    except Exception:  # noqa: BLE001 - a user plug-in with unresolvable annotations: show them as written
         hints = {}
     lines = []
     for key, p in registry.params(name).items():

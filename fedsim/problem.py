@@ -34,7 +34,7 @@ class Problem(Protocol):
         """(test loss [k], test accuracy [k]) of models x [k, P]; None if not defined."""
         ...
 
-    def restrict(self, owned: np.ndarray) -> "Problem":
+    def restrict(self, owned: np.ndarray) -> Problem:
         """The same problem holding only the data of clients `owned` (an MPI rank's slice)."""
         ...
 
@@ -94,7 +94,7 @@ class DataProblem:
             correct += ((logits.argmax(-1) == y) & valid).sum(1).double()
         return loss, correct, sizes.double()
 
-    def restrict(self, owned: np.ndarray) -> "DataProblem":
+    def restrict(self, owned: np.ndarray) -> DataProblem:
         if len(owned) == self.num_clients:
             return self
         out = DataProblem(self.model, self.data.subset(np.asarray(owned)), self.x_test, self.y_test,

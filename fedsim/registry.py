@@ -24,11 +24,11 @@ import inspect
 import os
 import sys
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from fedsim.errors import ConfigError
-
 
 # kind -> (singular noun, the scenario key that chooses the plug-in)
 _NOUNS = {"strategies": ("strategy", "name"), "datasets": ("dataset", "dataset"),
@@ -76,9 +76,9 @@ class Registry:
         for mod in self._builtins:
             importlib.import_module(mod)
         try:
-            eps = metadata.entry_points(group=f"fedsim.{self.kind}")
-        except Exception:  # pragma: no cover - broken metadata of some other package
-            eps = ()
+            eps = list(metadata.entry_points(group=f"fedsim.{self.kind}"))
+        except Exception:  # noqa: BLE001 - pragma: no cover - broken metadata of some other package
+            eps = []
         for ep in eps:
             self._factories.setdefault(ep.name, _LazyEntryPoint(ep))
 
@@ -149,11 +149,17 @@ def _factory_error(exc: ValueError, kwargs: Mapping[str, Any]) -> ConfigError:
 
 
 class _LazyEntryPoint:
+    """An installed plug-in, imported when first used."""
+
     def __init__(self, ep: Any) -> None:
         self.ep = ep
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.load()(*args, **kwargs)
+
     def load(self) -> Callable[..., Any]:
-        return self.ep.load()
+        fn: Callable[..., Any] = self.ep.load()
+        return fn
 
 
 def _import_path(path: str, noun: str, key: str) -> Callable[..., Any]:

@@ -13,8 +13,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import yaml
 
@@ -147,7 +148,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
     out = list(groups.values())
     for g in out:
         g.runs.sort(key=lambda r: (str(type(r.seed)), r.seed))
-    for g, label in zip(out, labels(out)):
+    for g, label in zip(out, labels(out), strict=True):
         g.label = label
     return out
 
@@ -169,8 +170,8 @@ def short_labels(configs: list[dict[str, Any]], keys: list[str]) -> list[str]:
     """``k=v`` of `keys` per config (keys a config lacks are left out), k shortened by
     `short_key` unless that is ambiguous."""
     last = [short_key(k) for k in keys]
-    names = [s if last.count(s) == 1 else k for k, s in zip(keys, last)]
-    return [",".join(f"{n}={c[k]}" for n, k in zip(names, keys) if k in c) for c in configs]
+    names = [s if last.count(s) == 1 else k for k, s in zip(keys, last, strict=True)]
+    return [",".join(f"{n}={c[k]}" for n, k in zip(names, keys, strict=True) if k in c) for c in configs]
 
 
 def distinguishing_labels(configs: list[dict[str, Any]]) -> list[str]:

@@ -8,7 +8,7 @@ A strategy without client state costs nothing.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -181,7 +181,7 @@ def _short_names(spec: SweepSpec) -> dict[str, str]:
     last = [short_key(k) for k in spec.grid]
     taken = set(spec.cases) | {"seed"}
     return {k: (s if last.count(s) == 1 and s not in taken else k)
-            for k, s in zip(spec.grid, last)}
+            for k, s in zip(spec.grid, last, strict=True)}
 
 
 def points(spec: SweepSpec, default_seed: int, base_name: str = "run") -> list[Point]:
@@ -194,7 +194,8 @@ def points(spec: SweepSpec, default_seed: int, base_name: str = "run") -> list[P
     for k, values in spec.grid.items():
         axes.append([(f"{short[k]}={_fmt(v)}", ((k, v),)) for v in values])
     seeds = parse_seeds(spec.seeds, "sweep.seeds") or [default_seed]
-    out, seen = [], {}
+    out: list[Any] = []
+    seen: dict[str, Any] = {}
     for seed in seeds:
         for combo in itertools.product(*axes):
             label = ",".join(part for part, _ in combo)

@@ -28,7 +28,7 @@ def sweep_folder(base: dict[str, Any], spec: SweepSpec, out: str | None) -> str:
     """`--out`, else ``sweep.out``, else ``<output.dir>/<name>-sweep`` (fixed, so reruns resume)."""
     if out or spec.out:
         return str(out or spec.out)
-    output = base.get("output") if isinstance(base.get("output"), dict) else {}
+    output = base["output"] if isinstance(base.get("output"), dict) else {}
     return os.path.join(str(output.get("dir", "runs")), f"{base.get('name', 'run')}-sweep")
 
 

@@ -24,8 +24,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 from fedsim.errors import ConfigError
 from fedsim.sweep import SweepSpec
@@ -87,7 +88,7 @@ def run_point_task(sweep_dir: str, pid: str) -> dict[str, Any] | None:
 def _outcome(job: Any) -> Outcome:
     try:
         result = job.results()[0]
-    except Exception as exc:  # the job itself failed: submitit's error names its log
+    except Exception as exc:  # noqa: BLE001 - the job itself failed: submitit's error names its log
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
         return Outcome("failed", error=f"job {job.job_id}: {lines[-1] if lines else exc}")
     return Outcome(**result) if result else Outcome("failed", error="no result from rank 0")
@@ -101,7 +102,7 @@ def run_slurm(sweep_dir: str, spec: SweepSpec, todo: list[tuple[str, bool]],
     for ranks in sorted({spec.ranks if mpi else 1 for _, mpi in todo}):
         ids = [pid for pid, mpi in todo if (spec.ranks if mpi else 1) == ranks]
         ex = _executor(spec, folder, ranks)
-        for pid, job in zip(ids, ex.map_array(run_point_task, [sweep_dir] * len(ids), ids)):
+        for pid, job in zip(ids, ex.map_array(run_point_task, [sweep_dir] * len(ids), ids), strict=True):
             jobs[pid] = job
             on_start(pid, status="submitted", job_id=str(job.job_id))
     poll = 15.0 if spec.submitit.get("cluster", "slurm") == "slurm" else 0.5
@@ -114,6 +115,6 @@ def run_slurm(sweep_dir: str, spec: SweepSpec, todo: list[tuple[str, bool]],
             if jobs:
                 time.sleep(poll)
     except KeyboardInterrupt:
-        ids = " ".join(sorted({str(j.job_id).split("_")[0] for j in jobs.values()}))
-        print(f"the submitted jobs go on running; `scancel {ids}` stops them", file=sys.stderr)
+        arrays = " ".join(sorted({str(j.job_id).split("_")[0] for j in jobs.values()}))
+        print(f"the submitted jobs go on running; `scancel {arrays}` stops them", file=sys.stderr)
         raise

@@ -18,7 +18,8 @@ passes here behaves the same in `fedsim run`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,12 +93,12 @@ class QuadraticProblem:
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.objective(x), None
 
-    def restrict(self, owned: np.ndarray) -> "QuadraticProblem":
+    def restrict(self, owned: np.ndarray) -> QuadraticProblem:
         return self
 
 
 def drift_quadratic(**kw: Any) -> QuadraticProblem:
-    """Client-drift fixture (ALGORITHMS.md §10): h = [1, 4], c = [0, 1], d = 1, x* = 0.8.
+    """Client-drift fixture (docs/algorithms.md#drift-quadratic): h = [1, 4], c = [0, 1], d = 1, x* = 0.8.
 
     FedAvg with lr 0.1 and 10 full-batch local steps stops at 0.6041260077; SCAFFOLD reaches 0.8.
     """
@@ -105,7 +106,9 @@ def drift_quadratic(**kw: Any) -> QuadraticProblem:
 
 
 def participation_bias_quadratic(**kw: Any) -> tuple[QuadraticProblem, np.ndarray]:
-    """FedAU's bias fixture (ALGORITHMS.md §2.6 test 5): f_n = 0.5 (x - c_n)^2, c = [0, 1].
+    """FedAU's bias fixture (docs/algorithms.md#participation-bias-quadratic).
+
+    f_n = 0.5 (x - c_n)^2, c = [0, 1].
 
     Returns (problem, p) with participation probabilities p = [0.9, 0.1]; x* = 0.5. FedAvg over
     participants converges near 0.06 under Bernoulli(p); FedAU and known-prob near 0.5.

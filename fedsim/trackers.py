@@ -44,7 +44,8 @@ class TensorBoard:
     def __init__(self, run_dir: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._cls, self.dir, self._w = SummaryWriter, os.path.join(run_dir, "tensorboard"), None
+        self._cls, self.dir = SummaryWriter, os.path.join(run_dir, "tensorboard")
+        self._w: Any = None
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self._w is None:
@@ -116,7 +117,7 @@ class Trackers:
         for name, t in list(self.items.items()):
             try:
                 getattr(t, method)(*args)
-            except Exception as exc:  # a tracker never stops the run
+            except Exception as exc:  # noqa: BLE001 - a tracker never stops the run
                 print(f"warning: tracker {name} failed and is off for this run: "
                       f"{type(exc).__name__}: {exc}", file=sys.stderr)
                 del self.items[name]
@@ -142,7 +143,7 @@ def open_trackers(sc: Any, run_dir: str, final_dir: str, parent: str) -> Tracker
         try:
             items[name] = TensorBoard(run_dir) if name == "tensorboard" else \
                 MLflow(sc, final_dir, parent)
-        except Exception as exc:  # a tracker never stops the run
+        except Exception as exc:  # noqa: BLE001 - a tracker never stops the run
             print(f"warning: tracker {name} could not start and is off for this run: "
                   f"{type(exc).__name__}: {exc}", file=sys.stderr)
     return Trackers(items)

@@ -12,8 +12,8 @@ import torch
 from fedsim.constraints import Fraction, NonNegativeFloat, PositiveInt
 from fedsim.types import Compressor, Oracle, RoundCtx, Strategy, Tree, model_rows
 from strategies import STRATEGIES
-from strategies.local import broadcast_rows, local_sgd
 from strategies.compress import contractive, require_stateless, top_k
+from strategies.local import broadcast_rows, local_sgd
 
 
 @STRATEGIES.register("choco")
@@ -52,7 +52,7 @@ def choco(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
 
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         y, loss = local_sgd(clients["x"], oracle, local_steps, lr)
-        q, enc, _ = comp.compress(y - clients["xhat"], {}, ctx)
+        q, enc, _ = comp.compress(y - clients["xhat"], {}, ctx, ())
         xhat = clients["xhat"] + q
         return {"xhat": xhat}, {"x": y, "xhat": xhat}, {"loss": loss, "sent_values": enc.values,
                                                          "sent_bits": enc.bits}

@@ -107,7 +107,8 @@ def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOptimizer
     staleness 0 uses the current round (D = x_{t,0} - xbar_{t,tau}, no gap): SlowMo, and with
     beta 0, outer_lr 1, Lambda 1 it is Local SGD. An empty reduction leaves x and m unchanged.
 
-    The paper's exact Lambda_t could not be verified (ALGORITHMS.md §13 gap 1); `gap_norm` is the
+    The paper's exact Lambda_t could not be verified (docs/algorithms.md#co2-penalty-and-clipping);
+    `gap_norm` is the
     recalled 1 + ||gap|| / ||1||, `const` the released code's constant, `gap_elementwise` a
     per-coordinate variant; `gap_scale` multiplies the gap (the RMS gap of NN weights is tiny, so
     at scale 1 `gap_norm` is close to 1). Penalty and clipping are inert near a fixed point

@@ -21,7 +21,8 @@ References: Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", NeurIPS 2018
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 
@@ -103,7 +104,8 @@ def _check_k(ratio: float | None, k: int | None) -> None:
         raise ValueError("ratio: give exactly one of ratio (fraction of coordinates) or k (count)")
 
 
-def _sparse(v: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, ibits: int) -> tuple[torch.Tensor, Encoding]:
+def _sparse(v: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, ibits: int
+            ) -> tuple[torch.Tensor, Encoding]:
     """Scatter the kept values; encoding = k values + k indices of `ibits` bits, support `idx`."""
     k = idx.shape[1]
     return torch.zeros_like(v).scatter(1, idx, vals), Encoding(_full(v, k), _full(v, k * ibits), idx)
@@ -250,12 +252,13 @@ def chain(*, stages: list[Compressor]) -> Transform:
         return out
 
     def alpha(d: int) -> float:
-        return math.prod(stage.alpha(w) for stage, w in zip(parts, widths(d)))
+        return math.prod(stage.alpha(w) for stage, w in zip(parts, widths(d)[:-1], strict=True))
 
     omega = None
     if all(stage.omega is not None for stage in parts):
         def omega(d: int) -> float:
-            return math.prod(1 + stage.omega(w) for stage, w in zip(parts, widths(d))) - 1  # type: ignore[misc]
+            pairs = zip(parts, widths(d)[:-1], strict=True)
+            return math.prod(1 + stage.omega(w) for stage, w in pairs) - 1  # type: ignore[misc]
     return stateless(encode, alpha, omega)._replace(stages=parts, kept=lambda d: widths(d)[-1])
 
 
@@ -285,5 +288,6 @@ def contractive(comp: Transform) -> Transform:
     return comp._replace(compress=compress, omega=None)
 
 
-__all__ = ["Transform", "stateless", "require_stateless", "index_bits", "identity", "top_k", "rand_k", "qsgd", "natural",
+__all__ = ["Transform", "stateless", "require_stateless", "index_bits", "identity", "top_k", "rand_k",
+           "qsgd", "natural",
            "chain", "contractive"]

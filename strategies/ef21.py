@@ -8,7 +8,7 @@ compressor wrapper (`strategies.feedback`):
   ef21           = gd + ef21(C):      c_i = C(grad_i - g_i), g_i += c_i, g += sum pi_i c_i
   econtrol       = gd + econtrol(C):  EF21 with a fed-back error (Gao et al. 2024)
   compressed-gd  = x <- x - sum_S p_i C(gamma grad_i), optionally with EF14 (the baseline)
-  ef21-w         = EF21 with weights w_i proportional to L_i (written out below)
+  ef21-w         = EF21 with weights w_i proportional to L_i (strategies/ef21_w.py)
 
 With full participation round 0 of EF21 (init "dense") is the paper's g_i^0 = grad_i(x^0) and
 round t >= 1 its iteration t. Non-participants keep their g_i, which stays in g (EF21-PP,
@@ -28,13 +28,13 @@ from typing import Literal
 import torch
 
 from fedsim.constraints import NonNegativeFloat, PositiveFloat
-from fedsim.objectives import estimate_smoothness
-from fedsim.types import (Compressor, Oracle, RoundCtx, Strategy, StrategyRuntime, Tree, model_rows,
-                          no_clients)
+from fedsim.types import Compressor, Oracle, RoundCtx, Strategy, Tree, model_rows, no_clients
 from strategies import STRATEGIES
-from strategies.local import broadcast_rows
 from strategies.compress import require_stateless, top_k
-from strategies.feedback import Init, ef14, econtrol as econtrol_wrapper, ef21 as ef21_wrapper
+from strategies.feedback import Init, ef14
+from strategies.feedback import econtrol as econtrol_wrapper
+from strategies.feedback import ef21 as ef21_wrapper
+from strategies.local import broadcast_rows
 from strategies.uplink import compress_uplink
 
 Weighting = Literal["samples", "uniform"]
@@ -57,7 +57,7 @@ def theory_lr(L: float, L_tilde: float, alpha: float, factor: float = 1.0) -> fl
     return factor / (L + L_tilde * theory_constants(alpha)[2])
 
 
-def _gradients(oracle: Oracle, x: torch.Tensor, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def gradients(oracle: Oracle, x: torch.Tensor, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return oracle(x, 0) if stochastic else oracle.full(x)
 
 
@@ -80,7 +80,7 @@ def gd(*, lr: PositiveFloat = 0.2, stochastic: bool = False, weighting: Weightin
     Shapes: server {"x": [P]}; payload {"grad": [m, P]}; no client state.
     """
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        loss, grad = _gradients(oracle, broadcast_rows(server["x"], ctx.m), stochastic)
+        loss, grad = gradients(oracle, broadcast_rows(server["x"], ctx.m), stochastic)
         return {"grad": grad}, clients, {"loss": loss}
 
     def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
@@ -136,7 +136,7 @@ def compressed_gd(*, lr: PositiveFloat = 0.5, compressor: Compressor = TOP_K,
     rest in e_i). p_i = n_i / sum_{j in S} n_j.
     """
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        loss, grad = _gradients(oracle, broadcast_rows(server["x"], ctx.m), stochastic)
+        loss, grad = gradients(oracle, broadcast_rows(server["x"], ctx.m), stochastic)
         return {"step": lr * grad}, clients, {"loss": loss}
 
     def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
@@ -146,63 +146,3 @@ def compressed_gd(*, lr: PositiveFloat = 0.5, compressor: Compressor = TOP_K,
     step = Strategy(init_server=lambda x0: {"x": x0.clone()}, init_clients=no_clients,
                     local=local, server_update=server_update, payload=model_rows("step"))
     return compress_uplink(step, ef14(inner=compressor) if error_feedback else compressor)
-
-
-@STRATEGIES.register("ef21-w")
-def ef21_w(*, lr: PositiveFloat = 0.2, compressor: Compressor = TOP_K,
-           smoothness: list[PositiveFloat] | None = None, stochastic: bool = False,
-           init: Init = "dense", weighting: Weighting = "samples",
-           runtime: StrategyRuntime | None = None) -> Strategy:
-    """EF21-W (Richtárik, Gasanov, Burlachenko, ICLR 2024): EF21 with weights w_i ∝ pi_i L_i.
-
-    c_i = C(grad_i / L_i - g_i), g_i += c_i, and the server adds sum_i pi_i L_i c_i: the paper's
-    c_i = C(grad_i / (n w_i) - g_i), g += sum_i w_i c_i with w_i = pi_i L_i / sum_j pi_j L_j,
-    run in unnormalised form (identical iterates for positively homogeneous C such as top_k).
-    Step size 1/(L + L_AM sqrt(beta/theta)) (`theory_lr` with the mean L_i).
-
-    Args:
-      smoothness: L_i of every client (length N). None: each client estimates its L_i once, at
-        its first participation, by power iteration on its full loss at the current model
-        (`fedsim.objectives.estimate_smoothness`: 21 extra full-gradient calls of the block in
-        rounds where a participant is new), and sends it up (one value). That is a local
-        curvature estimate, not the global constant L_i.
-      Other arguments as for `ef21`.
-
-    Shapes: server {"x", "g": [P]}; clients EF21's {"g": [m, P], "seen": [m]} (+ "L": [m]).
-    """
-    if smoothness is not None and runtime is not None and len(smoothness) != runtime.num_clients:
-        raise ValueError(f"smoothness: needs one value per client ({runtime.num_clients}), "
-                         f"got {len(smoothness)}")
-    require_stateless(compressor, "compressor", "EF21-W is error feedback itself")
-    ef = ef21_wrapper(inner=compressor, init=init)
-    given = None if smoothness is None else torch.tensor(smoothness, dtype=torch.float64)
-
-    def init_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
-        state = ef.init(x0.new_zeros((ids.numel(), x0.shape[-1])))
-        return state if given is not None else {**state, "L": x0.new_zeros(ids.numel())}
-
-    def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        x = broadcast_rows(server["x"], ctx.m)
-        loss, grad = _gradients(oracle, x, stochastic)
-        fresh = clients["seen"] == 0
-        if given is not None:
-            L = given.to(x)[ctx.ids]
-        elif bool(fresh.any()):
-            L = torch.where(fresh, estimate_smoothness(oracle, x, ctx.ids, seed=ctx.seed), clients["L"])
-        else:
-            L = clients["L"]
-        c, enc, state = ef.compress(grad / L[:, None], {k: v for k, v in clients.items() if k != "L"},
-                                    ctx)
-        values = enc.values
-        if given is None:
-            values = values + fresh.to(values.dtype)  # L_i goes up once
-            state = {**state, "L": L}
-        return {"c": c * L[:, None]}, state, {"loss": loss, "sent_values": values, "sent_bits": enc.bits}
-
-    def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
-        g = server["g"] + reduced["c"] if reduced else server["g"]
-        return {**server, "g": g, "x": server["x"] - lr * g}
-
-    return Strategy(init_server=lambda x0: {"x": x0.clone(), "g": torch.zeros_like(x0)},
-                    init_clients=init_clients, local=local, server_update=server_update,
-                    weights=lambda server, ctx: fixed_weights(weighting, ctx), payload=model_rows("c"))

@@ -16,7 +16,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -68,11 +68,11 @@ def variance_correct(avg: torch.Tensor, target: torch.Tensor, segs: Sequence[Seg
       unbiased: variance with n-1 (PyTorch port) or n (C++ simulator) in the denominator.
     """
     out = avg.clone()
-    for l, (a, b) in enumerate(segs):
+    for j, (a, b) in enumerate(segs):
         seg = avg[:, a:b]
         mu = seg.mean(dim=1, keepdim=True)
         den = seg.var(dim=1, unbiased=unbiased, keepdim=True) + eps
-        num = target[:, l:l + 1] + eps
+        num = target[:, j:j + 1] + eps
         scale = torch.where(den > 0, torch.sqrt(num / den.clamp_min(torch.finfo(den.dtype).tiny)),
                             torch.ones_like(den))
         out[:, a:b] = (seg - mu) * scale + mu

@@ -10,12 +10,13 @@ gossip nodes' momentum). In a scenario: ``inner: {name: adamw, beta1: 0.9}``; in
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 
 from fedsim.constraints import Momentum, NonNegativeFloat, PositiveFloat
-from fedsim.types import Oracle, RoundCtx, Tree
+from fedsim.types import LocalOptimizer, Oracle, RoundCtx, Tree
 from strategies import OPTIMIZERS
 
 Direction = Callable[[torch.Tensor, int], torch.Tensor]
@@ -92,7 +93,7 @@ class LocalRun(NamedTuple):
     grad_sum: torch.Tensor | None
 
 
-def run_local(x: torch.Tensor, oracle: Oracle, steps: int, lr: float, opt: Optimizer | None = None,
+def run_local(x: torch.Tensor, oracle: Oracle, steps: int, lr: float, opt: LocalOptimizer | None = None,
               state: Tree | None = None, direction: Direction | None = None,
               track_grads: bool = False) -> LocalRun:
     """`steps` optimizer steps on every client row at once.

@@ -99,11 +99,12 @@ def test_plot_and_compare(scenario_file, tmp_path, capsys):
 
 def test_python_dash_m_and_lazy_imports(scenario_file, tmp_path):
     """`python -m fedsim run` works and never imports flwr, ray or mpi4py on the default engine."""
-    code = ("import runpy, sys; sys.argv = ['fedsim', 'run', %r, '--quiet', '--out', %r];\n"
+    code = (f"import runpy, sys; sys.argv = ['fedsim', 'run', {scenario_file()!r}, '--quiet', '--out', "
+            f"{str(tmp_path / 'runs')!r}];\n"
             "try:\n    runpy.run_module('fedsim', run_name='__main__')\nexcept SystemExit as e:\n"
             "    assert e.code == 0, e.code\n"
             "bad = [m for m in ('flwr', 'ray', 'mpi4py') if m in sys.modules]\n"
-            "assert not bad, bad\n") % (scenario_file(), str(tmp_path / "runs"))
+            "assert not bad, bad\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

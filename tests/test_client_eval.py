@@ -98,7 +98,7 @@ def test_natural_subset_keeps_its_clients_test_data() -> None:
     owner = {int(p[0]): k for k, p in enumerate(ds.natural_split)}
     chosen = [owner[int(p[0])] for p in sp.train]
     assert chosen == sorted(chosen) and len(set(chosen)) == 5 and chosen != list(range(5))
-    assert all(np.array_equal(t, ds.client_test[k]) for t, k in zip(sp.test, chosen))
+    assert all(np.array_equal(t, ds.client_test[k]) for t, k in zip(sp.test, chosen, strict=True))
     first = client_splits("natural", {"select": "first"}, ds, num_clients=5, seed=0)
     assert all(np.array_equal(t, ds.client_test[k]) for k, t in enumerate(first.test))
     # clients that are not whole natural clients have no test split of their own

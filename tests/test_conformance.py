@@ -19,7 +19,8 @@ Closed forms for f_i(x) = 0.5 sum_j h_ij (x_j - c_ij)^2 and weights w_i (per coo
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -83,8 +83,8 @@ def test_every_sample_exactly_once(digits: Dataset, kind: str, params: dict) -> 
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(digits.y_train)))
     again = partition(kind, params, digits, num_clients=20, seed=0)
     other = partition(kind, params, digits, num_clients=20, seed=1)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
 
 
 @pytest.mark.parametrize("scheme", ["per_class", "per_client"])

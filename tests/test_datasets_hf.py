@@ -76,7 +76,7 @@ def test_parquet_equals_save_to_disk(femnist_dir: str, tmp_path) -> None:
     for other in (b, single):
         for f in ("x_train", "y_train", "x_test", "y_test"):
             assert np.array_equal(getattr(a, f), getattr(other, f)), f
-        assert all(np.array_equal(p, q) for p, q in zip(a.natural_split, other.natural_split))
+        assert all(np.array_equal(p, q) for p, q in zip(a.natural_split, other.natural_split, strict=True))
 
 
 def test_test_fraction_is_keyed_by_seed(femnist_dir: str) -> None:
@@ -129,7 +129,7 @@ def test_flwr_natural_equals_natural(femnist_dir: str) -> None:
     ds = _femnist(femnist_dir)
     ours = partition("natural", {}, ds, num_clients=6, seed=0)
     flower = partition("flwr-natural", {}, ds, num_clients=6, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(ours, flower))
+    assert all(np.array_equal(a, b) for a, b in zip(ours, flower, strict=True))
 
 
 @pytest.mark.parametrize("kind,params", [("flwr-iid", {}), ("flwr-dirichlet", {"alpha": 0.5}),
@@ -143,8 +143,8 @@ def test_flower_partitioners_cover_and_are_keyed(kind: str, params: dict) -> Non
         assert np.array_equal(np.sort(flat), np.arange(len(ds.y_train)))
     again = partition(kind, params, ds, num_clients=10, seed=0)
     other = partition(kind, params, ds, num_clients=10, seed=1)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
     if kind == "flwr-iid":
         assert {len(p) for p in parts} <= {143, 144}
         # shuffled before sharding: every client sees most labels

@@ -30,7 +30,7 @@ def test_femnist_directory_of_files(tmp_path) -> None:
     test_doc = json.load(open(os.path.join(root, "test", "all_data_1_niid_0_keep_0_test_9.json")))
     assert ds.y_test[ds.client_test[k]].tolist() == test_doc["user_data"]["f0001_00"]["y"]
     parts = partition("natural", {}, ds, num_clients=5, seed=0)
-    assert all(np.array_equal(p, q) for p, q in zip(parts, ds.natural_split))
+    assert all(np.array_equal(p, q) for p, q in zip(parts, ds.natural_split, strict=True))
 
 
 def test_single_file_and_explicit_test_path(tmp_path) -> None:
@@ -42,7 +42,7 @@ def test_single_file_and_explicit_test_path(tmp_path) -> None:
     assert a.feature_shape == (784,)
     assert np.array_equal(a.x_train, b.x_train) and np.array_equal(a.y_test, b.y_test)
     c = load_dataset("leaf", {"path": train, "test_fraction": 0.25}, num_clients=2, seed=0)
-    assert [len(p) + len(t) for p, t in zip(c.natural_split, c.client_test)] == [4, 4]
+    assert [len(p) + len(t) for p, t in zip(c.natural_split, c.client_test, strict=True)] == [4, 4]
 
 
 def test_shakespeare_next_character(tmp_path) -> None:

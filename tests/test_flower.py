@@ -21,9 +21,21 @@ import torch
 from fedsim.config import parse_scenario
 from fedsim.setup import build_setup
 from tests.conftest import read_metrics, run_cli, small_scenario, write_scenario
-from tests.flower_apps.support import (ATOL, DIGITS, ask, assert_same_run, case, digits, echo_app,
-                                       final, flower, local_superlink, reference, registered,
-                                       same_metrics)
+from tests.flower_apps.support import (
+    ATOL,
+    DIGITS,
+    ask,
+    assert_same_run,
+    case,
+    digits,
+    echo_app,
+    final,
+    flower,
+    local_superlink,
+    reference,
+    registered,
+    same_metrics,
+)
 
 pytestmark = pytest.mark.flower
 torch.set_num_threads(1)
@@ -40,7 +52,8 @@ def test_task_identity_contract():
     from flwr.app import Message, MessageType, RecordDict
     from flwr.supercore import task_identity
 
-    from fedsim.flower.identity import set_task_identity, task_identity as current
+    from fedsim.flower.identity import set_task_identity
+    from fedsim.flower.identity import task_identity as current
 
     assert flwr.__version__.startswith("1.41"), "re-check fedsim/flower/identity.py for this flwr"
     saved = task_identity.TaskIdentity._run_id
@@ -113,7 +126,8 @@ def test_empty_rounds_and_staleness_match_the_engine():
 
 def test_client_state_lives_in_the_node_context():
     """SCAFFOLD's c_i sits in each node's Context.state (equal to the engine's store row)."""
-    from fedsim.flower import client, grid as g, server
+    from fedsim.flower import client, server
+    from fedsim.flower import grid as g
     from fedsim.flower.records import record_to_tree
 
     body = case("scaffold")
@@ -232,7 +246,7 @@ def test_ray_flower_equals_multiplex_for_every_strategy():
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"logging_level": "ERROR"}})
     assert len(done) == len(cases) >= 1
-    for (ref, hist, _, _), adapter in zip(cases, done):
+    for (ref, hist, _, _), adapter in zip(cases, done, strict=True):
         assert_same_run(ref, hist, final(adapter), adapter.history)
 
 

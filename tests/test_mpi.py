@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -125,11 +126,11 @@ def test_cli_run_matches_multiplex(ranks, cli_cases, launches):
     res, out = launches(ranks)
     assert res.returncode == 0, res.stderr[-3000:]
     # Assert: same metrics and final model as multiplex; each rank held only its slice
-    for name, (_, body, (ref_hist, ref_fp, sizes)) in cli_cases.items():
+    for name, (_, _body, (ref_hist, ref_fp, sizes)) in cli_cases.items():
         (run,) = glob.glob(str(out / f"s-{name}-[0-9]*"))
         hist = read_metrics(run)
         assert len(hist) == len(ref_hist), name
-        for got, want in zip(hist, ref_hist):
+        for got, want in zip(hist, ref_hist, strict=True):
             for k in METRICS:
                 assert (got.get(k) is None) == (want.get(k) is None), (name, k)
                 if want.get(k) is not None:
@@ -139,8 +140,9 @@ def test_cli_run_matches_multiplex(ranks, cli_cases, launches):
         assert info["ranks"] == ranks and info["replicas_identical"], name
         bounds = [7 * r // ranks for r in range(ranks + 1)]
         assert info["clients_per_rank"] == list(np.diff(bounds)), name
-        assert info["data_rows_per_rank"] == [int(sizes[a:b].sum()) for a, b in zip(bounds, bounds[1:])], name
-        assert all(s <= c for s, c in zip(info["state_rows_per_rank"], info["clients_per_rank"])), name
+        assert info["data_rows_per_rank"] == [int(sizes[a:b].sum()) for a, b in pairwise(bounds)], name
+        used = zip(info["state_rows_per_rank"], info["clients_per_rank"], strict=True)
+        assert all(s <= c for s, c in used), name
 
 
 @needs_mpi

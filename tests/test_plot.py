@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from itertools import pairwise
 
 import pytest
 
@@ -79,7 +80,7 @@ def test_log_byte_axis_labels_never_overlap(tmp_path, lo, hi):
                         "bytes_down": 0} for t in range(n)])
     boxes = _labels(figure(group_runs(expand([path])), "bytes_up", "test_accuracy"), "x")
     assert len(boxes) >= 2
-    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]
+    assert all(a.x1 <= b.x0 for a, b in pairwise(boxes)), [(b.x0, b.x1) for b in boxes]
 
 
 @pytest.mark.parametrize("lo,hi", [(0.2, 0.5), (1e-6, 1.0), (1e-12, 10.0), (0.03, 3.0)])
@@ -91,7 +92,7 @@ def test_log_y_axis_labels_never_overlap(tmp_path, lo, hi):
     assert fig.axes[0].get_yscale() == "log"
     boxes = _labels(fig, "y")
     assert len(boxes) >= 2
-    assert all(a.y1 <= b.y0 for a, b in zip(boxes, boxes[1:]))
+    assert all(a.y1 <= b.y0 for a, b in pairwise(boxes))
 
 
 def test_plot_command_draws_a_sweep_folder(tmp_path, capsys):

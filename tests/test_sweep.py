@@ -228,7 +228,7 @@ def test_an_mpi_point_runs_under_mpiexec(tmp_path, capsys):
     assert code == 0, err
     run = tmp_path / "mpi" / "seed=3"
     assert json.load(open(run / "summary.json"))["mpi"]["ranks"] == 2
-    for a, b in zip(read_metrics(run), read_metrics(tmp_path / "plex" / "seed=3")):
+    for a, b in zip(read_metrics(run), read_metrics(tmp_path / "plex" / "seed=3"), strict=True):
         assert a["round"] == b["round"] and a["bytes_up"] == b["bytes_up"]
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-9)
 

@@ -1,6 +1,6 @@
 """Topologies: graph invariants, mixing-matrix properties, known spectral numbers, errors.
 
-Known numbers are from ALGORITHMS.md section 5.4 (research/algorithm_checks/checks.py).
+Known numbers: docs/algorithms.md#gossip-tests.
 """
 
 from __future__ import annotations
@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 
 from fedsim.errors import ConfigError
-from topologies import (MIXING_RULES, TOPOLOGIES, MixingMatrix, build_topology, check_mixing,
-                        describe, mixing_matrix, spectral_gap)
+from topologies import (
+    MIXING_RULES,
+    TOPOLOGIES,
+    MixingMatrix,
+    build_topology,
+    check_mixing,
+    describe,
+    mixing_matrix,
+    spectral_gap,
+)
 
 RANDOM = {"erdos_renyi": {"p": 0.3}, "small_world": {"k": 4, "p": 0.3},
           "random_regular": {"degree": 3}}
@@ -64,7 +72,8 @@ def test_static_mixing_is_valid(kind, n, rule, tmp_path):
 @pytest.mark.parametrize("kind", sorted(STATIC))
 def test_seed_reproducibility(kind, tmp_path):
     """Same seed, same graph; another seed, another graph for the random kinds only."""
-    edges = lambda seed: sorted(map(sorted, build(kind, 32, tmp_path, seed).graph().edges()))
+    def edges(seed):
+        return sorted(map(sorted, build(kind, 32, tmp_path, seed).graph().edges()))
     assert edges(3) == edges(3)
     assert (edges(3) != edges(4)) == (kind in RANDOM)
 
@@ -268,7 +277,8 @@ def test_check_mixing_detects_violations():
     G = nx.path_graph(3)
     ok = mixing_matrix(G)
     check_mixing(ok, G)
-    dense_csr = lambda D: MixingMatrix(3, [0, 3, 6, 9], [0, 1, 2] * 3, np.asarray(D).ravel())
+    def dense_csr(D):
+        return MixingMatrix(3, [0, 3, 6, 9], [0, 1, 2] * 3, np.asarray(D).ravel())
     bad = {"negative": [[1.5, -0.5, 0], [-0.5, 1.5, 0], [0, 0, 1]],
            "sums to": [[0.5, 0.5, 0], [0.5, 0.4, 0], [0, 0, 1]],
            "symmetric": [[0.5, 0.5, 0], [0.3, 0.5, 0.2], [0.2, 0, 0.8]],

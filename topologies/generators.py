@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import Annotated
 
-
 from annotated_types import Ge
+
 from fedsim.constraints import Fraction, PositiveInt, Probability
 from fedsim.errors import ConfigError
 from topologies import graphs
@@ -61,6 +61,7 @@ def torus(*, n: int, seed: int, rows: PositiveInt | None = None,
         rows, cols = graphs.square_shape(n)
     elif rows is None or cols is None:
         key, side = ("rows", rows) if cols is None else ("cols", cols)
+        assert side is not None
         if n % side:
             raise ConfigError("torus side does not divide n", key=key, value=side,
                               allowed=f"a divisor of n = {n}")

@@ -9,7 +9,8 @@ moves the same buffers with mpi4py. Strategies never see a Comm.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

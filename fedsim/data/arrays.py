@@ -6,7 +6,8 @@ the bad value and what is allowed, so a bad file exits 2 with one line.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -143,7 +144,7 @@ def owners(groups: Sequence[np.ndarray], n: int) -> np.ndarray:
 def blocks(sizes: Sequence[int]) -> list[np.ndarray]:
     """Consecutive row ranges of the given sizes: [0, s0), [s0, s0 + s1), ..."""
     ends = np.cumsum(np.asarray(sizes, dtype=np.int64))
-    return [np.arange(e - n, e, dtype=np.int64) for e, n in zip(ends, sizes)]
+    return [np.arange(e - n, e, dtype=np.int64) for e, n in zip(ends, sizes, strict=True)]
 
 
 def gather_clients(x: np.ndarray, y: np.ndarray, groups: Sequence[np.ndarray]
@@ -157,14 +158,14 @@ def match_test_clients(names: tuple[str, ...], test_ids: Any, *, file: str | Non
                        ) -> list[np.ndarray]:
     """Per training client (by name), its rows of the test split (empty if it has none)."""
     test_names, groups = client_groups(test_ids, file=file, key=key, singletons_ok=True)
-    where = dict(zip(test_names, groups))
+    where = dict(zip(test_names, groups, strict=True))
     return [where.get(n, np.zeros(0, np.int64)) for n in names]
 
 
 def assemble(name: str, x: np.ndarray, y: np.ndarray, *, ids: Any = None,
              test: tuple[np.ndarray, np.ndarray, Any] | None = None, test_fraction: float,
              seed: int, file: str | None, id_key: str, num_classes: int | None = None,
-             id_column: str | None = None, **fields: Any) -> "Dataset":
+             id_column: str | None = None, **fields: Any) -> Dataset:
     """A `Dataset` from checked arrays: natural clients from `ids`, a test set, client tests.
 
     Args:
@@ -193,7 +194,7 @@ def assemble(name: str, x: np.ndarray, y: np.ndarray, *, ids: Any = None,
         client_test = te_blocks if ids is not None else None
     else:
         x_te, y_te, test_ids = test
-        if ids is not None and test_ids is not None:
+        if names is not None and test_ids is not None:
             client_test = match_test_clients(names, test_ids, file=file, key=f"{id_key} (test)")
     if ids is not None:
         x, y, split = gather_clients(x, y, groups)

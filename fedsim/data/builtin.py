@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-
 from annotated_types import Ge, Gt, Lt
-from fedsim.constraints import NonNegativeFloat, PositiveFloat, PositiveInt
+
 from fedsim import rng
+from fedsim.constraints import NonNegativeFloat, PositiveFloat, PositiveInt
 from fedsim.data import DATASETS, Dataset
 from fedsim.data.arrays import blocks as row_blocks
 
@@ -39,10 +39,10 @@ def _assemble(name: str, blocks: list[tuple[np.ndarray, np.ndarray]], num_classe
     n_test = np.minimum(np.rint(n_all * test_fraction).astype(np.int64), n_all - 1)
     n_train = n_all - n_test
     split = row_blocks(n_train)
-    x_tr = np.concatenate([x[:n] for (x, _), n in zip(blocks, n_train)])
-    y_tr = np.concatenate([y[:n] for (_, y), n in zip(blocks, n_train)])
-    x_te = np.concatenate([x[n:] for (x, _), n in zip(blocks, n_train)])
-    y_te = np.concatenate([y[n:] for (_, y), n in zip(blocks, n_train)])
+    x_tr = np.concatenate([x[:n] for (x, _), n in zip(blocks, n_train, strict=True)])
+    y_tr = np.concatenate([y[:n] for (_, y), n in zip(blocks, n_train, strict=True)])
+    x_te = np.concatenate([x[n:] for (x, _), n in zip(blocks, n_train, strict=True)])
+    y_te = np.concatenate([y[n:] for (_, y), n in zip(blocks, n_train, strict=True)])
     return Dataset(name, x_tr, y_tr, x_te, y_te, num_classes, split, client_test=row_blocks(n_test))
 
 

@@ -111,7 +111,7 @@ def _read_file(path: str) -> list[tuple[str, list[Any], list[Any]]]:
         raise ConfigError("users and num_samples have different lengths", file=path,
                           key="num_samples", value=(len(users), len(counts)))
     out = []
-    for i, (u, n) in enumerate(zip(users, counts)):
+    for i, (u, n) in enumerate(zip(users, counts, strict=True)):
         d = data.get(u) if isinstance(data, dict) else None
         if not isinstance(d, dict) or "x" not in d or "y" not in d:
             raise ConfigError("user has no x/y data", file=path, key=f"user_data.{u}",

@@ -39,12 +39,12 @@ class ClientSplits:
     test: list[np.ndarray] | None = None
     test_from: Literal["train", "test"] = "test"
 
-    def test_arrays(self, ds: "Dataset") -> tuple[np.ndarray, np.ndarray]:
+    def test_arrays(self, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) that the `test` rows index (stored arrays; ``ds.features`` normalises)."""
         return (ds.x_train, ds.y_train) if self.test_from == "train" else (ds.x_test, ds.y_test)
 
 
-def client_splits(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
+def client_splits(kind: str, params: dict, ds: Dataset, *, num_clients: int,
                   seed: int) -> ClientSplits:
     """Partition ``ds.x_train`` by `kind`, then give every client its own test split.
 
@@ -63,7 +63,7 @@ def client_splits(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
     return ClientSplits(parts, _natural_test(parts, ds))
 
 
-def _natural_test(parts: list[np.ndarray], ds: "Dataset") -> list[np.ndarray] | None:
+def _natural_test(parts: list[np.ndarray], ds: Dataset) -> list[np.ndarray] | None:
     """Per client, the dataset's own test rows of the natural client it equals (else None).
 
     Applies when every client's rows are exactly one natural client's rows (``natural``,

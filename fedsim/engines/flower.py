@@ -86,7 +86,7 @@ class FlowerEngine:
                 try:
                     grid.run_server_app(server_app, g)
                 finally:
-                    if self.runtime == "mpi":
+                    if isinstance(g, grid.MpiGrid):
                         g.shutdown()
             if not done:
                 raise RuntimeError("the Flower ServerApp did not finish (see the Flower log)")

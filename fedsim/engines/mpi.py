@@ -157,10 +157,10 @@ class MPIEngine:
                 "data_rows": int(loop.problem.data.x.shape[0]) if hasattr(loop.problem, "data") else None,
                 "halo_rows": comm.halo_rows, "state_rows": s.store.used,
                 "digest": _tree_digest(s.server) if self.check_replicas else None}
-        everyone = comm.allgather(mine)
+        everyone: list[dict[str, Any]] = comm.allgather(mine)
         comm_s = [sum(r["times"].values()) for r in everyone]
-        share = [c / max(r["loop_s"], 1e-12) for c, r in zip(comm_s, everyone)]
-        by_kind = {k: round(max(r["times"][k] for r in everyone), 4) for k in mine["times"]}
+        share = [c / max(r["loop_s"], 1e-12) for c, r in zip(comm_s, everyone, strict=True)]
+        by_kind = {k: round(max(r["times"][k] for r in everyone), 4) for k in comm.times}
         rounds = max(loop.rounds, 1)
         out = {"ranks": self.size, "layout": "block", "threads_per_rank": self.threads,
                "clients_per_rank": [r["clients"] for r in everyone],

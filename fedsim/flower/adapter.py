@@ -18,7 +18,8 @@ there (same participation draws, same minibatches, same reduction order).
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -110,7 +111,7 @@ class FlowerAdapter(FlowerStrategy):
             return tree_to_record({self.strategy.model_key: model}), MetricRecord({"clients": len(rows)})
         assert self.mixing is not None
         self.mixing.at(t)
-        up = sum(u * int(self.mixing.degrees[r[0]]) for u, r in zip(up_bytes, rows))
+        up = sum(u * int(self.mixing.degrees[r[0]]) for u, r in zip(up_bytes, rows, strict=True))
         self.bytes.add(up, up)
         self._relay(t, payload, server_round)
         return None, MetricRecord({"clients": len(rows)})
@@ -197,7 +198,7 @@ class FlowerAdapter(FlowerStrategy):
 
     def _collect(self, replies: Iterable[Message], expected: np.ndarray) -> list[Reply]:
         """(partition id, arrays as a Tree, metrics) of each reply, by partition id; errors raise."""
-        out = []
+        out: list[Reply] = []
         for r in replies:
             self.wire[1] += message_bytes(r)
             if r.has_error():
@@ -234,7 +235,7 @@ class FlowerAdapter(FlowerStrategy):
             if r.has_error():
                 raise RuntimeError(f"Flower node {r.metadata.src_node_id} could not join: "
                                    f"{r.error.reason}")
-            pid = int(r.content["config"]["partition-id"])
+            pid = int(cast(int, r.content["config"]["partition-id"]))
             self.node_of[pid], self.pid_of[r.metadata.src_node_id] = r.metadata.src_node_id, pid
         if sorted(self.node_of) != list(range(self.n)):
             raise RuntimeError(f"partition ids of the nodes are {sorted(self.node_of)[:10]}..., "

@@ -8,7 +8,8 @@ Messages (all built by `fedsim.flower.adapter.FlowerAdapter`):
                  The node runs the kernel's `client_step` (the strategy's `local`) on its
                  partition with `problem.oracle(ids=[partition_id], round)` (the same keyed
                  minibatches as the multiplex engine) and replies arrays = payload row,
-                 metrics = loss, num-examples, up-bytes (the kernel's byte rule). Per-client state (SCAFFOLD c_i, EF21 g_i, momentum) stays in
+                 metrics = loss, num-examples, up-bytes (the kernel's byte rule).
+                 Per-client state (SCAFFOLD c_i, EF21 g_i, momentum) stays in
                  `context.state["fedsim.client"]`, as on a real device.
   train.mix      (comm="mix") arrays: the payload rows of this node's in-neighbours; weights:
                  their mixing weights. The node mixes locally and runs `strategy.node_update`.

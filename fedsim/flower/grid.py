@@ -24,8 +24,9 @@ from __future__ import annotations
 import copy
 import random
 import traceback
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,12 +95,13 @@ class NodeHost:
     def deliver(self, msg: Message) -> Message:
         """The node's reply to `msg` (a fresh copy of it, as if it had crossed a network)."""
         nid = msg.metadata.dst_node_id
-        inbound = Message(content=copy_content(msg.content), metadata=copy.copy(msg.metadata))
+        inbound = Message(content=copy_content(msg.content),  # type: ignore[call-overload]
+                          metadata=copy.copy(msg.metadata))
         self.calls[nid] += 1
         with seeded_globals(self.seed, self.partition[nid], self.calls[nid]):
             try:
                 reply = self.app(inbound, self.contexts[nid])
-            except Exception as exc:  # Flower turns ClientApp exceptions into error replies
+            except Exception as exc:  # noqa: BLE001 - Flower turns ClientApp exceptions into error replies
                 from logging import ERROR
 
                 from flwr.supercore import log

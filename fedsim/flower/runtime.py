@@ -103,8 +103,8 @@ def _run_ray(server_app: Any, client_app: Any, num_nodes: int, run_config: dict 
         run_simulation(server_app, client_app, num_nodes, backend_config=backend)
         return
     from flwr.app import Context, RecordDict
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.telemetry import EventType
 
@@ -140,5 +140,5 @@ def parse_run_config(items: list[str] | None) -> dict[str, Any]:
 
     try:
         return dict(parse_config_args(items or None))
-    except Exception as exc:  # tomli errors, bad pairs
+    except Exception as exc:  # noqa: BLE001 - tomli errors, bad pairs
         raise ConfigError(f"bad --run-config: {exc}", value=" ".join(items or [])) from None

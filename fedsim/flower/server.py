@@ -53,7 +53,11 @@ def _run_from_config(grid: Any, cfg: dict[str, Any], app_dir: str | None, timeou
     setup = build_setup(sc)
     out = str(cfg.get("output-dir", "") or "")
     writer = RunWriter(sc, out) if out else None
-    log = _log_metrics if writer is None else (lambda m: (writer.log(m), _log_metrics(m)))
+
+    def log(m: dict[str, Any]) -> None:
+        if writer is not None:
+            writer.log(m)
+        _log_metrics(m)
     adapter = run_adapter(grid, setup, scenario_text(sc), on_eval=log, timeout=timeout)
     if writer is not None:
         extra = {"engine": "flower (exported app)", "params": setup.model.spec.size}

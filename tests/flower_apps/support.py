@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def case(name: str, **over: Any) -> dict:
                           participation={"kind": "bernoulli", "p": 0.5})
     try:
         build_setup(parse_scenario(body))
-    except Exception:  # gossip strategies need everyone every round, and a graph
+    except Exception:  # noqa: BLE001 - gossip strategies need everyone every round, and a graph
         body = small_scenario(strategy=strat, rounds=4, eval={"every": 2}, topology={"kind": "ring"},
                               participation={"kind": "full"})
     return small_scenario(**{**body, **over})
@@ -76,7 +77,7 @@ def assert_same_run(ref: RoundLoop, ref_hist: list, x: torch.Tensor, hist: list)
     """Final parameters within ATOL and every multiplex metric (but wall_s) equal."""
     torch.testing.assert_close(x, final_models(ref), rtol=0, atol=ATOL)
     assert len(hist) == len(ref_hist)
-    for a, b in zip(ref_hist, hist):
+    for a, b in zip(ref_hist, hist, strict=True):
         for k, v in a.items():
             if k != "wall_s":
                 assert b[k] == (v if v is None else pytest.approx(v, rel=1e-12, abs=ATOL)), k
@@ -85,7 +86,8 @@ def assert_same_run(ref: RoundLoop, ref_hist: list, x: torch.Tensor, hist: list)
 def same_metrics(ref: list[dict], got: list[dict]) -> bool:
     """Every multiplex metric (but wall_s) appears unchanged in the other run's lines."""
     return len(ref) == len(got) and all(
-        {k: v for k, v in m.items() if k != "wall_s"}.items() <= g.items() for m, g in zip(ref, got))
+        {k: v for k, v in m.items() if k != "wall_s"}.items() <= g.items()
+        for m, g in zip(ref, got, strict=True))
 
 
 def digits(kind: str, tmp_path: Any, seed: int = 0, nodes: int = 4) -> dict:

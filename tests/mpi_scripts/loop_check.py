@@ -91,7 +91,7 @@ def compare(name: str, make, participation=None, topology=None) -> RoundLoop:
         ref_hist = []
         testing.run(make(problem), problem, ROUNDS, x0=x0, participation=participation, topology=topology,
                     eval_every=2, on_eval=ref_hist.append)
-        for a, b in zip(hist, ref_hist):
+        for a, b in zip(hist, ref_hist, strict=True):
             for k in ("train_loss", "test_loss", "bytes_up", "bytes_down", "consensus_distance"):
                 if (a.get(k) is None) != (b.get(k) is None) or (
                         a.get(k) is not None and not np.isclose(a[k], b[k], rtol=1e-10, atol=1e-14)):
@@ -132,5 +132,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except Exception as exc:  # any failure ends the job on every rank
+    except Exception as exc:  # noqa: BLE001 - any failure ends the job on every rank
         fail(f"{type(exc).__name__}: {exc}")

@@ -226,7 +226,8 @@ def test_ef21_wrapper_tracks_the_messages_on_both_sides():
     # Prepare
     comp = ef21(inner=build_nested("compressors", {"name": "identity"}), init="compressed")
     v1, v2 = _rows(2, 4), _rows(2, 4, seed=1)
-    st, recv = comp.init(torch.zeros(2, 4, dtype=torch.float64)), comp.init_receiver(torch.zeros(4, dtype=torch.float64))
+    st = comp.init(torch.zeros(2, 4, dtype=torch.float64))
+    recv = comp.init_receiver(torch.zeros(4, dtype=torch.float64))
     # Execute
     c1, _, st = comp.compress(v1, st, _ctx([0, 1]))
     est1, recv = comp.receive(c1.sum(0), recv)

@@ -13,7 +13,8 @@ from fedsim.config import parse_scenario
 from fedsim.errors import ConfigError
 from fedsim.objectives import estimate_smoothness, nonconvex_reg
 from strategies.compress import identity, top_k
-from strategies.ef21 import compressed_gd, econtrol, ef21, ef21_w, gd, theory_constants, theory_lr
+from strategies.ef21 import compressed_gd, econtrol, ef21, gd, theory_constants, theory_lr
+from strategies.ef21_w import ef21_w
 from strategies.feedback import ef14
 from strategies.feedback import ef21 as ef21_compressor
 from strategies.uplink import PREFIX, compress_uplink
@@ -25,7 +26,7 @@ G_I = PREFIX + "grad/g"   # EF21's per-client g_i (and the server's g) under the
 
 
 def _paper_quadratic():
-    """ALGORITHMS.md §7.3 test 3: f_i = x^T A_i x / 2 - b_i^T x, i.e. h = diag A_i, c = b_i / h."""
+    """docs/algorithms.md#ef21-quadratic: f_i = x^T A_i x / 2 - b_i^T x, i.e. h = diag A_i, c = b_i / h."""
     h = np.array([[1.0, 3.0], [2.0, 0.5]])
     b = np.array([[1.0, -1.0], [0.0, 2.0]])
     return testing.QuadraticProblem(h, b / h)
@@ -74,7 +75,7 @@ def test_two_rounds_by_hand_with_top_1_and_bytes():
 
 
 def test_top_1_on_the_paper_quadratic_reaches_the_optimum():
-    # Prepare: theory step of §7.3 test 3
+    # Prepare: theory step of docs/algorithms.md#ef21-quadratic
     problem = _paper_quadratic()
     # Execute: round 0 is the init, rounds 1..3000 are the paper's iterations
     loop = testing.run(ef21(lr=0.1265012371, compressor=TOP1), problem, rounds=3001)

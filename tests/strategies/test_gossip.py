@@ -1,4 +1,5 @@
-"""Gossip (D-SGD) and variance-corrected gossip: ALGORITHMS.md §5.4 and §6.5 fixtures.
+"""Gossip (D-SGD) and variance-corrected gossip: the fixtures of docs/algorithms.md#gossip-tests and
+#gossip-var-tests.
 
 Every run goes through the real engine loop (`fedsim.testing.run`) with a real topology, so
 the sparse mixing, the time-invariant W cache and the node metrics are exercised too.
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from fedsim import testing
-from strategies.local import local_sgd
 from strategies.gossip_var import corrected_segments, tensor_variances, variance_correct
+from strategies.local import local_sgd
 from topologies import build_topology, spectral_gap
 
 
@@ -55,7 +56,8 @@ def test_mixing_preserves_the_mean(order):
 
 
 def test_metropolis_ring8_three_steps():
-    """ALGORITHMS.md §5.4 test 5; numpy: W = MH(ring 8) (1/3 on i-1, i, i+1); x = W @ W @ W @ arange(8)."""
+    """docs/algorithms.md#gossip-tests; numpy: W = MH(ring 8) (1/3 on i-1, i, i+1);
+    x = W @ W @ W @ arange(8)."""
     # Prepare
     topo = build_topology("ring", {}, n=8, seed=0)
     x0 = torch.arange(8, dtype=torch.float64)[:, None]
@@ -82,7 +84,7 @@ def test_consensus_contracts_at_least_at_the_spectral_gap_rate():
     # Assert: ||x_T - xbar|| <= (1 - rho)^T ||x_0 - xbar||, and it does contract
     assert abs(rho - 0.195262) < 1e-6
     bound = [d0 * (1 - rho) ** (2 * t) for t in range(1, 13)]
-    assert all(d <= b * (1 + 1e-12) for d, b in zip(seen, bound)), (seen, bound)
+    assert all(d <= b * (1 + 1e-12) for d, b in zip(seen, bound, strict=True)), (seen, bound)
     assert seen[-1] < 0.1 * d0
 
 
