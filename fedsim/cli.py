@@ -16,7 +16,7 @@ from typing import Any
 from fedsim.errors import ConfigError
 
 LISTABLE = ("strategies", "topologies", "datasets", "partitions", "models", "participation",
-            "engines", "compressors", "optimizers")
+            "engines", "compressors", "optimizers", "work")
 
 
 def _registry(what: str) -> Any:
@@ -35,6 +35,8 @@ def _registry(what: str) -> Any:
         from fedsim.engines import ENGINES as r
     elif what == "optimizers":
         from strategies import OPTIMIZERS as r
+    elif what == "work":
+        from fedsim.work import WORK as r
     else:
         from strategies import COMPRESSORS as r
     return r

@@ -25,6 +25,7 @@ import torch
 
 from fedsim.comm import weighted_sum
 from fedsim.types import Oracle, Participation, Pending, RoundCtx, Strategy, Topology, Tree
+from fedsim.work import LocalWork, budget_tensor
 
 # ---- who, and with which weights -------------------------------------------------------------
 
@@ -38,17 +39,19 @@ def participants(strategy: Strategy, participation: Participation | None, t: int
 
 
 def make_ctx(t: int, seed: int, ids: torch.Tensor, participants: torch.Tensor,
-             sizes: torch.Tensor, dtype: torch.dtype) -> RoundCtx:
+             sizes: torch.Tensor, dtype: torch.dtype, work: LocalWork | None = None) -> RoundCtx:
     """The `RoundCtx` of clients `ids` [m] in round t.
 
     Args:
       participants: [N] bool mask of the round; sizes: [N] local dataset sizes (on the device
-        of `ids`); dtype: of the default weights (the model's).
+        of `ids`); dtype: of the default weights (the model's); work: the scenario's
+        heterogeneous local work (None: every strategy's own local steps).
     """
     n_i = sizes[ids]
     denom = sizes[participants].sum().to(dtype).clamp_min(1)
     return RoundCtx(round=t, seed=seed, ids=ids, num_samples=n_i, weight=n_i.to(dtype) / denom,
-                    participants=participants, total_samples=sizes, num_clients=int(sizes.shape[0]))
+                    participants=participants, total_samples=sizes, num_clients=int(sizes.shape[0]),
+                    steps=budget_tensor(work, t, ids))
 
 
 # ---- the one byte rule -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from fedsim.oracle import ClientData
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem
 from fedsim.types import Strategy, StrategyRuntime
+from fedsim.work import WORK, LocalWork
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     splits: ClientSplits | None = None  # each client's own test split (per-client metrics)
+    work: LocalWork | None = None       # heterogeneous local work (None: strategies' own steps)
     _problem: DataProblem | None = field(default=None, init=False, repr=False, compare=False)
 
     def problem(self) -> DataProblem:
@@ -140,5 +142,13 @@ def build_setup(sc: Scenario) -> Setup:
         if strategy.comm == "mix" and sc.participation.kind != "full":
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")
+    work = None
+    if sc.work.kind != "strategy":
+        if not strategy.trains_locally:
+            raise ConfigError(f"{sc.strategy.name} takes one gradient per round: local work does not apply",
+                              key="work.kind", value=sc.work.kind, allowed="strategy")
+        with _located(sc.source, "work"):
+            work = WORK.build(sc.work.kind, sc.work.params(), num_clients=n, seed=sc.seed, sizes=sizes,
+                              batch_size=sc.strategy.batch_size)
     return Setup(sc, ds, parts, sizes, model, make, x0, strategy, participation, topology,
-                 device, dtype, splits)
+                 device, dtype, splits, work)

@@ -147,7 +147,7 @@ def bernoulli(p: Any, seed: int = 0) -> Any:
 def run(strategy: Strategy, problem: Any, rounds: int, *, x0: Any = None, seed: int = 0,
         participation: Any = None, topology: Any = None, chunk_size: int | None = None,
         eval_every: int | None = None, x0_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        on_eval: Callable[[dict], None] | None = None) -> RoundLoop:
+        on_eval: Callable[[dict], None] | None = None, work: Any = None) -> RoundLoop:
     """Run `strategy` on `problem` through the real engine loop; returns the finished loop.
 
     The final model is `loop.state.server["x"]` (server strategies) or the client rows
@@ -157,7 +157,7 @@ def run(strategy: Strategy, problem: Any, rounds: int, *, x0: Any = None, seed: 
         x0 = torch.zeros(problem.dim, dtype=problem.dtype, device=problem.device)
     loop = RoundLoop(strategy, problem, torch.as_tensor(x0), rounds=rounds, seed=seed,
                      participation=participation, topology=topology, chunk_size=chunk_size,
-                     eval_every=eval_every or rounds, x0_of=x0_of, on_eval=on_eval)
+                     eval_every=eval_every or rounds, x0_of=x0_of, on_eval=on_eval, work=work)
     loop.run()
     return loop
 

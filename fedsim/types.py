@@ -43,6 +43,9 @@ class RoundCtx:
       participants: [N] bool, who takes part this round (all blocks see the same mask).
       total_samples: [N] local dataset sizes of every client.
       num_clients: N.
+      steps: [m] int64 local steps each client of the block takes this round when the
+        scenario sets heterogeneous local work (`fedsim.work`), else None (the strategy's own
+        count). Strategies pass it to `strategies.local.run_local` as the budget.
     """
 
     round: int
@@ -53,6 +56,7 @@ class RoundCtx:
     participants: torch.Tensor
     total_samples: torch.Tensor
     num_clients: int
+    steps: torch.Tensor | None = None
 
     @property
     def m(self) -> int:
@@ -126,6 +130,8 @@ class Strategy(NamedTuple):
         `fedsim.testing.check_strategy`). Compressors use it to size their state.
       derived_keys: payload keys a real receiver computes from the others (gossip-var's
         variances): carried by the simulation, not counted as bytes.
+      trains_locally: `local` runs local steps and honours `ctx.steps` (heterogeneous local
+        work); False for one-gradient methods (gd, EF21), where a `work:` section is refused.
     """
 
     init_server: Callable[[torch.Tensor], Tree]
@@ -141,6 +147,7 @@ class Strategy(NamedTuple):
     model_key: str = "x"
     payload: Callable[[int], dict[str, tuple[int, ...]]] = _delta_payload
     derived_keys: tuple[str, ...] = ()
+    trains_locally: bool = True
 
 
 def no_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:

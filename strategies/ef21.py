@@ -89,7 +89,7 @@ def gd(*, lr: PositiveFloat = 0.2, stochastic: bool = False, weighting: Weightin
     return Strategy(init_server=lambda x0: {"x": x0.clone()}, init_clients=no_clients,
                     local=local, server_update=server_update,
                     weights=lambda server, ctx: fixed_weights(weighting, ctx),
-                    payload=model_rows("grad"))
+                    payload=model_rows("grad"), trains_locally=False)
 
 
 TOP_K = top_k(ratio=0.1)
@@ -144,5 +144,6 @@ def compressed_gd(*, lr: PositiveFloat = 0.5, compressor: Compressor = TOP_K,
 
     require_stateless(compressor, "compressor", "use error_feedback: true for EF14")
     step = Strategy(init_server=lambda x0: {"x": x0.clone()}, init_clients=no_clients,
-                    local=local, server_update=server_update, payload=model_rows("step"))
+                    local=local, server_update=server_update, payload=model_rows("step"),
+                    trains_locally=False)
     return compress_uplink(step, ef14(inner=compressor) if error_feedback else compressor)

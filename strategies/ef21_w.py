@@ -77,4 +77,5 @@ def ef21_w(*, lr: PositiveFloat = 0.2, compressor: Compressor = TOP_K,
 
     return Strategy(init_server=lambda x0: {"x": x0.clone(), "g": torch.zeros_like(x0)},
                     init_clients=init_clients, local=local, server_update=server_update,
-                    weights=lambda server, ctx: fixed_weights(weighting, ctx), payload=model_rows("c"))
+                    weights=lambda server, ctx: fixed_weights(weighting, ctx), payload=model_rows("c"),
+                    trains_locally=False)

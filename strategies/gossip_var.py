@@ -122,7 +122,7 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
     unbiased = not population_var
 
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        y, loss = local_sgd(clients["x"], oracle, local_steps, lr)
+        y, loss = local_sgd(clients["x"], oracle, local_steps, lr, budget=ctx.steps)
         var = tensor_variances(y, segs, unbiased)
         stats = torch.cat([var, torch.ones_like(var[:, :1])], dim=1)
         return {"x": y, "stats": stats}, {"x": y}, {"loss": loss}

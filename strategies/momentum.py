@@ -72,11 +72,16 @@ def client_momentum(*, lr: float, local_steps: int, beta: float, server_lr: floa
             g_prev = oracle(x_prev, k)[1]  # same step => same minibatch xi_k, at x_prev
             return (g + shift) - (1 - beta) * (g_prev + shift) + anchor
 
-        run = run_local(x, oracle, local_steps, lr, direction=direction, track_grads=corrected)
+        run = run_local(x, oracle, local_steps, lr, direction=direction, track_grads=corrected,
+                        budget=ctx.steps)
         payload = {"delta": run.y - x}
         if run.grad_sum is None:
             return payload, clients, {"loss": run.loss}
-        c_new = run.grad_sum / local_steps  # mean raw gradient: SCAFFOLD-M's c_i+
+        if ctx.steps is None:  # mean raw gradient: SCAFFOLD-M's c_i+
+            c_new = run.grad_sum / local_steps
+        else:                  # K_i steps each; a client that took none keeps its c_i
+            k_i = ctx.steps.to(x.dtype)[:, None]
+            c_new = torch.where(k_i > 0, run.grad_sum / k_i.clamp_min(1), clients["c"])
         return {**payload, "dc": c_new - clients["c"]}, {"c": c_new}, {"loss": run.loss}
 
     def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:

@@ -24,6 +24,7 @@ from fedsim.problem import Problem
 from fedsim.setup import Setup
 from fedsim.store import ClientStore
 from fedsim.types import Comm, OnEval, Oracle, Participation, Progress, Strategy, Topology, Tree
+from fedsim.work import LocalWork
 
 
 def auto_chunk(problem: Problem, memory_mb: int) -> int:
@@ -71,6 +72,7 @@ class RoundLoop:
       owned: client ids this process trains (default: all).
       chunk_size: max clients per stacked computation (None: all at once).
       on_eval: called with the metrics line after each evaluation.
+      work: heterogeneous local work (None: the strategy's own local steps).
 
     Rank 0 of `comm` evaluates the global model on the test set; every rank takes part in the
     collectives of an evaluation (train loss, bytes, gossip metrics).
@@ -81,10 +83,11 @@ class RoundLoop:
                  topology: Topology | None = None, mixing_rule: str = "metropolis",
                  eval_every: int = 1, x0_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  comm: Comm | None = None, owned: np.ndarray | None = None,
-                 chunk_size: int | None = None, on_eval: OnEval | None = None) -> None:
+                 chunk_size: int | None = None, on_eval: OnEval | None = None,
+                 work: LocalWork | None = None) -> None:
         n = problem.num_clients
         self.strategy, self.rounds, self.seed, self.eval_every = strategy, rounds, seed, eval_every
-        self.participation, self.topology = participation, topology
+        self.participation, self.topology, self.work = participation, topology, work
         self.comm: Comm = comm or LocalComm()
         self.owned = np.arange(n) if owned is None else np.asarray(owned)
         self.problem = problem.restrict(self.owned)
@@ -115,7 +118,7 @@ class RoundLoop:
         return cls(setup.strategy, problem, setup.x0, rounds=sc.rounds, seed=sc.seed,
                    participation=setup.participation, topology=setup.topology,
                    mixing_rule=sc.topology.mixing, eval_every=sc.eval.every,
-                   x0_of=setup.initial_models, **kw)
+                   x0_of=setup.initial_models, work=setup.work, **kw)
 
     def _chunks(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [ids[c:c + self.chunk] for c in range(0, ids.numel(), self.chunk)]
@@ -140,7 +143,7 @@ class RoundLoop:
         rows: list[Tree] = []
         up = 0
         for ids in self._chunks(mine):
-            ctx = kernel.make_ctx(t, self.seed, ids, mask, self.sizes, self.dtype)
+            ctx = kernel.make_ctx(t, self.seed, ids, mask, self.sizes, self.dtype, self.work)
             out = kernel.client_step(strat, s.server, s.store.gather(ids), self._oracle(ids, t), ctx)
             s.store.scatter(ids, out.clients)
             if out.loss is not None:
@@ -171,7 +174,8 @@ class RoundLoop:
         else:
             pending = Ready(self.comm.allreduce(partial, channel="reduce"))
         reduced = s.stale.push(pending)
-        ctx = kernel.make_ctx(t, self.seed, torch.nonzero(mask).flatten(), mask, self.sizes, self.dtype)
+        ctx = kernel.make_ctx(t, self.seed, torch.nonzero(mask).flatten(), mask, self.sizes, self.dtype,
+                              self.work)
         s.server = kernel.server_step(strat, s.server, reduced, ctx)
 
     def _finish_mix(self, t: int, rows: list[Tree], mine: torch.Tensor, mask: torch.Tensor) -> None:
@@ -181,7 +185,7 @@ class RoundLoop:
         mixed = self.comm.mix(self.mixing.at(t), payload, mine, dict(strat.mixing))
         for c, ids in enumerate(self._chunks(mine)):
             part = {k: v[c * self.chunk:c * self.chunk + ids.numel()] for k, v in mixed.items()}
-            ctx = kernel.make_ctx(t, self.seed, ids, mask, self.sizes, self.dtype)
+            ctx = kernel.make_ctx(t, self.seed, ids, mask, self.sizes, self.dtype, self.work)
             s.store.scatter(ids, strat.node_update(s.store.gather(ids), part, ctx))
 
     def flush_bytes(self) -> None:

@@ -151,7 +151,8 @@ class FlowerAdapter(FlowerStrategy):
     def _reduce(self, t: int, payload: Tree, mask: np.ndarray) -> None:
         mask_t = torch.as_tensor(mask, device=self.device)
         ids = torch.nonzero(mask_t).flatten()
-        ctx = kernel.make_ctx(t, self.setup.scenario.seed, ids, mask_t, self.sizes, self.dtype)
+        ctx = kernel.make_ctx(t, self.setup.scenario.seed, ids, mask_t, self.sizes, self.dtype,
+                              self.setup.work)
         reduced = kernel.block_partial(self.strategy, self.server, payload, ctx) if payload else {}
         self.server = kernel.server_step(self.strategy, self.server, self.stale.push(Ready(reduced)), ctx)
 

@@ -92,7 +92,7 @@ def _ctx(setup: Any, t: int, pid: int, mask: np.ndarray) -> RoundCtx:
     """The kernel's RoundCtx of client `pid` alone (m = 1) in round t."""
     ids = torch.tensor([pid], device=setup.device)
     return kernel.make_ctx(t, setup.scenario.seed, ids, torch.as_tensor(mask, device=setup.device),
-                           torch.as_tensor(setup.sizes, device=setup.device), setup.dtype)
+                           torch.as_tensor(setup.sizes, device=setup.device), setup.dtype, setup.work)
 
 
 # ---- node-side work (plain functions of a Message and a Context) -------------------------------
