@@ -35,14 +35,14 @@ STRATEGIES = ("fedavg", "fedavgm", "scaffold", "fedau", "ef21", "gossip", "co2",
 
 # ---- the Flower internal fedsim relies on ---------------------------------------------------------
 def test_task_identity_contract():
-    """Flower 1.41 stamps instruction Messages from TaskIdentity; fedsim sets it in one place."""
+    """Flower 1.42 stamps instruction Messages from TaskIdentity; fedsim sets it in one place."""
     import flwr
     from flwr.app import Message, MessageType, RecordDict
     from flwr.supercore import task_identity
 
     from fedsim.flower.identity import set_task_identity, task_identity as current
 
-    assert flwr.__version__.startswith("1.41"), "re-check fedsim/flower/identity.py for this flwr"
+    assert flwr.__version__.startswith("1.42"), "re-check fedsim/flower/identity.py for this flwr"
     saved = task_identity.TaskIdentity._run_id
     try:
         task_identity.TaskIdentity._run_id = None
