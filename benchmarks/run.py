@@ -17,7 +17,7 @@ tables show medians. Measured per run:
   tree MB       multi-process implementations only: peak of the summed RSS of the process tree,
                 sampled every 0.2 s (shared library pages counted once per process: an upper bound)
 Implementations (W1, W2): fedsim engines multiplex / flower (in-process grid) / mpi (2 ranks);
-floor and loop (benchmarks/baselines.py); flower = plain Flower 1.41 FedAvg app on Ray
+floor and loop (benchmarks/baselines.py); flower = plain Flower 1.42 FedAvg app on Ray
 (benchmarks/flower_plain.py); W2 also pfl 0.6 in 1 and 2 processes (benchmarks/pfl_w2.py, in
 its own venv benchmarks/.venv-pfl; skipped with a note when that venv is missing).
 W3: benchmarks/engine_probe.py w3 on ring/torus x 256/4096 nodes + `fedsim run` of the 256-node

@@ -35,9 +35,11 @@ class FlowerEngine:
     name = "flower"
 
     def __init__(self, runtime: str, client_resources: ClientResources, timeout_s: float,
-                 threads: int | None, verbose: bool) -> None:
+                 threads: int | None, verbose: bool, chunk_size: int | None = None,
+                 memory_mb: int = 2048) -> None:
         self.runtime, self.resources, self.timeout = runtime, client_resources, timeout_s
         self.threads, self.verbose = threads, verbose
+        self.chunk_size, self.memory_mb = chunk_size, memory_mb
         self.is_root = True
         self.comm: Any = None
         self.adapter: Any = None
@@ -48,7 +50,14 @@ class FlowerEngine:
             self.is_root = self.comm.Get_rank() == 0
 
     def prepare(self, setup: Any) -> None:
-        """Nothing to place before the rounds: the nodes build their partitions when they join."""
+        """Place the data on the device (shared by the in-process nodes and the server's
+        evaluation), as the multiplex engine's `prepare` does: set-up, not round time."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        if self.runtime != "ray":
+            setup.problem()
 
     def run(self, setup: Any, on_eval: OnEval,
             progress: Progress | None = None) -> list[dict[str, Any]]:
@@ -61,7 +70,8 @@ class FlowerEngine:
         text = client.scenario_text(setup.scenario)
         client.register_setup(text, setup)
         app = client.make_client_app(threads=self.threads or self.resources.num_cpus
-                                     if self.runtime == "ray" else self.threads)
+                                     if self.runtime == "ray" else self.threads,
+                                     chunk_size=self.chunk_size, memory_mb=self.memory_mb)
         n, seed = setup.num_clients, setup.scenario.seed
         flwr_log = logging.getLogger("flwr")
         level = flwr_log.level
@@ -98,6 +108,9 @@ class FlowerEngine:
         out: dict[str, Any] = {"flower_runtime": self.runtime}
         if self.adapter is not None:
             out["flower_bytes_up"], out["flower_bytes_down"] = self.adapter.wire[1], self.adapter.wire[0]
+            out["flower_join_s"] = round(self.adapter.join_s, 4)
+            if self.adapter.history:  # first round to last evaluation, as the multiplex engine's
+                out["wall_s"] = self.adapter.history[-1]["wall_s"]
         return out
 
 
@@ -106,7 +119,8 @@ def flower(*, runtime: Literal["inprocess", "ray", "mpi"] = "inprocess",
            client_resources: ClientResources = ClientResources(),
            timeout_s: Annotated[float, Field(gt=0)] = 3600.0,
            threads: Annotated[int, Field(gt=0)] | None = None,
-           verbose: bool = False) -> FlowerEngine:
+           verbose: bool = False, chunk_size: Annotated[int, Field(gt=0)] | None = None,
+           memory_mb: Annotated[int, Field(gt=0)] = 2048) -> FlowerEngine:
     """The strategy as a real Flower app (ServerApp + ClientApp) on Flower's runtimes.
 
     Args:
@@ -116,5 +130,9 @@ def flower(*, runtime: Literal["inprocess", "ray", "mpi"] = "inprocess",
       timeout_s: seconds to wait for node replies and for nodes to register.
       threads: torch intra-op threads (ray: defaults to client_resources.num_cpus per actor).
       verbose: show Flower's INFO log (round-by-round).
+      chunk_size: nodes per stacked computation on fedsim's grids (in-process, MPI ranks);
+        None picks it from `memory_mb`, as the multiplex engine does.
+      memory_mb: memory bound for one chunk's working set when chunk_size is None.
     """
-    return FlowerEngine(runtime, client_resources, timeout_s, threads, verbose)
+    return FlowerEngine(runtime, client_resources, timeout_s, threads, verbose, chunk_size,
+                        memory_mb)
