@@ -1,12 +1,15 @@
 """Flower engine: the scenario's strategy runs as a real Flower app (ServerApp + ClientApp).
 
 The ServerApp drives `fedsim.flower.adapter.FlowerAdapter` (a `flwr.serverapp.strategy.Strategy`)
-with Flower's own `Strategy.start`; every client is a Flower node running the fedsim ClientApp
-on its own partition. Runtimes:
-  inprocess  fedsim's Ray-free `InProcessGrid` (deterministic, fast; default),
+with Flower's own `Strategy.start` (or, for `strategy: {name: flower, class: ...}`, the
+scenario's own Flower strategy object, `fedsim.flower.driver`); every client is a Flower node
+running the fedsim ClientApp on its own partition. Runtimes:
+  inprocess  fedsim's Ray-free `InProcessGrid` (deterministic, fast; default): the nodes that
+             get a message in one push train as one stacked computation (`multiplex`),
   ray        Flower's simulation, `flwr.simulation.run_simulation` (`client_resources` passed on:
              fractional `num_gpus` is Flower's way of sharing a GPU between clients),
-  mpi        `MpiGrid`: nodes spread over MPI ranks (`mpiexec -n K fedsim run ...`).
+  mpi        `MpiGrid`: nodes spread over MPI ranks (`mpiexec -n K fedsim run ...`), each rank
+             multiplexing its nodes.
 flwr is imported only inside `run`: the registry imports this module whenever it loads.
 """
 
@@ -36,10 +39,10 @@ class FlowerEngine:
 
     def __init__(self, runtime: str, client_resources: ClientResources, timeout_s: float,
                  threads: int | None, verbose: bool, chunk_size: int | None = None,
-                 memory_mb: int = 2048) -> None:
+                 memory_mb: int = 2048, multiplex: bool = True) -> None:
         self.runtime, self.resources, self.timeout = runtime, client_resources, timeout_s
         self.threads, self.verbose = threads, verbose
-        self.chunk_size, self.memory_mb = chunk_size, memory_mb
+        self.chunk_size, self.memory_mb, self.multiplex = chunk_size, memory_mb, multiplex
         self.is_root = True
         self.comm: Any = None
         self.adapter: Any = None
@@ -78,7 +81,7 @@ class FlowerEngine:
         flwr_log.setLevel(logging.INFO if self.verbose else logging.WARNING)
         try:
             if self.runtime == "mpi" and not self.is_root:
-                grid.serve_mpi(app, n, self.comm, seed=seed)
+                grid.serve_mpi(app, n, self.comm, seed=seed, multiplex=self.multiplex)
                 return []
             done: list = []
             server_app = server.make_server_app(setup, text, done=done, on_eval=on_eval,
@@ -90,8 +93,9 @@ class FlowerEngine:
                                backend_config={"client_resources": self.resources.model_dump(),
                                                "init_args": {"logging_level": "ERROR"}})
             else:
-                g = (grid.MpiGrid(app, n, self.comm, seed=seed) if self.runtime == "mpi"
-                     else grid.InProcessGrid(app, n, seed=seed))
+                g = (grid.MpiGrid(app, n, self.comm, seed=seed, multiplex=self.multiplex)
+                     if self.runtime == "mpi"
+                     else grid.InProcessGrid(app, n, seed=seed, multiplex=self.multiplex))
                 try:
                     grid.run_server_app(server_app, g)
                 finally:
@@ -119,7 +123,8 @@ def flower(*, runtime: Literal["inprocess", "ray", "mpi"] = "inprocess",
            client_resources: ClientResources = ClientResources(),
            timeout_s: Annotated[float, Field(gt=0)] = 3600.0,
            threads: Annotated[int, Field(gt=0)] | None = None,
-           verbose: bool = False, chunk_size: Annotated[int, Field(gt=0)] | None = None,
+           verbose: bool = False, multiplex: bool = True,
+           chunk_size: Annotated[int, Field(gt=0)] | None = None,
            memory_mb: Annotated[int, Field(gt=0)] = 2048) -> FlowerEngine:
     """The strategy as a real Flower app (ServerApp + ClientApp) on Flower's runtimes.
 
@@ -130,9 +135,11 @@ def flower(*, runtime: Literal["inprocess", "ray", "mpi"] = "inprocess",
       timeout_s: seconds to wait for node replies and for nodes to register.
       threads: torch intra-op threads (ray: defaults to client_resources.num_cpus per actor).
       verbose: show Flower's INFO log (round-by-round).
-      chunk_size: nodes per stacked computation on fedsim's grids (in-process, MPI ranks);
-        None picks it from `memory_mb`, as the multiplex engine does.
+      multiplex: on fedsim's grids (in-process, MPI), train the nodes that get a message in
+        one push as one stacked computation (False: one ClientApp call per message, m = 1).
+      chunk_size: nodes per stacked computation when multiplexing; None picks it from
+        `memory_mb`, as the multiplex engine does.
       memory_mb: memory bound for one chunk's working set when chunk_size is None.
     """
     return FlowerEngine(runtime, client_resources, timeout_s, threads, verbose, chunk_size,
-                        memory_mb)
+                        memory_mb, multiplex)

@@ -91,9 +91,10 @@ class NodeHost:
     """The nodes (one `Context` each) of partitions `partitions`, run by `client_app` here."""
 
     def __init__(self, client_app: Any, partitions: Iterable[int], num_nodes: int, *,
-                 run_id: int, seed: int = 0, run_config: dict | None = None) -> None:
+                 run_id: int, seed: int = 0, run_config: dict | None = None,
+                 multiplex: bool = True) -> None:
         self.app, self.seed = client_app, seed
-        self.batched = callable(getattr(client_app, "handle_batch", None))
+        self.batched = multiplex and callable(getattr(client_app, "handle_batch", None))
         self.contexts: dict[int, Context] = {}
         self.partition: dict[int, int] = {}
         self.calls: dict[int, int] = {}
@@ -145,17 +146,21 @@ class InProcessGrid(Grid):
       seed: keys the nodes' RNGs (see module docstring) and the run id.
       run_config: `context.run_config` of every node.
       partitions: the nodes this process hosts (default: all; `MpiGrid` passes rank 0's block).
+      multiplex: hand a push's messages to a ClientApp with `handle_batch` in one call (False:
+        one call per message, as Flower's runtimes do).
 
     `push_messages` gives each message its id (as Flower's Grids do) and returns the ids.
     """
 
     def __init__(self, client_app: Any, num_nodes: int, *, seed: int = 0,
-                 run_config: dict | None = None, partitions: Iterable[int] | None = None) -> None:
+                 run_config: dict | None = None, partitions: Iterable[int] | None = None,
+                 multiplex: bool = True) -> None:
         self.num_nodes, self.seed = num_nodes, seed
         self._run = internals.new_run(run_id_of(seed))
         internals.set_task_identity(self._run.run_id)
         self.host = NodeHost(client_app, range(num_nodes) if partitions is None else partitions,
-                             num_nodes, run_id=self._run.run_id, seed=seed, run_config=run_config)
+                             num_nodes, run_id=self._run.run_id, seed=seed, run_config=run_config,
+                             multiplex=multiplex)
         self.node_ids = [node_id_of(p) for p in range(num_nodes)]
         self._known = set(self.node_ids)
         self._replies: dict[str, Message] = {}
@@ -260,12 +265,12 @@ class MpiGrid(InProcessGrid):
 
 
 def serve_mpi(client_app: Any, num_nodes: int, comm: Any, *, seed: int = 0,
-              run_config: dict | None = None) -> int:
+              run_config: dict | None = None, multiplex: bool = True) -> int:
     """Rank > 0: host this rank's block of nodes until rank 0 calls `MpiGrid.shutdown`."""
     run_id = run_id_of(seed)
     internals.set_task_identity(run_id)
     host = NodeHost(client_app, blocks(num_nodes, comm.Get_size())[comm.Get_rank()], num_nodes,
-                    run_id=run_id, seed=seed, run_config=run_config)
+                    run_id=run_id, seed=seed, run_config=run_config, multiplex=multiplex)
     served = 0
     while (batch := comm.recv(source=0, tag=MpiGrid.TAG)) is not None:
         comm.send(host.deliver_all(batch), dest=0, tag=MpiGrid.TAG)

@@ -36,7 +36,8 @@ def encode(arr: np.ndarray) -> Any:
     """numpy array -> Flower `Array` (the bytes `Array(arr)` would hold)."""
     from flwr.app import Array
 
-    arr = np.ascontiguousarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")
     return Array(str(arr.dtype), tuple(int(s) for s in arr.shape), NUMPY_STYPE,
                  _header(arr) + arr.tobytes())
 
