@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fedsim.config import parse_scenario
+from fedsim.errors import ConfigError
 from fedsim.setup import build_setup
 from tests.conftest import run_cli, small_scenario, write_scenario
 from tests.flower_apps.support import (assert_same_run, final, flower, reference, run_exported,
@@ -195,3 +196,20 @@ def test_exported_app_with_a_flower_strategy_runs_like_the_engine(tmp_path, caps
     assert code == 0, err
     _, hist = flower(body)
     assert same_metrics(hist, run_exported(str(tmp_path / "app"), 8))
+
+
+def test_a_users_own_strategy_subclass_drives_the_clients():
+    """A FedAvg subclass (tests/flower_apps/custom_strategy.py) with its own keyword and FedAvg's
+    passed through **kwargs: validated against both, and server_lr 1 is exactly FedAvg."""
+    cls = "tests.flower_apps.custom_strategy.FedAvgServerLr"
+    body = {**flwr_case("FedAvg", fraction_evaluate=0.0), "rounds": 2}
+    mine = lambda **kw: {**body, "strategy": {**body["strategy"], "class": cls, **kw}}  # noqa: E731
+    sc = parse_scenario(mine(server_lr=0.5))
+    assert sc.strategy.params()["server_lr"] == 0.5 and sc.strategy.params()["fraction_evaluate"] == 0
+    same, _ = flower(mine(server_lr=1.0))
+    fedavg, _ = flower(body)
+    half, _ = flower(mine(server_lr=0.5))
+    torch.testing.assert_close(final(same), final(fedavg), rtol=0, atol=1e-15)
+    assert (final(half) - final(fedavg)).abs().max() > 1e-4
+    with pytest.raises(ConfigError, match="server_lrr"):
+        parse_scenario(mine(server_lrr=0.5))

@@ -60,6 +60,7 @@ class SeededStrategy(FlowerStrategy):
         self.down_bytes = kernel.broadcast_bytes(self.strategy, self.server)
         self.bytes, self.train_loss = kernel.ByteCounter(), [0.0, 0.0]
         self.client_eval: dict[str, float] = {}
+        self._sent = 0  # train messages of the current round
         self.history: list[dict[str, Any]] = []
         self.t0, self.join_s = time.perf_counter(), 0.0
 

@@ -64,36 +64,46 @@ def _import(path: Any, key: str) -> type:
     return obj
 
 
+def _init_params(cls: type) -> dict[str, tuple[inspect.Parameter, Any]]:
+    """Keyword parameters of `cls.__init__` with their annotations; a `**kwargs` that a
+    subclass passes on to its base adds the base class's parameters (user subclasses)."""
+    out: dict[str, tuple[inspect.Parameter, Any]] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        init = vars(klass)["__init__"]
+        try:
+            hints = typing.get_type_hints(init, include_extras=True)
+        except Exception:  # unresolvable annotations of a user class: check only the keys
+            hints = {}
+        params = inspect.signature(init).parameters
+        for k, p in params.items():
+            if k != "self" and k not in out and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+                out[k] = (p, hints.get(k, Any))
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return out
+
+
 def _strategy_params(cls: type) -> set[str]:
     """Constructor parameters of `cls` annotated with a Flower strategy type (nested)."""
     from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # a user class with unresolvable annotations: nothing nested
-        return set()
-    out = set()
-    for k, ann in hints.items():
-        args = typing.get_args(ann) or (ann,)
-        if any(inspect.isclass(a) and issubclass(a, FlowerStrategy) for a in args):
-            out.add(k)
-    return out
+    def is_strategy(ann: Any) -> bool:
+        return any(inspect.isclass(a) and issubclass(a, FlowerStrategy)
+                   for a in (typing.get_args(ann) or (ann,)))
+    return {k for k, (_, ann) in _init_params(cls).items() if is_strategy(ann)}
 
 
 _VALIDATORS: dict[type, Any] = {}
 
 
 def _validator(cls: type, nested: set[str]) -> Any:
-    """A stand-in function with the keyword parameters of `cls.__init__` (but `nested`), for
+    """A stand-in function with the keyword parameters of `cls` (but `nested`), for
     `fedsim.registry.validate_kwargs`; annotations pydantic cannot check become `Any`."""
     if cls in _VALIDATORS:
         return _VALIDATORS[cls]
     from pydantic import ConfigDict, TypeAdapter
-
-    try:
-        hints = typing.get_type_hints(cls.__init__, include_extras=True)
-    except Exception:  # unresolvable annotations of a user class: check nothing but the keys
-        hints = {}
 
     def checkable(ann: Any) -> Any:
         try:
@@ -103,10 +113,8 @@ def _validator(cls: type, nested: set[str]) -> Any:
             return Any
 
     params = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=p.default,
-                                annotation=checkable(hints.get(k, Any)))
-              for k, p in inspect.signature(cls.__init__).parameters.items()
-              if k != "self" and k not in nested
-              and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+                                annotation=checkable(ann))
+              for k, (p, ann) in _init_params(cls).items() if k not in nested]
 
     def keys(**kwargs: Any) -> None:
         """The keyword arguments of a Flower strategy class."""
@@ -137,15 +145,15 @@ def validate_class(spec: Any, prefix: str = "") -> dict[str, Any]:
                               {k: v for k, v in kwargs.items() if k not in nested})
     except ConfigError as err:
         raise err.at(prefix=prefix or None) from None
-    params = inspect.signature(cls.__init__).parameters
+    params = _init_params(cls)
     for k in sorted(nested):
         if k in kwargs:
             out[k] = validate_class(kwargs[k], f"{where}{k}")
-        elif params[k].default is inspect.Parameter.empty:
+        elif params[k][0].default is inspect.Parameter.empty:
             raise ConfigError("required key is missing", key=f"{where}{k}",
                               allowed="a nested Flower strategy {class: ..., <kwargs>}")
         else:
-            out[k] = params[k].default
+            out[k] = params[k][0].default
     return {"class": spec["class"], **out}
 
 
