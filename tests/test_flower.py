@@ -135,6 +135,25 @@ def test_inprocess_grid_nodes_contexts_rng_errors_and_bytes():
     assert grid.bytes_down > 0 and grid.bytes_up > 0 and grid.messages == 9
 
 
+def test_a_failing_multiplexed_push_answers_every_message_with_an_error():
+    """fedsim's ClientApp batch fails as a whole (here: work before joining, an unknown message
+    type): every message of the push gets Flower's ClientApp error reply, nothing is lost."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedsim.flower.client import make_client_app
+    from fedsim.flower.grid import InProcessGrid
+
+    grid = InProcessGrid(make_client_app(), 3)
+    assert grid.host.batched
+    for mtype, why in (("train", "before joining"), ("train.nosuch", "no handler")):
+        msgs = [Message(RecordDict({"config": ConfigRecord({"round": 0})}), dst_node_id=i,
+                        message_type=mtype) for i in grid.get_node_ids()]
+        replies = grid.send_and_receive(msgs)
+        assert len(replies) == 3 and all(r.has_error() and r.error.code == 2 and why in r.error.reason
+                                         for r in replies)
+        assert [r.metadata.src_node_id for r in replies] == grid.get_node_ids()
+
+
 # ---- fedsim strategies as Flower apps -------------------------------------------------------------
 @pytest.mark.parametrize("multiplex", [True, False], ids=["multiplexed", "per-message"])
 @pytest.mark.parametrize("name", CASES)

@@ -76,10 +76,12 @@ Simulation (Flower's local SuperLink, Ray backend):
 
     flwr run . --federation-config "num-supernodes={clients}" --stream
 
-Deployment (one SuperNode per client; partition-id = the client index):
+Deployment (one SuperNode per client; partition-id = the client index). Flower 1.42 serves
+the Fleet, Control and Runtime APIs of a SuperLink on one HTTP port (`--host`, `--port`, default
+127.0.0.1:8000); each SuperNode has its own `--port` for its ClientApp processes:
 
-    flower-superlink --insecure
-    flower-supernode --insecure --superlink 127.0.0.1:9092 --port 9094 \\
+    flower-superlink --insecure --port 8000
+    flower-supernode --insecure --superlink 127.0.0.1:8000 --port 9094 \\
         --node-config "partition-id=0 num-partitions={clients}"
     ... (one per client, each with its own --port)
     flwr run . <your-connection> --stream --run-config "output-dir='/where/to/write/runs'"
@@ -87,8 +89,11 @@ Deployment (one SuperNode per client; partition-id = the client index):
 with `<your-connection>` a SuperLink connection in `$FLWR_HOME/config.toml`, e.g.
 
     [superlink.mine]
-    address = "127.0.0.1:9093"
+    address = "127.0.0.1:8000"
     insecure = true
+
+Without network access add `--disable-runtime-dependency-installation` to the SuperLink (by
+default it installs the app's dependencies with `uv sync`).
 
 Under `flwr run` the ServerApp runs from the copy of this app that the SuperLink installed
 (under `$FLWR_HOME`), so give `output-dir` as an absolute path there.
