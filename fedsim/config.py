@@ -249,6 +249,12 @@ def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
 
     head = {"name": cfg.name, "batch_size": cfg.batch_size}
     params = cfg.params()
+    if cfg.name == "flower":  # a Flower strategy object on the server: fedsim.flower.plugin
+        from fedsim.flower.plugin import validate_params
+        try:
+            return {**head, **validate_params(params)}
+        except ConfigError as err:
+            raise err.at(prefix="strategy") from None
     comp = None
     if "compressor" in params and "compressor" not in registry.params(cfg.name):
         try:

@@ -129,6 +129,12 @@ def build_setup(sc: Scenario) -> Setup:
                               num_samples=sizes, seed=sc.seed,
                               probabilities=getattr(participation, "probabilities", None),
                               p_nominal=getattr(participation, "p_nominal", None))
+    if sc.strategy.name == "flower":  # a Flower strategy object on the server: fedsim.flower.plugin
+        from fedsim.flower.plugin import client_strategy
+        with _located(sc.source, "strategy"):
+            strategy = client_strategy(sc)
+        return Setup(sc, ds, parts, sizes, model, make, x0, strategy, participation, topology,
+                     device, dtype, splits)
     with _located(sc.source, "strategy"):
         params = sc.strategy.params()
         uplink = None if "compressor" in STRATEGIES.params(sc.strategy.name) \
