@@ -132,6 +132,8 @@ class Strategy(NamedTuple):
         variances): carried by the simulation, not counted as bytes.
       trains_locally: `local` runs local steps and honours `ctx.steps` (heterogeneous local
         work); False for one-gradient methods (gd, EF21), where a `work:` section is refused.
+      local_steps: local steps per round (`local_steps`, `tau`), for the simulated system's
+        planning (deadlines, over-selection); None: one gradient pass.
     """
 
     init_server: Callable[[torch.Tensor], Tree]
@@ -148,6 +150,7 @@ class Strategy(NamedTuple):
     payload: Callable[[int], dict[str, tuple[int, ...]]] = _delta_payload
     derived_keys: tuple[str, ...] = ()
     trains_locally: bool = True
+    local_steps: int | None = None
 
 
 def no_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
@@ -294,6 +297,8 @@ class Comm(Protocol):
 
     def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor: ...
 
+    def allreduce_max(self, values: torch.Tensor) -> torch.Tensor: ...
+
     def allgather(self, obj: Any) -> list[Any]: ...
 
     def mix(self, mixing: dict[str, torch.Tensor], payload: Tree, owned: torch.Tensor,
@@ -322,7 +327,9 @@ class Engine(Protocol):
 
     def prepare(self, setup: Any) -> None: ...
 
-    def run(self, setup: Any, on_eval: OnEval, progress: Progress | None = None
-            ) -> list[dict[str, Any]]: ...
+    def run(self, setup: Any, on_eval: OnEval, progress: Progress | None = None,
+            control: Any = None) -> list[dict[str, Any]]:
+        """Execute the rounds; `control` (`fedsim.checkpoint.Control`) checkpoints and stops."""
+        ...
 
     def summary_extra(self) -> dict[str, Any]: ...
