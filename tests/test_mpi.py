@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, read_metrics, small_scenario, write_scenario
+from tests.conftest import ROOT, read_metrics, small_scenario, strategy_scenario, write_scenario
 
 BIN = Path(sys.executable).parent
 MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
@@ -56,19 +56,7 @@ def _registered() -> list[str]:
 
 
 def _body(strategy: str) -> dict:
-    """7 clients (uneven slices on 2, 3 and 4 ranks), float64, 3 rounds, default hyperparameters."""
-    from fedsim import testing
-
-    mix = testing.build(strategy, {}, testing.heterogeneous_quadratic(4, 2)).comm == "mix"
-    over = {"name": f"s-{strategy}", "rounds": 3, "strategy": {"name": strategy, "batch_size": 8},
-            "data": {"dataset": "synthetic", "clients": 7, "samples_per_client": 30,
-                     "partition": {"kind": "natural"}}}
-    if mix:
-        over["topology"] = {"kind": "ring"}
-    body = small_scenario(**over)
-    body["strategy"] = {"name": strategy, "batch_size": 8}
-    body["participation"] = {"kind": "full"} if mix else {"kind": "bernoulli", "p": 0.5}
-    return body
+    return strategy_scenario(strategy)
 
 
 def _reference(body: dict) -> tuple[list[dict], list[float], np.ndarray]:
