@@ -258,3 +258,44 @@ def test_checkpoint_every_zero_writes_only_the_final_one(tmp_path, monkeypatch):
 
 def test_default_checkpoint_interval_is_a_tenth_of_the_rounds():
     assert ckpt.every(100, None) == 10 and ckpt.every(5, None) == 1 and ckpt.every(30, 7) == 7
+
+
+@pytest.mark.parametrize("name", ["fedavg", "scaffold", "co2", "gossip", "ef21"])
+def test_flower_in_process_interrupted_then_resumed_equals_uninterrupted(name, tmp_path, monkeypatch):
+    # Prepare: the Flower engine (multiplexed in-process nodes); SIGINT in round 3's training
+    body = {**strategy_scenario(name), "rounds": 5, "checkpoint": {"every": 2},
+            "engine": {"kind": "flower", "dtype": "float64"}}
+    ref, _ = execute(_scenario(body, tmp_path / "ref"), quiet=True)
+    _signal_on_call(monkeypatch, kernel, "client_step", 3)
+    # Execute
+    run, code = _interrupted(_scenario(body, tmp_path / "cut"))
+    monkeypatch.undo()
+    path, _ = execute(_scenario(body, tmp_path / "cut"), quiet=True, resume=run)
+    # Assert: flower_bytes_* too (the checkpoint's own messages are not counted)
+    assert code == 130
+    assert _lines(path) == _lines(ref)
+    assert "flower_bytes_up" in _lines(path)[-1]
+
+
+def test_flower_checkpoint_resumes_on_the_multiplex_engine(tmp_path, capsys):
+    """The checkpoint format is the engines' common one: a Flower run extended on multiplex."""
+    body = {**strategy_scenario("scaffold"), "rounds": 2,
+            "engine": {"kind": "flower", "dtype": "float64"}}
+    short, _ = execute(_scenario(body, tmp_path / "a"), quiet=True)
+    ref, _ = execute(_scenario({**body, "rounds": 4, "engine": {"kind": "multiplex", "dtype": "float64"}},
+                               tmp_path / "b"), quiet=True)
+    code, _, err = run_cli(["resume", short, "--set", "rounds=4", "--engine", "multiplex", "--quiet"], capsys)
+    assert code == 0, err
+    keys = ("round", "train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "sim_time_s")
+    got, want = _lines(short)[2:], _lines(ref)[2:]
+    assert [{k: m[k] for k in keys} for m in got] == [{k: m[k] for k in keys} for m in want]
+
+
+def test_resuming_a_flower_strategy_object_run_exits_2(tmp_path, capsys):
+    body = {**strategy_scenario("fedavg"), "rounds": 2, "participation": {"kind": "full"},
+            "strategy": {"name": "flower", "class": "flwr.serverapp.strategy.FedAvg"},
+            "engine": {"kind": "flower", "dtype": "float64"}}
+    run, _ = execute(_scenario(body, tmp_path / "a"), quiet=True)
+    os.makedirs(Path(run, "checkpoint"), exist_ok=True)
+    code, _, err = run_cli(["resume", run, "--set", "rounds=4"], capsys)
+    assert code == 2 and "no checkpoint" in err, err
