@@ -14,7 +14,7 @@ from fedsim.config import TOP_KEYS, Scenario
 from fedsim.data import Dataset, label_distribution, load_dataset, partition
 from fedsim.errors import ConfigError
 from fedsim.models import StackedModel, build_model, init_params
-from fedsim.oracle import ClientData
+from fedsim.oracle import ClientData, device_inputs
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem
 from fedsim.types import Strategy, StrategyRuntime
@@ -42,7 +42,7 @@ class Setup:
         ds, sc = self.dataset, self.scenario
         data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype)
         return DataProblem(self.model, data,
-                           torch.as_tensor(ds.x_test, dtype=self.dtype, device=self.device),
+                           device_inputs(ds.x_test, self.device, self.dtype),
                            torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
                            self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size)
 

@@ -26,14 +26,15 @@ def test_compiled_forward_equals_per_client_modules(kind, params, shape):
     assert not torch.equal(x[0], x[1]), "independent inits must differ"
 
 
-def test_non_sequential_module_uses_vmap_and_matches():
+def test_non_sequential_module_folds_and_vmaps_and_matches():
     make = lambda: TwoLayer((6,), 3).double()  # noqa: E731
     sm = StackedModel(make())
-    assert not sm.compiled
+    assert sm.compiled  # its layers are Linear: the client-folded plan applies
     x = init_params(make, sm.spec, seed=0, ids=[4, 5])
     inputs = torch.randn(2, 7, 6, dtype=torch.float64)
     ref = torch.stack([functional_call(sm.module, sm.spec.unflatten(x[i]), (inputs[i],)) for i in range(2)])
-    torch.testing.assert_close(sm.forward(x, inputs), ref, rtol=0, atol=1e-12)
+    for kind in ("stacked", "vmap", "loop"):
+        torch.testing.assert_close(sm.forward(x, inputs, kind), ref, rtol=0, atol=1e-12)
 
 
 def test_init_is_keyed_and_leaves_global_rng_alone():
