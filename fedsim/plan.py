@@ -9,7 +9,7 @@ Choosing (`choose_plan`, at set-up):
 
 - ``auto`` (default): a cost model over quantities that do not depend on the clock, so that
   reruns pick the same plan and give bitwise-identical results. One client's step is run once
-  to count its FLOPs (`torch.utils.flop_counter`) and the bytes autograd saves for backward
+  to count its FLOPs (forward hooks on its layers) and the bytes autograd saves for backward
   (its activation memory). Then:
   * block <= (memory_mb / 2) / activation bytes per client (the memory bound);
   * on CPU, block <= 4 MiB / parameter bytes per client: stacking pays while the block's
@@ -32,12 +32,14 @@ writes to summary.json.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedsim.errors import ConfigError
 from fedsim.models import KINDS
@@ -141,30 +143,59 @@ def _probe_oracle(problem: Any, m: int, kind: str | None = None, block: int | No
                        problem.seed, problem.batch_size, plan)
 
 
-def _one_client(problem: Any, x: torch.Tensor) -> dict[str, Any]:
-    """FLOPs, saved-activation bytes and (CUDA) peak memory of one client's step."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _layer_flops(mod: nn.Module, args: tuple, out: Any) -> float:
+    """Forward FLOPs (2 per multiply-add) of one call of a Linear / Conv / recurrent layer."""
+    if isinstance(mod, nn.Linear):
+        return 2.0 * out.numel() * mod.in_features
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return 2.0 * out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
+    if isinstance(mod, nn.RNNBase):
+        x = args[0]
+        tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+        gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
+        d = 2 if mod.bidirectional else 1
+        h = mod.hidden_size
+        ins = [mod.input_size] + [h * d] * (mod.num_layers - 1)
+        return sum(2.0 * tokens * gates * h * (i + h) * d for i in ins)
+    return 0.0
 
+
+def _one_client(problem: Any, x: torch.Tensor) -> dict[str, Any]:
+    """FLOPs, saved-activation bytes and (CUDA) peak memory of one client's step.
+
+    FLOPs are counted with forward hooks on the Linear / Conv / recurrent layers (attention
+    scores and elementwise work excluded), times 3 for forward + backward. (torch's
+    FlopCounterMode would count every op, but entering any dispatch mode imports
+    torch._dynamo: 3-4 s of set-up.)
+    """
     oracle = _probe_oracle(problem, 1, "loop", 1)
     saved: dict[int, int] = {}
+    flops = [0.0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:  # storages saved for backward, each counted once
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        flops[0] += _layer_flops(mod, args, out)
+    handles = [mod.register_forward_hook(hook) for mod in problem.model.module.modules()]
     cuda = x.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
         before = torch.cuda.memory_allocated(x.device)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        oracle(x, 0)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            oracle(x, 0)
+    finally:
+        for h in handles:
+            h.remove()
     peak = None
     if cuda:
         torch.cuda.synchronize(x.device)
         peak = int(torch.cuda.max_memory_allocated(x.device) - before)
     act = sum(v for k, v in saved.items() if k != x.untyped_storage().data_ptr())  # not the weights
-    return {"flops": float(counter.get_total_flops()), "act": int(act), "peak": peak}
+    return {"flops": 3.0 * flops[0], "act": int(act), "peak": peak}
 
 
 def _measure(problem: Any, x: torch.Tensor, kinds: list[str], blocks: list[int]) -> list[tuple[str, float]]:

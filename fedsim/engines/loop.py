@@ -90,9 +90,13 @@ class RoundLoop:
         """The loop of a scenario built by `fedsim.setup.build_setup`.
 
         With `memory_mb` and no `chunk_size`, the chunk size is derived from the memory bound.
+        `plan` / `plan_block` choose the execution plan (`fedsim.plan.choose_plan`).
         """
         sc = setup.scenario
         problem = setup.problem()
+        plan, plan_block = kw.pop("plan", "auto"), kw.pop("plan_block", None)
+        if hasattr(problem, "choose_plan"):
+            problem.choose_plan(plan, plan_block, memory_mb or 2048)
         if kw.get("chunk_size") is None and memory_mb:
             kw["chunk_size"] = auto_chunk(problem, memory_mb)
         return cls(setup.strategy, problem, setup.x0, rounds=sc.rounds, seed=sc.seed,

@@ -7,7 +7,7 @@ and a local step is one batched forward/backward pass (no Python loop over clien
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -22,14 +22,22 @@ class MultiplexEngine:
 
     name = "multiplex"
 
-    def __init__(self, chunk_size: int | None, memory_mb: int, threads: int | None) -> None:
+    def __init__(self, chunk_size: int | None, memory_mb: int, threads: int | None,
+                 plan: str = "auto", plan_block: int | None = None) -> None:
         self.chunk_size, self.memory_mb, self.threads = chunk_size, memory_mb, threads
+        self.plan, self.plan_block = plan, plan_block
 
     def prepare(self, setup: Setup) -> None:
         """Place the data on the device and build the loop (counted as set-up, not as rounds)."""
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.loop = RoundLoop.from_setup(setup, memory_mb=self.memory_mb, chunk_size=self.chunk_size)
+        self.loop = RoundLoop.from_setup(setup, memory_mb=self.memory_mb, chunk_size=self.chunk_size,
+                                         plan=self.plan, plan_block=self.plan_block)
+
+    def summary_extra(self) -> dict[str, Any]:
+        """The execution plan (kind, block, per-client memory and FLOPs) for summary.json."""
+        plan = getattr(getattr(self, "loop", None) and self.loop.problem, "plan", None)
+        return {"plan": plan.summary()} if plan is not None else {}
 
     def run(self, setup: Setup, on_eval: Callable[[dict], None],
             progress: Callable[[int, dict | None], None] | None = None) -> list[dict[str, Any]]:
@@ -42,7 +50,9 @@ class MultiplexEngine:
 @ENGINES.register("multiplex")
 def multiplex(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
               memory_mb: Annotated[int, Field(gt=0)] = 2048,
-              threads: Annotated[int, Field(gt=0)] | None = 1) -> MultiplexEngine:
+              threads: Annotated[int, Field(gt=0)] | None = 1,
+              plan: Literal["auto", "measure", "stacked", "vmap", "loop"] = "auto",
+              plan_block: Annotated[int, Field(gt=0)] | None = None) -> MultiplexEngine:
     """All clients of a round as one stacked computation on one device (CPU or CUDA).
 
     Args:
@@ -52,5 +62,9 @@ def multiplex(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
         matmuls of typical simulations and never oversubscribes a shared machine (measured:
         quickstart 1.6 s in-loop with 1 thread vs 22.5 s with 2 on a busy 2-core box); raise it
         for large models; None keeps torch's default.
+      plan: how a chunk is executed (`fedsim.plan`): auto (deterministic cost model), measure
+        (timed calibration at set-up, like cuDNN's benchmark mode), or a fixed kind: stacked
+        (client-folded batched kernels), vmap (torch.func.vmap) or loop (one client at a time).
+      plan_block: clients per forward/backward pass; None lets the plan choose.
     """
-    return MultiplexEngine(chunk_size, memory_mb, threads)
+    return MultiplexEngine(chunk_size, memory_mb, threads, plan, plan_block)
