@@ -19,10 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from fedsim.config import Scenario, to_dict
-
-VOLATILE_KEYS = ("wall_s",)
-"""Metric keys that depend on the clock (everything else is deterministic)."""
-
+from fedsim.types import Engine
 
 def _unique_dir(base: str, name: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -98,13 +95,12 @@ def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
 
     t_start = time.perf_counter()
     setup = build_setup(sc)
-    engine = ENGINES.build(sc.engine.kind, sc.engine.params())
-    writer = RunWriter(sc, out_dir) if write and getattr(engine, "is_root", True) else None
+    engine: Engine = ENGINES.build(sc.engine.kind, sc.engine.params())
+    writer = RunWriter(sc, out_dir) if write and engine.is_root else None
     history: list[dict[str, Any]] = []
     on_eval = writer.log if writer else history.append
-    update, close_bar = _progress(sc.rounds, quiet or not getattr(engine, "is_root", True))
-    if hasattr(engine, "prepare"):
-        engine.prepare(setup)  # data placement etc.: part of set-up, not of the timed rounds
+    update, close_bar = _progress(sc.rounds, quiet or not engine.is_root)
+    engine.prepare(setup)  # data placement etc.: part of set-up, not of the timed rounds
     extra = {"params": setup.model.spec.size, "setup_s": round(time.perf_counter() - t_start, 4)}
     t0 = time.perf_counter()
     try:
@@ -117,7 +113,7 @@ def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
             writer.close(summary, ok=False)
         raise
     close_bar()
-    extra.update(getattr(engine, "summary_extra", lambda: {})())
+    extra.update(engine.summary_extra())
     hist = writer.history if writer else history
     summary = summarize(sc, hist, time.perf_counter() - t0, extra)
     path = writer.close(summary, ok=True) if writer else None

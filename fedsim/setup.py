@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -36,15 +36,19 @@ class Setup:
     topology: Any | None
     device: torch.device
     dtype: torch.dtype
+    _problem: DataProblem | None = field(default=None, init=False, repr=False, compare=False)
 
     def problem(self) -> DataProblem:
-        """The scenario's data and model as a `fedsim.problem.Problem` (data moved to the device)."""
-        ds, sc = self.dataset, self.scenario
-        data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype)
-        return DataProblem(self.model, data,
-                           device_inputs(ds.x_test, self.device, self.dtype),
-                           torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
-                           self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size)
+        """The scenario's data and model as a `fedsim.problem.Problem` (data moved to the device
+        on the first call; later calls share it)."""
+        if self._problem is None:
+            ds, sc = self.dataset, self.scenario
+            data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype)
+            self._problem = DataProblem(
+                self.model, data, device_inputs(ds.x_test, self.device, self.dtype),
+                torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
+                self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size)
+        return self._problem
 
     @property
     def num_clients(self) -> int:

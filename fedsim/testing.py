@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fedsim import rng
+from fedsim import round as kernel
 from fedsim.engines.loop import RoundLoop
 from fedsim.types import Strategy, Tree
 
@@ -187,12 +188,8 @@ def check_purity_and_shapes(strategy: Strategy, problem: Any, *, seed: int = 0) 
     clients = strategy.init_clients(x0, ids)
     for k, v in clients.items():
         assert v.shape[0] == n, f"client state {k!r} must have a leading client axis of {n}"
-    mask = torch.ones(n, dtype=torch.bool)
-    sizes = torch.as_tensor(problem.sizes)
-    from fedsim.types import RoundCtx
-
-    ctx = RoundCtx(round=0, seed=seed, ids=ids, num_samples=sizes, weight=sizes.double() / sizes.sum(),
-                   participants=mask, total_samples=sizes, num_clients=n)
+    ctx = kernel.make_ctx(0, seed, ids, torch.ones(n, dtype=torch.bool),
+                          torch.as_tensor(problem.sizes), problem.dtype)
     s0, c0 = _clone(server), _clone(clients)
     payload, new_clients, info = strategy.local(server, clients, problem.oracle(ids, 0), ctx)
     assert _equal(server, s0) and _equal(clients, c0), "local() must not modify its inputs"
@@ -203,10 +200,7 @@ def check_purity_and_shapes(strategy: Strategy, problem: Any, *, seed: int = 0) 
         if k in info:
             assert info[k].shape == (n,), f"info[{k!r}] must have shape [m]"
     if strategy.comm == "reduce":
-        from fedsim.comm import weighted_sum
-
-        w = strategy.weights(server, ctx) if strategy.weights else ctx.weight
-        reduced = weighted_sum(payload, w)
+        reduced = kernel.block_partial(strategy, server, payload, ctx)
         r0 = _clone(reduced)
         new_server = strategy.server_update(server, reduced, ctx)
         assert _equal(server, s0) and _equal(reduced, r0), "server_update() must not modify its inputs"

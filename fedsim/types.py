@@ -1,4 +1,4 @@
-"""Core types: a strategy is a NamedTuple of pure functions over client-stacked flat tensors.
+"""Core types and the typed seams between the roles (strategy, engine, comm, scenario).
 
 Shapes: P = number of model parameters (one flat vector per model), m = clients in the block
 being processed (all participants of a round, a memory-bounded chunk of them, one MPI rank's
@@ -6,30 +6,39 @@ slice, or a single Flower ClientApp), N = all clients of the scenario.
 
 A strategy never communicates, never loops over clients in Python, never reads the clock and
 never touches global RNG state: the engine does those things. Adding a strategy touches
-``strategies/`` only.
+``strategies/`` only. The round itself (who takes part, the `RoundCtx`, default weights, the
+staleness queue, the byte rule, the metrics line) is defined once, in `fedsim.round`; engines
+are transports (`Comm`) and schedulers of client blocks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 Tree = dict[str, torch.Tensor]
 """Named tensors. Client-side trees have a leading axis of size m (one row per client)."""
+
+Weights = torch.Tensor | Tree
+"""Aggregation weights: [m] for every payload key, or {payload key: [m]}."""
 
 
 @dataclass(frozen=True)
 class RoundCtx:
     """What a strategy may know about the round, for one block of m clients.
 
+    Built only by `fedsim.round.make_ctx`. All tensors live on the device of the model.
+
     Attributes:
       round: 0-based round index.
       seed: the scenario's root seed (derive streams with `fedsim.rng`, purpose STRATEGY).
       ids: [m] int64 global client ids of this block, ascending.
       num_samples: [m] local dataset sizes of this block.
-      weight: [m] default aggregation weights n_i / sum_{j in S} n_j (sum to 1 over all participants).
+      weight: [m] default aggregation weights n_i / sum_{j in S} n_j (sum to 1 over all
+        participants of the round, whatever block they are in).
       participants: [N] bool, who takes part this round (all blocks see the same mask).
       total_samples: [N] local dataset sizes of every client.
       num_clients: N.
@@ -43,14 +52,15 @@ class RoundCtx:
     participants: torch.Tensor
     total_samples: torch.Tensor
     num_clients: int
-    extras: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def m(self) -> int:
+        """Clients in this block."""
         return int(self.ids.shape[0])
 
     @property
     def num_participants(self) -> int:
+        """Participants of the round (over all blocks)."""
         return int(self.participants.sum())
 
 
@@ -68,20 +78,38 @@ class Oracle(Protocol):
     def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+LocalFn = Callable[[Tree, Tree, Oracle, RoundCtx], tuple[Tree, Tree, Tree]]
+"""(server, clients, oracle, ctx) -> (payload, clients, info)."""
+
+
+def model_rows(*keys: str) -> Callable[[int], dict[str, tuple[int, ...]]]:
+    """A `Strategy.payload` spec: every key is one model-sized row [P] per client."""
+    def spec(p: int) -> dict[str, tuple[int, ...]]:
+        return {k: (p,) for k in keys}
+    return spec
+
+
+_delta_payload = model_rows("delta")
+
+
 class Strategy(NamedTuple):
     """An algorithm as pure functions; state goes in and comes out, inputs are never mutated.
 
     Attributes:
-      init_server: (x0 [P]) -> server Tree. Must contain "x" (the global model) for
-        comm="reduce"; replicated on every MPI rank.
-      init_clients: (x0 [P], ids [m]) -> client Tree with leading axis m. Called lazily on a
-        client's first participation; must depend only on x0 and the ids.
+      init_server: (x0 [P]) -> server Tree. Must contain `model_key` ("x") for comm="reduce";
+        replicated on every MPI rank.
+      init_clients: (x0 [P] or [m, P], ids [m]) -> client Tree with leading axis m. Called
+        lazily on a client's first participation; must depend only on x0 and the ids.
       local: (server, clients, oracle, ctx) -> (payload, clients, info). Runs on a block of
-        participants. `payload` holds the tensors sent up ([m, ...]); `info` may hold
-        "up_bits" [m] (bits a real encoding sends; default: dense payload size) and
-        "loss" [m] (training loss for the metrics).
+        participants. `payload` holds the tensors sent up ([m, ...], shapes as `payload`
+        declares); `info` may hold "loss" [m] (training loss for the metrics) and, when the
+        payload is compressed, "sent_values" [m] (float values a real encoding sends per row)
+        and "sent_bits" [m] (its other bits: indices, signs, exponents); see
+        `fedsim.round.row_bytes` for the one byte rule.
       server_update: comm="reduce": (server, reduced, ctx) -> server, where
-        reduced[k] = sum_i w_i[k] * payload_i[k] over all participants.
+        reduced[k] = sum_i w_i[k] * payload_i[k] over all participants; `reduced` is {} for a
+        round nobody took part in (the update decides what that means: FedAvg keeps x, MIFA
+        still applies its table). ctx covers all participants of the round.
       node_update: comm="mix": (clients, mixed, ctx) -> clients, where mixed[k] rows are the
         neighbour combination of payload[k] (see `mixing`).
       weights: (server, ctx) -> [m] or {key: [m]}: aggregation weights per payload key;
@@ -93,21 +121,25 @@ class Strategy(NamedTuple):
       staleness: the server update of round t receives the reduction of round t - staleness
         (CO2: 1); rounds < staleness receive nothing (server_update is not called).
       model_key: key of the model in the server Tree ("reduce") or client Tree ("mix").
+      payload: P -> {payload key: row shape}; what `local` sends (checked by
+        `fedsim.testing.check_strategy`). Compressors use it to size their state.
+      derived_keys: payload keys a real receiver computes from the others (gossip-var's
+        variances): carried by the simulation, not counted as bytes.
     """
 
     init_server: Callable[[torch.Tensor], Tree]
     init_clients: Callable[[torch.Tensor, torch.Tensor], Tree]
-    local: Callable[..., tuple[Tree, Tree, Tree]]
+    local: LocalFn
     server_update: Callable[[Tree, Tree, RoundCtx], Tree] | None = None
     node_update: Callable[[Tree, Tree, RoundCtx], Tree] | None = None
-    weights: Callable[[Tree, RoundCtx], Any] | None = None
+    weights: Callable[[Tree, RoundCtx], Weights] | None = None
     comm: Literal["reduce", "mix"] = "reduce"
     mixing: Mapping[str, str] = {}
     broadcast: tuple[str, ...] = ("x",)
     staleness: int = 0
     model_key: str = "x"
-    needs: tuple[str, ...] = ()
-    """Runtime information the factory asked for and the engine must supply (documentation)."""
+    payload: Callable[[int], dict[str, tuple[int, ...]]] = _delta_payload
+    derived_keys: tuple[str, ...] = ()
 
 
 def no_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
@@ -118,6 +150,8 @@ def no_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
 @dataclass(frozen=True)
 class StrategyRuntime:
     """Facts about the simulation a strategy factory may ask for (keyword argument `runtime`).
+
+    The registry passes it to factories that declare a `runtime` parameter (and only to them).
 
     Attributes:
       num_clients: N.
@@ -132,7 +166,142 @@ class StrategyRuntime:
 
     num_clients: int
     segments: tuple[tuple[str, int, int], ...]
-    num_samples: Any
-    probabilities: Any = None
+    num_samples: np.ndarray
+    probabilities: np.ndarray | None = None
     seed: int = 0
-    p_nominal: Any = None
+    p_nominal: np.ndarray | None = None
+
+
+# ---- compression -----------------------------------------------------------------------------
+
+class Encoding(NamedTuple):
+    """What a compressed row costs on the wire (turned into bytes by `fedsim.round`).
+
+    Attributes:
+      values: [m] float values each row sends (counted at the payload dtype's width).
+      bits: [m] float64 other bits each row sends (indices, signs, exponents, levels).
+      indices: [m, k] ascending kept coordinates when the row is sparse (a sparsifier's
+        support; `chain` runs later stages on the kept values only), else None.
+    """
+
+    values: torch.Tensor
+    bits: torch.Tensor
+    indices: torch.Tensor | None = None
+
+
+class Compressor(Protocol):
+    """A stateful row-wise compression operator with a sender half and a receiver half.
+
+    The sender half runs on every client row of a block, the receiver half on the server's
+    weighted sum of the decoded rows (error feedback such as EF21 keeps state on both sides,
+    as PyTorch's PowerSGD hook keeps its error buffers explicitly). Implementations:
+    `strategies.compress` (operators) and `strategies.feedback` (EF14, EF21, EControl).
+    """
+
+    def init(self, rows: torch.Tensor) -> Tree:
+        """Sender state of zero rows [m, d] (a Tree with leading axis m; {} if stateless)."""
+        ...
+
+    def compress(self, v: torch.Tensor, state: Tree, ctx: RoundCtx, stream: tuple[int, ...] = ()
+                 ) -> tuple[torch.Tensor, Encoding, Tree]:
+        """v [m, d] -> (decoded [m, d] as the receiver sees it, encoding, new sender state).
+
+        Randomness is keyed by (seed, COMPRESS, *stream, round, client id, coordinate).
+        """
+        ...
+
+    def init_receiver(self, row: torch.Tensor) -> Tree:
+        """Receiver state for a zero row [d]."""
+        ...
+
+    def receive(self, reduced: torch.Tensor, state: Tree) -> tuple[torch.Tensor, Tree]:
+        """Weighted sum of decoded rows [d] -> (the estimate the strategy uses [d], new state)."""
+        ...
+
+
+# ---- the seams an engine is built from -------------------------------------------------------
+
+class Participation(Protocol):
+    """Who takes part in round t: a keyed, random-access bool mask [N]."""
+
+    num_clients: int
+    probabilities: np.ndarray | None  # long-run participation rates p_n [N] (oracle use only)
+    p_nominal: np.ndarray | None      # the configured p_n (differs from the rate for cyclic)
+
+    def mask(self, round: int) -> np.ndarray: ...
+
+
+class MixingOperator(Protocol):
+    """A sparse mixing matrix in CSR form (`topologies.mixing.MixingMatrix`)."""
+
+    n: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    weights: np.ndarray
+
+
+class Topology(Protocol):
+    """Round -> graph, with mixing matrices per rule (`topologies.base.Topology`)."""
+
+    n: int
+    static: bool
+
+    def mixing(self, round: int = 0, rule: str = "metropolis") -> Any: ...
+
+
+class Pending(Protocol):
+    """A reduction in flight: `wait()` returns the summed tree ({} if nobody contributed)."""
+
+    def test(self) -> None: ...
+
+    def wait(self) -> Tree: ...
+
+
+class Comm(Protocol):
+    """Transport of a round loop: sums over processes and neighbour exchange.
+
+    `LocalComm` (one process holds every client) and `MPIComm` (ranks own contiguous slices)
+    implement it; a rank with nothing to contribute passes None and joins with zeros.
+    """
+
+    rank: int
+    size: int
+
+    def allreduce(self, tree: Tree | None, channel: str = "default") -> Tree: ...
+
+    def iallreduce(self, tree: Tree | None, channel: str = "default") -> Pending: ...
+
+    def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor: ...
+
+    def allgather(self, obj: Any) -> list[Any]: ...
+
+    def mix(self, mixing: dict[str, torch.Tensor], payload: Tree, owned: torch.Tensor,
+            ops: Mapping[str, str]) -> Tree: ...
+
+    def progress(self) -> None:
+        """Let reductions in flight progress (called between local steps)."""
+        ...
+
+
+OnEval = Callable[[dict[str, Any]], None]
+Progress = Callable[[int, "dict[str, Any] | None"], None]
+
+
+class Engine(Protocol):
+    """How a built scenario is executed (`fedsim.engines`: multiplex, mpi, flower).
+
+    `prepare` does the set-up that should not count as round time (data placement);
+    `run` executes the rounds, calling `on_eval` with every metrics line; `is_root` is False
+    on processes that must not write the run folder (MPI ranks > 0); `summary_extra` adds
+    engine facts to summary.json.
+    """
+
+    name: str
+    is_root: bool
+
+    def prepare(self, setup: Any) -> None: ...
+
+    def run(self, setup: Any, on_eval: OnEval, progress: Progress | None = None
+            ) -> list[dict[str, Any]]: ...
+
+    def summary_extra(self) -> dict[str, Any]: ...

@@ -104,7 +104,8 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
 
     The engine mixes {"x": y, "stats": [Var(y_j[l])..., 1]} with the uniform in-neighbour mean
     ("mean", self excluded); the trailing 1 tells whether a node received anything. Bytes
-    count only the model (`up_bits`), since a real receiver computes the variances itself.
+    count only the model ("stats" is a derived key), since a real receiver computes the
+    variances itself.
 
     Args:
       runtime: supplies `segments`, the (name, start, stop) of every tensor.
@@ -124,9 +125,7 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
         y, loss = local_sgd(clients["x"], oracle, local_steps, lr)
         var = tensor_variances(y, segs, unbiased)
         stats = torch.cat([var, torch.ones_like(var[:, :1])], dim=1)
-        bits = torch.full((ctx.m,), y[0].numel() * y.element_size() * 8, dtype=torch.int64,
-                          device=y.device)
-        return {"x": y, "stats": stats}, {"x": y}, {"loss": loss, "up_bits": bits}
+        return {"x": y, "stats": stats}, {"x": y}, {"loss": loss}
 
     def node_update(clients: Tree, mixed: Tree, ctx: RoundCtx) -> Tree:
         own, received = clients["x"], mixed["x"]
@@ -137,4 +136,5 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
 
     return Strategy(init_server=lambda x0: {}, init_clients=node_models, local=local,
                     node_update=node_update, comm="mix", mixing={"x": "mean", "stats": "mean"},
-                    broadcast=(), needs=("segments",))
+                    broadcast=(), payload=lambda p: {"x": (p,), "stats": (len(segs) + 1,)},
+                    derived_keys=("stats",))

@@ -212,7 +212,8 @@ def test_ray_flower_equals_multiplex_for_every_strategy():
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fedsim.flower import client, server
+    from fedsim.flower import client
+    from fedsim.flower.adapter import run_adapter
 
     cases = []
     for name in STRATEGIES:
@@ -225,7 +226,7 @@ def test_ray_flower_equals_multiplex_for_every_strategy():
     @app.main()
     def main(grid, context):
         for _, _, setup, text in cases:
-            done.append(server.run_strategy(grid, setup, text))
+            done.append(run_adapter(grid, setup, text))
 
     run_simulation(app, client.make_client_app(threads=1), 8,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -25,7 +25,8 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-__all__ = ["MIXING_RULES", "MixingMatrix", "mixing_matrix", "check_mixing", "spectral_gap"]
+__all__ = ["MIXING_RULES", "MixingMatrix", "mixing_matrix", "neighbour_mean", "check_mixing",
+           "spectral_gap"]
 
 MIXING_RULES = ("metropolis", "max_degree")
 _DENSE_EIG_MAX_N = 2000
@@ -160,6 +161,23 @@ def mixing_matrix(G: nx.Graph, rule: str = "metropolis") -> MixingMatrix:
     order = np.lexsort((cols, rows))
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
     return MixingMatrix(n, indptr, cols[order], vals[order])
+
+
+def neighbour_mean(W: MixingMatrix) -> MixingMatrix:
+    """Uniform mean over each node's in-neighbours, self excluded, on the support of `W`.
+
+    Row i holds 1 / d_i on every neighbour j != i of i (d_i = number of them) and nothing on
+    the diagonal; a node without neighbours gets an empty row (its mixed value is 0, so a
+    strategy can tell it received nothing). Not a gossip matrix: rows sum to 1 or 0 and it is
+    not symmetric on irregular graphs. Gossip with variance correction (Tian et al. 2024,
+    arXiv:2404.04616) averages what a node receives this way.
+    """
+    rows = W.rows()
+    keep = W.indices != rows
+    r, c = rows[keep], W.indices[keep]
+    deg = np.bincount(r, minlength=W.n)
+    indptr = np.concatenate([[0], np.cumsum(deg)])
+    return MixingMatrix(W.n, indptr, c, 1.0 / deg[r].astype(np.float64))
 
 
 def check_mixing(W: MixingMatrix, G: nx.Graph | None = None, atol: float = 1e-12) -> None:

@@ -1,6 +1,6 @@
 """Flower engine: the scenario's strategy runs as a real Flower app (ServerApp + ClientApp).
 
-The ServerApp drives `fedsim.flower.strategy.FedsimStrategy` (a `flwr.serverapp.strategy.Strategy`)
+The ServerApp drives `fedsim.flower.adapter.FlowerAdapter` (a `flwr.serverapp.strategy.Strategy`)
 with Flower's own `Strategy.start`; every client is a Flower node running the fedsim ClientApp
 on its own partition. Runtimes:
   inprocess  fedsim's Ray-free `InProcessGrid` (deterministic, fast; default),
@@ -13,11 +13,12 @@ flwr is imported only inside `run`: the registry imports this module whenever it
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedsim.engines import ENGINES
+from fedsim.types import OnEval, Progress
 
 
 class ClientResources(BaseModel):
@@ -46,8 +47,11 @@ class FlowerEngine:
             self.comm = MPI.COMM_WORLD
             self.is_root = self.comm.Get_rank() == 0
 
-    def run(self, setup: Any, on_eval: Callable[[dict], None],
-            progress: Callable[[int, dict | None], None] | None = None) -> list[dict[str, Any]]:
+    def prepare(self, setup: Any) -> None:
+        """Nothing to place before the rounds: the nodes build their partitions when they join."""
+
+    def run(self, setup: Any, on_eval: OnEval,
+            progress: Progress | None = None) -> list[dict[str, Any]]:
         import torch
 
         from fedsim.flower import client, grid, server

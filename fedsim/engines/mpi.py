@@ -3,12 +3,14 @@
 Every rank builds the whole scenario from the seed (data is generated in-process, nothing is
 broadcast), then owns a fixed, balanced, contiguous slice of the clients (FL) or nodes (gossip):
 rank r of K owns ids [N*r//K, N*(r+1)//K), holds only their data and their per-client state, and
-trains them multiplexed exactly like the default engine. Transport (`fedsim.mpi_comm.MPIComm`):
+runs the same round loop as the default engine (`fedsim.engines.loop.RoundLoop`) over its slice.
+Only the transport differs (`fedsim.comm.mpi.MPIComm`):
   * FL: the weighted partial sums of a round, all keys in one flat buffer, one Allreduce. The
     server state is replicated: every rank applies the same update to the same sum.
   * staleness 1 (CO2, Sun et al. 2024, arXiv 2401.16265): round t's sum starts as a non-blocking
     Iallreduce right after local(t) and is waited for only at the server update of round t+1, so
-    it overlaps round t+1's local steps; the result equals the in-process emulation.
+    it overlaps round t+1's local steps (every gradient call lets MPI progress it); the result
+    equals the in-process FIFO.
   * gossip: neighbour exchange of boundary rows along the mixing matrix (point-to-point).
 Rank 0 evaluates, writes the run folder and shows the progress bar. An exception on any rank
 prints ``error: rank R: ...`` and aborts the whole job (non-zero exit, never a hang). mpi4py is
@@ -23,7 +25,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from fedsim.engines import ENGINES
 from fedsim.engines.loop import RoundLoop
 from fedsim.errors import ConfigError
 from fedsim.setup import Setup
-from fedsim.types import Tree
+from fedsim.types import OnEval, Progress, Tree
 
 
 def model_fingerprint(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -54,113 +56,6 @@ def _tree_digest(tree: Tree) -> str:
         h.update(k.encode())
         h.update(tree[k].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-class _PokingOracle:
-    """An oracle that lets in-flight reductions progress before every gradient."""
-
-    def __init__(self, oracle: Any, poke: Callable[[], None]) -> None:
-        self._oracle, self._poke = oracle, poke
-
-    def __call__(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self._poke()
-        return self._oracle(x, step)
-
-    def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._poke()
-        return self._oracle.full(x)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._oracle, name)
-
-
-class _PokingProblem:
-    def __init__(self, problem: Any, poke: Callable[[], None]) -> None:
-        self._problem, self._poke = problem, poke
-
-    def oracle(self, ids: torch.Tensor, round: int) -> _PokingOracle:
-        return _PokingOracle(self._problem.oracle(ids, round), self._poke)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._problem, name)
-
-
-class MPIRoundLoop(RoundLoop):
-    """RoundLoop with real collectives (see the module docstring).
-
-    Differences from the in-process loop, none of which changes a number:
-      * the server update runs on every rank (replicated) from the Allreduce of the partial sums;
-        with staleness s the reduction is an Iallreduce waited for s rounds later, and every
-        gradient evaluation in between lets the MPI library progress it;
-      * the per-round byte counts are summed across ranks lazily, at evaluations (one small
-        Allreduce for all rounds since the last), so a stale round has no other blocking sync;
-      * the test-set evaluation of the global model runs on rank 0 only.
-    """
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.inflight: list = []
-        self.byte_rounds: list[torch.Tensor] = []
-        if self.strategy.staleness:
-            self.problem = _PokingProblem(self.problem, self.poke)
-
-    def poke(self) -> None:
-        for pending in self.inflight:
-            pending.test()
-
-    def count_bytes(self, up: int, down: int) -> None:
-        """Record this rank's counts; `flush_bytes` sums them over ranks at the next evaluation,
-        so a round has no blocking collective besides its reduction."""
-        self.byte_rounds.append(torch.tensor([up, down], dtype=torch.float64))
-        self.state.bytes.add(up, down)
-
-    def flush_bytes(self) -> None:
-        """Replace the recorded local byte counts of the last rounds by their sums over ranks."""
-        if not self.byte_rounds:
-            return
-        k, per, b = len(self.byte_rounds), self.state.bytes.per_round, self.state.bytes
-        total = self.comm.allreduce_scalars(torch.stack(self.byte_rounds).reshape(-1)).reshape(k, 2)
-        for i in range(k):
-            j = len(per) - k + i
-            up, down = int(total[i, 0]), int(total[i, 1])
-            b.up, b.down = b.up + up - per[j][0], b.down + down - per[j][1]
-            per[j] = (up, down)
-        self.byte_rounds = []
-
-    def finish_reduce(self, t: int, partial: Tree | None, mask: torch.Tensor, denom: torch.Tensor) -> None:
-        from fedsim.mpi_comm import ready
-
-        s, strat = self.state, self.strategy
-        if not bool(mask.any()):          # nobody took part anywhere: no collective, reduced = {}
-            pending = ready({})
-        elif strat.staleness:
-            pending = self.comm.iallreduce(partial, channel="reduce")
-        else:
-            pending = ready(self.comm.allreduce(partial, channel="reduce"))
-        self.inflight.append(pending)
-        if len(self.inflight) <= strat.staleness:
-            return
-        reduced = self.inflight.pop(0).wait()
-        all_ids = torch.nonzero(mask).flatten()
-        s.server = strat.server_update(s.server, reduced, self.ctx(t, all_ids, mask, denom))
-
-    def drain(self) -> None:
-        """Complete what is in flight: the stale tail (kept as `state.fifo`) and byte counts."""
-        self.state.fifo = [p.wait() for p in self.inflight]
-        self.inflight = []
-        self.flush_bytes()
-
-    def evaluate(self, t: int) -> dict[str, Any]:
-        self.flush_bytes()
-        if self.comm.rank == 0:
-            return super().evaluate(t)
-        # the same collectives as RoundLoop.evaluate, without the test-set pass
-        x = self.models_for_eval()
-        self.comm.allreduce_scalars(torch.tensor(self.train_loss, dtype=torch.float64))
-        self.train_loss = (0.0, 0)
-        if self.strategy.comm == "mix":
-            self.node_metrics(x)
-        return {}
 
 
 def _local_rank() -> int:
@@ -205,10 +100,13 @@ class MPIEngine:
         self.chunk_size, self.memory_mb, self.threads = chunk_size, memory_mb, threads
         self.check_replicas = check_replicas
         self.extra: dict[str, Any] = {}
-        self.loop: MPIRoundLoop | None = None
+        self.loop: RoundLoop | None = None
 
-    def run(self, setup: Setup, on_eval: Callable[[dict], None],
-            progress: Callable[[int, dict | None], None] | None = None) -> list[dict[str, Any]]:
+    def prepare(self, setup: Setup) -> None:
+        """Nothing to place before the rounds: each rank builds its slice in `run`."""
+
+    def run(self, setup: Setup, on_eval: OnEval,
+            progress: Progress | None = None) -> list[dict[str, Any]]:
         try:
             loop = self.build(setup, on_eval)
         except ConfigError:
@@ -219,16 +117,15 @@ class MPIEngine:
         try:
             t0 = time.perf_counter()
             history = loop.run(progress)
-            loop.drain()
             self.extra = self.report(loop, time.perf_counter() - t0)
             return history
         except BaseException as exc:
             self.abort(exc)
             raise
 
-    def build(self, setup: Setup, on_eval: Callable[[dict], None]) -> MPIRoundLoop:
+    def build(self, setup: Setup, on_eval: OnEval) -> RoundLoop:
         """Validate (no communication), then this rank's loop over its slice."""
-        from fedsim.mpi_comm import MPIComm, block_starts
+        from fedsim.comm.mpi import MPIComm, block_starts
 
         n = setup.num_clients
         if self.size > n:
@@ -239,20 +136,22 @@ class MPIEngine:
         owned = np.arange(starts[self.rank], starts[self.rank + 1])
         sl = slice_setup(setup, owned, _rank_device(setup.device))
         comm = MPIComm(self.world.Dup(), n, sl.device)
-        loop = MPIRoundLoop.from_setup(sl, memory_mb=self.memory_mb, chunk_size=self.chunk_size,
-                                       on_eval=on_eval if self.is_root else None, comm=comm,
-                                       owned=owned)
+        loop = RoundLoop.from_setup(sl, memory_mb=self.memory_mb, chunk_size=self.chunk_size,
+                                    on_eval=on_eval if self.is_root else None, comm=comm,
+                                    owned=owned)
         self.loop = loop
         return loop
 
-    def report(self, loop: MPIRoundLoop, loop_s: float) -> dict[str, Any]:
+    def report(self, loop: RoundLoop, loop_s: float) -> dict[str, Any]:
         """End-of-run statistics (collectives on every rank; the values land in summary.json)."""
-        comm, strat, s = loop.comm, loop.strategy, loop.state
+        from fedsim.comm.mpi import MPIComm
+
+        strat, s, comm = loop.strategy, loop.state, loop.comm
+        assert isinstance(comm, MPIComm)
         if strat.comm == "reduce":
             fp = model_fingerprint(s.server[strat.model_key][None], torch.zeros(1, dtype=torch.int64))
         else:
-            ids = torch.as_tensor(loop.owned, device=loop.device)
-            rows = s.store.gather(ids)[strat.model_key]
+            ids, rows = loop.node_rows()
             fp = comm.allreduce_scalars(model_fingerprint(rows, ids))
         mine = {"times": dict(comm.times), "loop_s": loop_s, "clients": len(loop.owned),
                 "data_rows": int(loop.problem.data.x.shape[0]) if hasattr(loop.problem, "data") else None,
@@ -297,15 +196,15 @@ class MPIEngine:
 def mpi(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
         memory_mb: Annotated[int, Field(gt=0)] = 2048,
         threads: Annotated[int, Field(gt=0)] = 1,
-        layout: Literal["block"] = "block",
         check_replicas: bool = True) -> MPIEngine:
     """K MPI ranks (mpiexec -n K), each training a contiguous slice of the clients multiplexed.
+
+    Rank r of K owns the balanced contiguous block [N*r//K, N*(r+1)//K) of client ids.
 
     Args:
       chunk_size: clients per stacked computation on a rank; None picks it from `memory_mb`.
       memory_mb: memory bound for one chunk's working set when chunk_size is None.
       threads: torch intra-op threads per rank (default 1: one rank per core).
-      layout: how clients map to ranks; "block" = balanced contiguous slices.
       check_replicas: hash the replicated server state on every rank at the end and report
         whether all ranks agree (summary.json: mpi.replicas_identical).
     """

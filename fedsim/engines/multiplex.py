@@ -7,7 +7,7 @@ and a local step is one batched forward/backward pass (no Python loop over clien
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -15,17 +15,20 @@ from pydantic import Field
 from fedsim.engines import ENGINES
 from fedsim.engines.loop import RoundLoop
 from fedsim.setup import Setup
+from fedsim.types import OnEval, Progress
 
 
 class MultiplexEngine:
-    """In-process engine (see module docstring)."""
+    """In-process engine (see module docstring); a `fedsim.types.Engine`."""
 
     name = "multiplex"
+    is_root = True
 
     def __init__(self, chunk_size: int | None, memory_mb: int, threads: int | None,
                  plan: str = "auto", plan_block: int | None = None) -> None:
         self.chunk_size, self.memory_mb, self.threads = chunk_size, memory_mb, threads
         self.plan, self.plan_block = plan, plan_block
+        self.loop: RoundLoop | None = None
 
     def prepare(self, setup: Setup) -> None:
         """Place the data on the device and build the loop (counted as set-up, not as rounds)."""
@@ -36,13 +39,14 @@ class MultiplexEngine:
 
     def summary_extra(self) -> dict[str, Any]:
         """The execution plan (kind, block, per-client memory and FLOPs) for summary.json."""
-        plan = getattr(getattr(self, "loop", None) and self.loop.problem, "plan", None)
+        plan = getattr(self.loop.problem, "plan", None) if self.loop is not None else None
         return {"plan": plan.summary()} if plan is not None else {}
 
-    def run(self, setup: Setup, on_eval: Callable[[dict], None],
-            progress: Callable[[int, dict | None], None] | None = None) -> list[dict[str, Any]]:
-        if getattr(self, "loop", None) is None:
+    def run(self, setup: Setup, on_eval: OnEval,
+            progress: Progress | None = None) -> list[dict[str, Any]]:
+        if self.loop is None:
             self.prepare(setup)
+        assert self.loop is not None
         self.loop.on_eval = on_eval
         return self.loop.run(progress)
 
@@ -59,9 +63,8 @@ def multiplex(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
       chunk_size: clients per stacked computation; None picks it from `memory_mb`.
       memory_mb: memory bound for one chunk's working set when chunk_size is None.
       threads: torch intra-op CPU threads. 1 (default) is fastest for the many small stacked
-        matmuls of typical simulations and never oversubscribes a shared machine (measured:
-        quickstart 1.6 s in-loop with 1 thread vs 22.5 s with 2 on a busy 2-core box); raise it
-        for large models; None keeps torch's default.
+        matmuls of typical simulations and never oversubscribes a shared machine; raise it for
+        large models; None keeps torch's default.
       plan: how a chunk is executed (`fedsim.plan`): auto (deterministic cost model), measure
         (timed calibration at set-up, like cuDNN's benchmark mode), or a fixed kind: stacked
         (client-folded batched kernels), vmap (torch.func.vmap) or loop (one client at a time).

@@ -1,6 +1,6 @@
 """fedsim and Flower (flwr 1.41, Message API), both ways.
 
-A. fedsim strategies as real Flower apps: `strategy.FedsimStrategy` (a
+A. fedsim strategies as real Flower apps: `adapter.FlowerAdapter` (a
    `flwr.serverapp.strategy.Strategy` wrapping any fedsim strategy), the ClientApp of
    `client.make_client_app`, the ServerApp of `server.make_server_app`, the engine
    `engine: {kind: flower, runtime: inprocess|ray|mpi}` (`fedsim.engines.flower`), and

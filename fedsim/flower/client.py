@@ -1,14 +1,14 @@
 """The ClientApp of a fedsim strategy: one Flower node = one client (m = 1) on its own partition.
 
-Messages (all built by `fedsim.flower.strategy.FedsimStrategy`):
+Messages (all built by `fedsim.flower.adapter.FlowerAdapter`):
   query          join: config["scenario"] (the resolved scenario YAML). The node builds the
                  scenario (cached per process), resets its strategy state, and replies with its
                  `partition-id` (from `context.node_config`, as Flower's simulation sets it).
   train          arrays: the server keys of `strategy.broadcast`; config: round, participants.
-                 The node runs `strategy.local` on its partition with
-                 `problem.oracle(ids=[partition_id], round)` (the same keyed minibatches as the
-                 multiplex engine) and replies arrays = payload row, metrics = loss, num-examples,
-                 up-bits. Per-client state (SCAFFOLD c_i, EF21 g_i, momentum) stays in
+                 The node runs the kernel's `client_step` (the strategy's `local`) on its
+                 partition with `problem.oracle(ids=[partition_id], round)` (the same keyed
+                 minibatches as the multiplex engine) and replies arrays = payload row,
+                 metrics = loss, num-examples, up-bytes (the kernel's byte rule). Per-client state (SCAFFOLD c_i, EF21 g_i, momentum) stays in
                  `context.state["fedsim.client"]`, as on a real device.
   train.mix      (comm="mix") arrays: the payload rows of this node's in-neighbours; weights:
                  their mixing weights. The node mixes locally and runs `strategy.node_update`.
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from fedsim import round as kernel
 from fedsim.comm import weighted_sum
 from fedsim.flower.records import record_to_tree, tree_to_record, unpack_mask
 from fedsim.types import RoundCtx, Tree
@@ -34,21 +35,18 @@ RUN_KEY = "fedsim.run"
 
 
 @dataclass
-class Built:
+class NodeScenario:
     """A scenario built in this process, and each node's view of its own data."""
 
     setup: Any
     text: str
-    problem: Any = None
     own: dict[int, Any] = field(default_factory=dict)
     server0: Tree | None = None
 
     def node_problem(self, pid: int) -> Any:
         """The problem restricted to client `pid`'s data (what the device holds)."""
         if pid not in self.own:
-            if self.problem is None:
-                self.problem = self.setup.problem()
-            self.own[pid] = self.problem.restrict(np.array([pid]))
+            self.own[pid] = self.setup.problem().restrict(np.array([pid]))
         return self.own[pid]
 
     def gossip_server(self) -> Tree:
@@ -58,7 +56,7 @@ class Built:
         return self.server0
 
 
-_BUILT: dict[str, Built] = {}
+_BUILT: dict[str, NodeScenario] = {}
 
 
 def scenario_text(scenario: Any) -> str:
@@ -75,43 +73,39 @@ def _key(text: str) -> str:
 def register_setup(text: str, setup: Any) -> None:
     """Share an already built Setup with the ClientApps of this process (in-process runtimes)."""
     if _key(text) not in _BUILT:
-        _BUILT[_key(text)] = Built(setup, text)
+        _BUILT[_key(text)] = NodeScenario(setup, text)
 
 
-def built(text: str) -> Built:
+def built(text: str) -> NodeScenario:
     """The scenario `text` built in this process (cached)."""
     k = _key(text)
     if k not in _BUILT:
         from fedsim.config import parse_scenario
         from fedsim.setup import build_setup
 
-        _BUILT[k] = Built(build_setup(parse_scenario(yaml.safe_load(text))), text)
+        _BUILT[k] = NodeScenario(build_setup(parse_scenario(yaml.safe_load(text))), text)
     return _BUILT[k]
 
 
-def round_ctx(setup: Any, t: int, ids: torch.Tensor, mask: np.ndarray) -> RoundCtx:
-    """The RoundCtx the engine loop builds (`RoundLoop.ctx`) for clients `ids` in round t."""
-    sizes = torch.as_tensor(setup.sizes, device=setup.device)
-    mask_t = torch.as_tensor(mask, device=setup.device)
-    denom = sizes[mask_t].sum().to(setup.dtype).clamp_min(1)
-    n_i = sizes[ids]
-    return RoundCtx(round=t, seed=setup.scenario.seed, ids=ids, num_samples=n_i,
-                    weight=n_i.to(setup.dtype) / denom, participants=mask_t,
-                    total_samples=sizes, num_clients=len(setup.sizes))
+def _ctx(setup: Any, t: int, pid: int, mask: np.ndarray) -> RoundCtx:
+    """The kernel's RoundCtx of client `pid` alone (m = 1) in round t."""
+    ids = torch.tensor([pid], device=setup.device)
+    return kernel.make_ctx(t, setup.scenario.seed, ids, torch.as_tensor(mask, device=setup.device),
+                           torch.as_tensor(setup.sizes, device=setup.device), setup.dtype)
 
 
 # ---- node-side work (plain functions of a Message and a Context) -------------------------------
 
-def _node(context: Any) -> tuple[Built, int]:
+def _node(context: Any) -> tuple[NodeScenario, int]:
     if RUN_KEY not in context.state:
         raise RuntimeError("fedsim node received work before joining (no query message)")
     return built(str(context.state[RUN_KEY]["scenario"])), int(context.node_config["partition-id"])
 
 
-def _load_state(context: Any, b: Built, ids: torch.Tensor) -> Tree:
+def _load_state(context: Any, sc: NodeScenario, ids: torch.Tensor) -> Tree:
     if STATE_KEY in context.state:
-        return record_to_tree(context.state[STATE_KEY], b.setup.device)
-    return b.setup.strategy.init_clients(b.setup.initial_models(ids), ids)
+        return record_to_tree(context.state[STATE_KEY], sc.setup.device)
+    return sc.setup.strategy.init_clients(sc.setup.initial_models(ids), ids)
 
 
 def _reply(msg: Any, **records: Any) -> Any:
@@ -125,8 +119,8 @@ def join(msg: Any, context: Any) -> Any:
     from flwr.app import ConfigRecord
 
     text = str(msg.content["config"]["scenario"])
-    b = built(text)
-    pid, n = int(context.node_config["partition-id"]), b.setup.num_clients
+    sc = built(text)
+    pid, n = int(context.node_config["partition-id"]), sc.setup.num_clients
     parts = int(context.node_config.get("num-partitions", n))
     if parts != n or not 0 <= pid < n:
         raise ValueError(f"node partition-id {pid} of num-partitions {parts} does not fit the "
@@ -141,47 +135,43 @@ def train(msg: Any, context: Any) -> Any:
     """One round of `strategy.local` for this node (m = 1)."""
     from flwr.app import MetricRecord
 
-    b, pid = _node(context)
-    setup, strat = b.setup, b.setup.strategy
+    sc, pid = _node(context)
+    setup, strat = sc.setup, sc.setup.strategy
     cfg = msg.content["config"]
     t = int(cfg["round"])
-    mask = unpack_mask(cfg["participants"], setup.num_clients)
-    ids = torch.tensor([pid], device=setup.device)
-    ctx = round_ctx(setup, t, ids, mask)
+    ctx = _ctx(setup, t, pid, unpack_mask(cfg["participants"], setup.num_clients))
     server = (record_to_tree(msg.content["arrays"], setup.device) if strat.comm == "reduce"
-              else b.gossip_server())
-    clients = _load_state(context, b, ids)
-    payload, clients, info = strat.local(server, clients, b.node_problem(pid).oracle(ids, t), ctx)
-    context.state[STATE_KEY] = tree_to_record(clients)
-    metrics: dict[str, Any] = {"num-examples": int(setup.sizes[pid])}
-    if "loss" in info:
-        metrics["loss"] = float(info["loss"].double().sum())
-    if "up_bits" in info:
-        metrics["up-bits"] = float(info["up_bits"].double().sum())
-    return _reply(msg, arrays=tree_to_record(payload), metrics=MetricRecord(metrics))
+              else sc.gossip_server())
+    clients = _load_state(context, sc, ctx.ids)
+    out = kernel.client_step(strat, server, clients, sc.node_problem(pid).oracle(ctx.ids, t), ctx)
+    context.state[STATE_KEY] = tree_to_record(out.clients)
+    metrics: dict[str, Any] = {"num-examples": int(setup.sizes[pid]),
+                               "up-bytes": int(out.up_bytes.sum())}
+    if out.loss is not None:
+        metrics["loss"] = float(out.loss.double().sum())
+    return _reply(msg, arrays=tree_to_record(out.payload), metrics=MetricRecord(metrics))
 
 
 def mix(msg: Any, context: Any) -> Any:
     """comm="mix": combine the neighbours' rows with their weights, then `strategy.node_update`."""
     from flwr.app import MetricRecord
 
-    b, pid = _node(context)
-    setup = b.setup
+    sc, pid = _node(context)
+    setup = sc.setup
     rows = record_to_tree(msg.content["arrays"], setup.device)
     weights = record_to_tree(msg.content["weights"], setup.device)
     mixed = {k: weighted_sum({k: v}, weights[k])[k][None] for k, v in rows.items()}
-    ids = torch.tensor([pid], device=setup.device)
-    ctx = round_ctx(setup, int(msg.content["config"]["round"]), ids, np.ones(setup.num_clients, bool))
-    clients = setup.strategy.node_update(_load_state(context, b, ids), mixed, ctx)
+    ctx = _ctx(setup, int(msg.content["config"]["round"]), pid, np.ones(setup.num_clients, bool))
+    clients = setup.strategy.node_update(_load_state(context, sc, ctx.ids), mixed, ctx)
     context.state[STATE_KEY] = tree_to_record(clients)
     return _reply(msg, metrics=MetricRecord({"num-examples": int(setup.sizes[pid])}))
 
 
 def model(msg: Any, context: Any) -> Any:
     """comm="mix": this node's model row (for the server's central evaluation)."""
-    b, pid = _node(context)
-    ids = torch.tensor([pid], device=b.setup.device)
-    row = _load_state(context, b, ids)[b.setup.strategy.model_key]
+    sc, pid = _node(context)
+    ids = torch.tensor([pid], device=sc.setup.device)
+    row = _load_state(context, sc, ids)[sc.setup.strategy.model_key]
     return _reply(msg, arrays=tree_to_record({"x": row}))
 
 

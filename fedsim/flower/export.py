@@ -7,7 +7,7 @@ DIR/
   fedsim_app/server_app.py, client_app.py   thin modules calling into fedsim
   README.md              how to run it: `flwr run DIR` (simulation), SuperLink + SuperNodes
 
-The exported ServerApp drives `FedsimStrategy` with Flower's `Strategy.start`; every SuperNode
+The exported ServerApp drives `FlowerAdapter` with Flower's `Strategy.start`; every SuperNode
 runs the fedsim ClientApp on its `partition-id`. fedsim must be installed where the apps run.
 """
 

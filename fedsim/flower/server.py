@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 from fedsim.flower.client import scenario_text
-
-
-def run_strategy(grid: Any, setup: Any, text: str, *, on_eval: Callable[[dict], None] | None = None,
-                 progress: Callable[[int, dict | None], None] | None = None,
-                 timeout: float = 3600.0) -> Any:
-    """Run scenario `setup` on `grid` with `FedsimStrategy.start`; returns the adapter."""
-    from fedsim.flower.records import tree_to_record
-    from fedsim.flower.strategy import FedsimStrategy
-
-    adapter = FedsimStrategy(setup, text, on_eval=on_eval, progress=progress, timeout=timeout)
-    start = {adapter.strat.model_key: adapter.server[adapter.strat.model_key]} \
-        if adapter.strat.model_key in adapter.server else {}
-    adapter.start(grid=grid, initial_arrays=tree_to_record(start), num_rounds=setup.scenario.rounds,
-                  timeout=timeout, evaluate_fn=adapter.evaluate)
-    return adapter
+from fedsim.types import OnEval, Progress
 
 
 def make_server_app(setup: Any = None, text: str | None = None, *,
-                    on_eval: Callable[[dict], None] | None = None,
-                    progress: Callable[[int, dict | None], None] | None = None,
+                    on_eval: OnEval | None = None, progress: Progress | None = None,
                     timeout: float = 3600.0, done: list | None = None,
                     app_dir: str | None = None) -> Any:
     """A Flower `ServerApp` running a fedsim scenario.
@@ -42,9 +27,11 @@ def make_server_app(setup: Any = None, text: str | None = None, *,
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
+        from fedsim.flower.adapter import run_adapter
+
         if setup is not None:
-            adapter = run_strategy(grid, setup, text or scenario_text(setup.scenario),
-                                   on_eval=on_eval, progress=progress, timeout=timeout)
+            adapter = run_adapter(grid, setup, text or scenario_text(setup.scenario),
+                                  on_eval=on_eval, progress=progress, timeout=timeout)
         else:
             adapter = _run_from_config(grid, dict(context.run_config), app_dir, timeout)
         if done is not None:
@@ -55,6 +42,7 @@ def make_server_app(setup: Any = None, text: str | None = None, *,
 
 def _run_from_config(grid: Any, cfg: dict[str, Any], app_dir: str | None, timeout: float) -> Any:
     from fedsim.config import load_scenario
+    from fedsim.flower.adapter import run_adapter
     from fedsim.run import RunWriter, summarize
     from fedsim.setup import build_setup
 
@@ -66,7 +54,7 @@ def _run_from_config(grid: Any, cfg: dict[str, Any], app_dir: str | None, timeou
     out = str(cfg.get("output-dir", "") or "")
     writer = RunWriter(sc, out) if out else None
     log = _log_metrics if writer is None else (lambda m: (writer.log(m), _log_metrics(m)))
-    adapter = run_strategy(grid, setup, scenario_text(sc), on_eval=log, timeout=timeout)
+    adapter = run_adapter(grid, setup, scenario_text(sc), on_eval=log, timeout=timeout)
     if writer is not None:
         extra = {"engine": "flower (exported app)", "params": setup.model.spec.size}
         path = writer.close(summarize(sc, writer.history, adapter.history[-1]["wall_s"], extra), True)

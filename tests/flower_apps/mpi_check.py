@@ -37,7 +37,7 @@ def main(out: str, scenarios: list[str]) -> None:
         history = engine.run(build_setup(sc), on_eval=lambda m: None)
         if MPI.COMM_WORLD.Get_rank() == 0:
             a = engine.adapter
-            x = a.server[a.strat.model_key] if a.strat.comm == "reduce" else a.node_models
+            x = a.server[a.strategy.model_key] if a.strategy.comm == "reduce" else a.node_models
             with open(os.path.join(out, f"{sc.name}.json"), "w") as fh:
                 json.dump({"history": history, "final": x.tolist()}, fh)
 

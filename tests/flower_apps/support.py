@@ -67,8 +67,8 @@ def flower(body: dict, runtime: str = "inprocess") -> tuple[Any, list]:
 
 def final(adapter: Any) -> torch.Tensor:
     """[P] global model (server strategies) or [N, P] node models (gossip) after a Flower run."""
-    if adapter.strat.comm == "reduce":
-        return adapter.server[adapter.strat.model_key]
+    if adapter.strategy.comm == "reduce":
+        return adapter.server[adapter.strategy.model_key]
     return adapter.node_models
 
 

@@ -1,11 +1,11 @@
-"""MPI transport for the round loop (`fedsim.engines.mpi`): the `fedsim.comm.LocalComm` interface
-over mpi4py.
+"""MPI transport of the round loop (`fedsim.types.Comm` over mpi4py), for `fedsim.engines.mpi`.
 
 * `allreduce(tree)`: every key packed into one contiguous flat buffer per dtype, one `Allreduce`.
   A rank none of whose clients took part passes None and joins with zeros: the key/shape/dtype
   signature is agreed once per channel (one small allgather the first time), then cached.
 * `iallreduce(tree)`: the same with a non-blocking `Iallreduce`; `.wait()` on the returned handle
-  gives the sum (CO2's one-step-stale outer average overlaps the next round's local steps).
+  gives the sum (CO2's one-step-stale outer average overlaps the next round's local steps;
+  `progress()` between local steps lets the MPI library move it).
 * `mix(mixing, payload, owned, ops)`: neighbour exchange along the sparse mixing matrix. Each rank
   sends only the rows its neighbours' owned nodes read (point-to-point Isend/Irecv, one message
   per neighbouring rank per round, every payload key in one byte buffer), then multiplies its
@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from fedsim.comm import Ready, sparse_mix
 from fedsim.types import Tree
+
+Signature = tuple[tuple[str, tuple[int, ...], str], ...]
 
 
 def block_starts(n: int, size: int) -> np.ndarray:
@@ -40,7 +43,7 @@ def _np_dtype(dt: torch.dtype) -> np.dtype:
 class TreeLayout:
     """Where each key of a tree lives in one flat buffer per dtype."""
 
-    def __init__(self, sig: tuple[tuple[str, tuple[int, ...], str], ...]) -> None:
+    def __init__(self, sig: Signature) -> None:
         self.sig = sig
         self.slots: dict[str, tuple[str, int, int, tuple[int, ...]]] = {}
         self.sizes: dict[str, int] = {}
@@ -51,7 +54,7 @@ class TreeLayout:
             self.sizes[dt] = off + n
 
     @staticmethod
-    def signature(tree: Tree) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    def signature(tree: Tree) -> Signature:
         return tuple((k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tree.items())
 
     def pack(self, tree: Tree) -> dict[str, np.ndarray]:
@@ -73,16 +76,17 @@ class TreeLayout:
 
 
 class Pending:
-    """A reduction in flight; `wait()` returns the summed tree."""
+    """A non-blocking reduction in flight (`fedsim.types.Pending`)."""
 
-    def __init__(self, comm: "MPIComm | None", reqs: list, outs: dict[str, np.ndarray],
-                 layout: TreeLayout | None, keep: Any = None, done: Tree | None = None) -> None:
+    def __init__(self, comm: MPIComm, reqs: list[Any], outs: dict[str, np.ndarray],
+                 layout: TreeLayout, sends: dict[str, np.ndarray]) -> None:
         self.comm, self.reqs, self.outs, self.layout = comm, reqs, outs, layout
-        self.keep, self.done = keep, done  # keep: send buffers alive until the reduction completes
+        self.sends: dict[str, np.ndarray] | None = sends  # alive until the reduction completes
+        self.done: Tree | None = None
 
     def test(self) -> None:
-        """Let the MPI library progress the reduction (called between local steps)."""
-        if self.done is None and self.reqs:
+        """Let the MPI library progress the reduction."""
+        if self.done is None:
             from mpi4py import MPI
 
             MPI.Request.Testall(self.reqs)
@@ -95,53 +99,74 @@ class Pending:
             MPI.Request.Waitall(self.reqs)
             self.comm.times["iallreduce_wait"] += time.perf_counter() - t0
             self.done = self.layout.unpack(self.outs, self.comm.device)
-            self.keep = None
+            self.sends = None
         return self.done
 
 
-def ready(tree: Tree) -> Pending:
-    """An already-complete reduction (nothing to wait for)."""
-    return Pending(None, [], {}, None, done=tree)
+# ---- gossip: who sends which rows to whom ------------------------------------------------------
+
+def _owner(starts: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rank owning each id."""
+    return np.searchsorted(starts, ids, side="right") - 1
 
 
-class _MixPlan:
-    """Who sends which rows to whom, and this rank's rows of each operator over [own; halo]."""
+def _entries(csr: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of every stored entry of a CSR matrix."""
+    crow = csr.crow_indices().cpu().numpy()
+    return np.repeat(np.arange(len(crow) - 1), np.diff(crow)), csr.col_indices().cpu().numpy()
+
+
+def send_lists(rows: np.ndarray, cols: np.ndarray, starts: np.ndarray, rank: int
+               ) -> dict[int, np.ndarray]:
+    """Reader rank -> ascending global ids of this rank's nodes that its rows read."""
+    mine = (_owner(starts, cols) == rank) & (_owner(starts, rows) != rank)
+    readers, read = _owner(starts, rows[mine]), cols[mine]
+    return {int(q): np.unique(read[readers == q]) for q in np.unique(readers)}
+
+
+def halo_columns(rows: np.ndarray, cols: np.ndarray, starts: np.ndarray, rank: int) -> np.ndarray:
+    """Ascending global ids of other ranks' nodes that this rank's rows read."""
+    lo, hi = starts[rank], starts[rank + 1]
+    mine = (rows >= lo) & (rows < hi)
+    return np.unique(cols[mine & ((cols < lo) | (cols >= hi))])
+
+
+def local_operator(csr: torch.Tensor, lo: int, hi: int, halo: np.ndarray) -> torch.Tensor:
+    """Rows [lo, hi) of `csr` as a CSR matrix over [own nodes (hi - lo); halo nodes]."""
+    crow = csr.crow_indices().cpu().numpy()
+    a, b = int(crow[lo]), int(crow[hi])
+    c = csr.col_indices().cpu().numpy()[a:b]
+    own = (c >= lo) & (c < hi)
+    local_cols = np.where(own, c - lo, (hi - lo) + np.searchsorted(halo, c))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse")
+        return torch.sparse_csr_tensor(torch.as_tensor(crow[lo:hi + 1] - a), torch.as_tensor(local_cols),
+                                       csr.values()[a:b].cpu(), size=(hi - lo, hi - lo + len(halo)))
+
+
+class MixPlan:
+    """The exchange of one round's operators for one rank.
+
+    Attributes:
+      send: reader rank -> local row indices (into this rank's payload rows) to send it.
+      recv: sender rank -> number of halo rows received from it (in ascending global id).
+      halo_rows: rows received per exchange. ops: operator name -> local operator
+        [own, own + halo] (`local_operator`).
+    """
 
     def __init__(self, mats: dict[str, torch.Tensor], starts: np.ndarray, rank: int,
                  device: torch.device) -> None:
         lo, hi = int(starts[rank]), int(starts[rank + 1])
-        n = int(starts[-1])
         csr = {name: (m if m.layout == torch.sparse_csr else m.to_sparse_csr()) for name, m in mats.items()}
-        rows_all, cols_all = [], []
-        for m in csr.values():
-            crow = m.crow_indices().cpu().numpy()
-            rows_all.append(np.repeat(np.arange(n), np.diff(crow)))
-            cols_all.append(m.col_indices().cpu().numpy())
-        rows, cols = np.concatenate(rows_all), np.concatenate(cols_all)
-        owner_r = np.searchsorted(starts, rows, side="right") - 1
-        owner_c = np.searchsorted(starts, cols, side="right") - 1
-        # rows other ranks read from me: pairs (reader rank, my column), unique and sorted
-        out = np.unique(owner_r[(owner_c == rank) & (owner_r != rank)] * n
-                        + cols[(owner_c == rank) & (owner_r != rank)])
-        self.send = {int(q): torch.as_tensor(out[out // n == q] % n - lo, device=device)
-                     for q in np.unique(out // n)}
-        halo = np.unique(cols[(owner_r == rank) & (owner_c != rank)])
-        halo_owner = np.searchsorted(starts, halo, side="right") - 1
-        self.recv = {int(q): int((halo_owner == q).sum()) for q in np.unique(halo_owner)}
+        pairs = [_entries(m) for m in csr.values()]
+        rows, cols = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+        self.send = {q: torch.as_tensor(ids - lo, device=device)
+                     for q, ids in send_lists(rows, cols, starts, rank).items()}
+        halo = halo_columns(rows, cols, starts, rank)
+        owners = _owner(starts, halo)
+        self.recv = {int(q): int((owners == q).sum()) for q in np.unique(owners)}
         self.halo_rows = len(halo)
-        m_own = hi - lo
-        self.ops: dict[str, torch.Tensor] = {}
-        for name, m in csr.items():
-            crow = m.crow_indices().cpu().numpy()
-            a, b = int(crow[lo]), int(crow[hi])
-            c = m.col_indices().cpu().numpy()[a:b]
-            own = (c >= lo) & (c < hi)
-            ext = np.where(own, c - lo, m_own + np.searchsorted(halo, c))
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sparse")
-                self.ops[name] = torch.sparse_csr_tensor(
-                    torch.as_tensor(crow[lo:hi + 1] - a), torch.as_tensor(ext),
-                    m.values()[a:b].cpu(), size=(m_own, m_own + len(halo))).to(device)
+        self.ops = {name: local_operator(m, lo, hi, halo).to(device) for name, m in csr.items()}
 
 
 class MPIComm:
@@ -158,8 +183,9 @@ class MPIComm:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.starts = block_starts(num_clients, self.size)
         self.device = torch.device(device)
-        self._layouts: dict[str, TreeLayout | None] = {}
-        self._plan: tuple[tuple, _MixPlan, dict] | None = None
+        self._layouts: dict[str, TreeLayout] = {}
+        self._plan: tuple[tuple[Any, ...], MixPlan, dict[str, torch.Tensor]] | None = None
+        self._inflight: list[Pending] = []
         self.times = {k: 0.0 for k in ("allreduce", "iallreduce_start", "iallreduce_wait",
                                         "scalars", "exchange")}
         self.halo_rows = 0
@@ -169,16 +195,12 @@ class MPIComm:
         """The ids this rank owns."""
         return np.arange(self.starts[self.rank], self.starts[self.rank + 1])
 
-    def comm_seconds(self) -> float:
-        return sum(self.times.values())
-
     # ---- reductions ----------------------------------------------------------------------
     def _layout(self, tree: Tree | None, channel: str) -> TreeLayout | None:
         sig = TreeLayout.signature(tree) if tree else None
         layout = self._layouts.get(channel)
         if layout is None:
-            sigs = self.comm.allgather(sig)
-            known = [s for s in sigs if s is not None]
+            known = [s for s in self.comm.allgather(sig) if s is not None]
             if not known:
                 return None
             if any(s != known[0] for s in known):
@@ -207,19 +229,26 @@ class MPIComm:
         self.times["allreduce"] += time.perf_counter() - t0
         return res
 
-    def iallreduce(self, tree: Tree | None, channel: str = "default") -> Pending:
+    def iallreduce(self, tree: Tree | None, channel: str = "default") -> Pending | Ready:
         """Start a non-blocking sum of `tree` over all ranks; `.wait()` returns it."""
         from mpi4py import MPI
 
         t0 = time.perf_counter()
         layout = self._layout(tree, channel)
         if layout is None:
-            return ready({})
+            return Ready({})
         bufs = layout.pack(tree) if tree else layout.zeros()
         outs = {dt: np.empty_like(b) for dt, b in bufs.items()}
         reqs = [self.comm.Iallreduce(b, outs[dt], op=MPI.SUM) for dt, b in bufs.items()]
         self.times["iallreduce_start"] += time.perf_counter() - t0
-        return Pending(self, reqs, outs, layout, keep=bufs)
+        pending = Pending(self, reqs, outs, layout, bufs)
+        self._inflight = [p for p in self._inflight if p.done is None] + [pending]
+        return pending
+
+    def progress(self) -> None:
+        """Test every reduction in flight (lets the MPI library progress them)."""
+        for p in self._inflight:
+            p.test()
 
     def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
         from mpi4py import MPI
@@ -233,22 +262,21 @@ class MPIComm:
 
     def allgather(self, obj: Any) -> list[Any]:
         """Small Python objects from every rank (end-of-run statistics)."""
-        return self.comm.allgather(obj)
+        return list(self.comm.allgather(obj))
 
     # ---- gossip --------------------------------------------------------------------------
-    def plan(self, mixing: dict[str, torch.Tensor], names: list[str]) -> _MixPlan:
+    def plan(self, mixing: dict[str, torch.Tensor], names: list[str]) -> MixPlan:
         """The exchange plan of these operators (recomputed only when the matrices change)."""
         key = tuple((n, id(mixing[n])) for n in names)
         if self._plan is None or self._plan[0] != key:
             mats = {n: mixing[n] for n in names}  # kept alive with the plan: ids stay unique
-            self._plan = (key, _MixPlan(mats, self.starts, self.rank, self.device), mats)
+            self._plan = (key, MixPlan(mats, self.starts, self.rank, self.device), mats)
         return self._plan[1]
 
     def mix(self, mixing: dict[str, torch.Tensor], payload: Tree, owned: torch.Tensor,
-            ops: dict[str, str]) -> Tree:
+            ops: Mapping[str, str]) -> Tree:
         """Rows `owned` of (M_k @ payload[k]); payload rows are this rank's nodes, in order."""
-        names = sorted({ops.get(k, "W") for k in payload})
-        plan = self.plan(mixing, names)
+        plan = self.plan(mixing, sorted({ops.get(k, "W") for k in payload}))
         t0 = time.perf_counter()
         flat = {k: v.reshape(v.shape[0], -1) for k, v in payload.items()}
         halo = self._exchange(plan, flat)
@@ -256,10 +284,10 @@ class MPIComm:
         out = {}
         for k, v in payload.items():
             ext = torch.cat([flat[k], halo[k]]) if plan.halo_rows else flat[k]
-            out[k] = torch.sparse.mm(plan.ops[ops.get(k, "W")], ext).reshape(v.shape)
+            out[k] = sparse_mix(plan.ops[ops.get(k, "W")], ext).reshape(v.shape)
         return out
 
-    def _exchange(self, plan: _MixPlan, flat: Tree) -> Tree:
+    def _exchange(self, plan: MixPlan, flat: Tree) -> Tree:
         """Send boundary rows to the ranks that read them; return the received halo rows."""
         from mpi4py import MPI
 
