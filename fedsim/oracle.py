@@ -40,11 +40,12 @@ def device_inputs(x: np.ndarray | torch.Tensor, device: Any, dtype: torch.dtype)
     return t.to(device=device, dtype=torch.int64)
 
 
-def to_compute(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A gathered minibatch as the model sees it: uint8 -> dtype in [0, 1], int64 unchanged,
+def to_compute(x: torch.Tensor, dtype: torch.dtype, normalize: Any = None) -> torch.Tensor:
+    """A gathered minibatch as the model sees it: uint8 pixels -> `dtype` (scaled to [0, 1], or
+    by `normalize.apply_torch(x, dtype)`: scale, per-channel mean/std), int64 unchanged,
     floats in `dtype`."""
     if x.dtype == torch.uint8:
-        return x.to(dtype).mul_(1.0 / 255.0)
+        return normalize.apply_torch(x, dtype) if normalize is not None else x.to(dtype).mul_(1.0 / 255.0)
     if x.is_floating_point():
         return x.to(dtype)
     return x
@@ -58,6 +59,8 @@ class ClientData:
       x: [n_total, *feature] as stored (`device_inputs`); y: [n_total] int64.
       offsets: [N] first row of each client; sizes: [N] number of rows of each client.
       dtype: the compute dtype minibatches are converted to (`to_compute`).
+      normalize: how uint8 pixels become floats (an object with `apply_torch(x, dtype)`, e.g.
+        `fedsim.data.Normalize`); None scales them by 1/255.
     """
 
     x: torch.Tensor
@@ -65,22 +68,23 @@ class ClientData:
     offsets: torch.Tensor
     sizes: torch.Tensor
     dtype: torch.dtype = torch.float32
+    normalize: Any = None
 
     @staticmethod
     def from_parts(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], device: Any,
-                   dtype: torch.dtype) -> "ClientData":
+                   dtype: torch.dtype, normalize: Any = None) -> "ClientData":
         order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         return ClientData(device_inputs(x[order], device, dtype),
                           torch.as_tensor(y[order], dtype=torch.int64, device=device),
                           torch.as_tensor(offsets, device=device), torch.as_tensor(sizes, device=device),
-                          dtype)
+                          dtype, normalize)
 
     def inputs(self, rows: torch.Tensor) -> torch.Tensor:
         """Model inputs [*rows.shape, *feature] of the rows `rows`, in the compute layout."""
         flat = self.x.index_select(0, rows.reshape(-1))
-        return to_compute(flat.view(*rows.shape, *self.x.shape[1:]), self.dtype)
+        return to_compute(flat.view(*rows.shape, *self.x.shape[1:]), self.dtype, self.normalize)
 
     def subset(self, ids: np.ndarray) -> "ClientData":
         """The data of clients `ids` only (what one MPI rank or Flower node holds)."""
@@ -91,7 +95,7 @@ class ClientData:
         sizes[ids_t] = self.sizes[ids_t]
         offsets = torch.zeros_like(self.offsets)
         offsets[ids_t] = torch.cumsum(self.sizes[ids_t], 0) - self.sizes[ids_t]
-        return ClientData(self.x[rows], self.y[rows], offsets, sizes, self.dtype)
+        return ClientData(self.x[rows], self.y[rows], offsets, sizes, self.dtype, self.normalize)
 
 
 class BlockOracle:
@@ -195,11 +199,13 @@ class BlockOracle:
 
 @torch.no_grad()
 def evaluate(model: StackedModel, x: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
-             batch: int = 2048, plan: "ExecutionPlan | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+             batch: int = 2048, plan: "ExecutionPlan | None" = None, normalize: Any = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss [k] and accuracy [k] of k models x [k, P] on a shared dataset.
 
     Samples go `batch` at a time and models `plan.block` at a time (all k without a plan);
-    `inputs` are stored inputs (`device_inputs`), converted per batch to x's dtype.
+    `inputs` are stored inputs (`device_inputs`), converted per batch to x's dtype
+    (`to_compute` with `normalize`).
     """
     k = x.shape[0]
     kind, c = (plan.kind, plan.block) if plan is not None else (None, k)
@@ -207,7 +213,7 @@ def evaluate(model: StackedModel, x: torch.Tensor, inputs: torch.Tensor, labels:
     correct = torch.zeros(k, dtype=torch.float64, device=x.device)
     n = inputs.shape[0]
     for s in range(0, n, batch):
-        xb, yb = to_compute(inputs[s:s + batch], x.dtype), labels[s:s + batch]
+        xb, yb = to_compute(inputs[s:s + batch], x.dtype, normalize), labels[s:s + batch]
         for j in range(0, k, c):
             logits = model.forward_shared(x[j:j + c], xb, kind)
             yy = yb.unsqueeze(0).expand(logits.shape[0], -1)

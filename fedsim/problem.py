@@ -73,7 +73,8 @@ class DataProblem:
                            self.execution_plan())
 
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return evaluate(self.model, x, self.x_test, self.y_test, self.eval_batch, self.execution_plan())
+        return evaluate(self.model, x, self.x_test, self.y_test, self.eval_batch, self.execution_plan(),
+                        self.data.normalize)
 
     def restrict(self, owned: np.ndarray) -> "DataProblem":
         if len(owned) == self.num_clients:

@@ -19,6 +19,7 @@ that fails (or disagrees) is marked unavailable with its reason.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -46,6 +47,9 @@ class StackedModel:
         self._shadow, self.fold_reason = fold(module, self._run)
         self._fm = _feature_major_plan(module)
         self._vmap_module, self.vmap_reason = _vmappable(module)
+        # Per-client image batches run channels-last through conv nets: on CPU oneDNN's NHWC
+        # max-pool backward skips NCHW's zero-filled index scatter (measured ~10-25 % per step).
+        self._channels_last = any(isinstance(mod, nn.Conv2d) for mod in module.modules())
         self._status: dict[tuple, dict[str, str]] = {}
         self.device = next((p.device for p in module.parameters()), torch.device("cpu"))
 
@@ -111,9 +115,9 @@ class StackedModel:
         """x [m, P], inputs [B, *feature] shared by all m models -> logits [m, B, C]."""
         shared = inputs.unsqueeze(0).expand(x.shape[0], *inputs.shape)
         if self.resolve(kind, shared) == "loop":
-            params = self.spec.unflatten(x)
+            params, inp = self.spec.unflatten(x), self._layout(inputs)
             return torch.stack([functional_call(self.module, {k: v[i] for k, v in params.items()},
-                                                (inputs,)) for i in range(x.shape[0])])
+                                                (inp,)) for i in range(x.shape[0])])
         return self.forward(x, shared, kind)
 
     def _stacked(self, params: Params, inputs: torch.Tensor) -> torch.Tensor:
@@ -134,7 +138,13 @@ class StackedModel:
 
     def _loop(self, params: Params, inputs: torch.Tensor) -> torch.Tensor:
         return torch.stack([functional_call(self.module, {k: v[i] for k, v in params.items()},
-                                            (inputs[i],)) for i in range(inputs.shape[0])])
+                                            (self._layout(inputs[i]),)) for i in range(inputs.shape[0])])
+
+    def _layout(self, batch: torch.Tensor) -> torch.Tensor:
+        """One client's batch [B, *feature] in the memory format its layers run fastest in."""
+        if self._channels_last and batch.dim() == 4:
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
 
     # ---- the probe ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -163,7 +173,9 @@ class StackedModel:
                 self._run.probe_n = None
             if not status["vmap"]:
                 try:
-                    status["vmap"] = _agree(self._vmap(params, inputs), ref)
+                    with warnings.catch_warnings():  # "batching rule not implemented" fallbacks
+                        warnings.simplefilter("ignore", UserWarning)
+                        status["vmap"] = _agree(self._vmap(params, inputs), ref)
                 except Exception as exc:  # noqa: BLE001 - any failure means: not this kind
                     status["vmap"] = f"torch.func.vmap failed: {_first_line(exc)}"
             break
