@@ -99,6 +99,7 @@ def choose_plan(problem: Any, option: str = "auto", block: int | None = None,
         raise ConfigError("unknown execution plan", key="engine.plan", value=option,
                           allowed=", ".join(OPTIONS))
     model, dev = problem.model, problem.device
+    _check_token_ids(problem)
     probe = _probe_oracle(problem, 1)
     rows, _ = probe.batch_rows(0)
     available = model.status(problem.data.inputs(rows))
@@ -124,6 +125,26 @@ def choose_plan(problem: Any, option: str = "auto", block: int | None = None,
     if c == 1 or ok == ["loop"]:
         return ExecutionPlan("loop", 1, "cost model", **base)
     return ExecutionPlan(ok[0], c, "cost model", **base)
+
+
+def _check_token_ids(problem: Any) -> None:
+    """Token ids must fit the model's largest embedding table (else an IndexError mid-round).
+
+    (Only the largest: a smaller table, such as positions, may be indexed by something else.)
+    """
+    x = problem.data.x
+    if x.is_floating_point() or x.dtype == torch.uint8 or not x.numel():
+        return
+    tables = [(m.num_embeddings, n) for n, m in problem.model.module.named_modules()
+              if isinstance(m, nn.Embedding)]
+    if not tables:
+        return
+    top = int(max(x.max(), problem.x_test.max() if problem.x_test.numel() else 0))
+    size, name = max(tables)
+    if top >= size:
+        raise ConfigError(f"token id {top} is outside the vocabulary of embedding '{name}' "
+                          f"({size} entries)", key="model.vocab", value=size,
+                          allowed=f"a vocabulary of at least {top + 1} (the model's `vocab` key)")
 
 
 def _blocks(limit: int) -> list[int]:

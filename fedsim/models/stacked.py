@@ -147,38 +147,38 @@ class StackedModel:
         return batch
 
     # ---- the probe ---------------------------------------------------------------------------
-    @torch.no_grad()
     def _probe(self, feature: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict[str, str]:
-        """Run every kind on 2 clients with different weights and compare with ``loop``."""
+        """Run every kind on 2 clients with different weights; compare logits and gradients with
+        ``loop``'s. kind -> "" (agrees) or why not."""
         gen = torch.Generator().manual_seed(0)
         base = self.spec.flatten(self.module)
         x = torch.stack([base * (1 + 0.1 * torch.randn(base.shape, generator=gen, dtype=base.dtype))
                          for _ in range(2)]).to(device)
-        params = self.spec.unflatten(x)
         buffers = {k: v.clone() for k, v in self.module.named_buffers()}
         status = {"stacked": self.fold_reason or "no probe batch size avoided every other axis size",
                   "vmap": self.vmap_reason or "", "loop": ""}
-        for b in (5, 7, 11, 13, 17):
-            inputs = _sample_inputs(self.module, 2, b, feature, dtype, device, gen)
-            ref = self._call_reference(params, inputs)
-            try:
-                if self._shadow is not None:
-                    self._run.probe_n = 2 * b
-                    status["stacked"] = _agree(self._stacked(params, inputs), ref)
-            except AmbiguousBatch:
-                continue
-            except (NoBatchAxis, RuntimeError, ValueError, TypeError, IndexError) as exc:
-                status["stacked"] = f"client-folded execution failed: {_first_line(exc)}"
-            finally:
-                self._run.probe_n = None
-            if not status["vmap"]:
+        with torch.enable_grad():
+            for b in (5, 7, 11, 13, 17):
+                inputs = _sample_inputs(self.module, 2, b, feature, dtype, device, gen)
+                ref = self._reference(x, inputs, gen)
                 try:
-                    with warnings.catch_warnings():  # "batching rule not implemented" fallbacks
-                        warnings.simplefilter("ignore", UserWarning)
-                        status["vmap"] = _agree(self._vmap(params, inputs), ref)
-                except Exception as exc:  # noqa: BLE001 - any failure means: not this kind
-                    status["vmap"] = f"torch.func.vmap failed: {_first_line(exc)}"
-            break
+                    if self._shadow is not None:
+                        self._run.probe_n = 2 * b
+                        status["stacked"] = _agree(_with_grad(self._stacked, x, inputs, self.spec, ref[2]), ref)
+                except AmbiguousBatch:
+                    continue
+                except (NoBatchAxis, RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    status["stacked"] = f"client-folded execution failed: {_first_line(exc)}"
+                finally:
+                    self._run.probe_n = None
+                if not status["vmap"]:
+                    try:
+                        with warnings.catch_warnings():  # "batching rule not implemented" fallbacks
+                            warnings.simplefilter("ignore", UserWarning)
+                            status["vmap"] = _agree(_with_grad(self._vmap, x, inputs, self.spec, ref[2]), ref)
+                    except Exception as exc:  # noqa: BLE001 - any failure means: not this kind
+                        status["vmap"] = f"torch.func.vmap failed: {_first_line(exc)}"
+                break
         for k, v in self.module.named_buffers():
             if not torch.equal(v, buffers[k].to(v.device)):
                 raise ConfigError(f"the model updates buffer '{k}' in its forward pass (running "
@@ -186,16 +186,31 @@ class StackedModel:
                                   "use parameter-free or GroupNorm/LayerNorm layers", key="kind", value=k)
         return status
 
-    def _call_reference(self, params: Params, inputs: torch.Tensor) -> torch.Tensor:
+    def _reference(self, x: torch.Tensor, inputs: torch.Tensor, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-client loop's logits, gradient and the random cotangent used for both."""
         try:
-            out = self._loop(params, inputs)
+            out = self._loop(self.spec.unflatten(x), inputs)
         except Exception as exc:  # noqa: BLE001 - the user's module cannot run these inputs
             raise ConfigError(f"the model fails on inputs of shape {list(inputs.shape[2:])} "
                               f"({inputs.dtype}): {_first_line(exc)}", key="kind") from None
         if out.dim() != 3:
             raise ConfigError(f"the model must return logits [batch, classes]; it returned shape "
                               f"{list(out.shape[1:])}", key="kind")
-        return out
+        cot = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+        out, grad = _with_grad(self._loop, x, inputs, self.spec, cot)
+        return out, grad, cot
+
+
+def _with_grad(fn: Any, x: torch.Tensor, inputs: torch.Tensor, spec: ParamSpec, cot: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn's logits, d<logits, cot>/dx) for flat parameters x [m, P]."""
+    leaf = x.detach().requires_grad_(True)
+    out = fn(spec.unflatten(leaf), inputs)
+    if out.shape != cot.shape:
+        return out.detach(), torch.zeros_like(x)
+    (grad,) = torch.autograd.grad((out * cot).sum(), leaf, allow_unused=True)
+    return out.detach(), grad if grad is not None else torch.zeros_like(x)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -203,14 +218,14 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _agree(out: torch.Tensor, ref: torch.Tensor) -> str:
-    """"" if out equals ref to the dtype's tolerance, else a reason."""
-    if out.shape != ref.shape:
-        return f"output shape {list(out.shape)} differs from the per-client loop's {list(ref.shape)}"
-    tol = 1e-8 if ref.dtype == torch.float64 else 1e-3
-    scale = float(ref.abs().max()) + 1.0
-    if not torch.allclose(out, ref, rtol=tol, atol=tol * scale):
-        return "outputs differ from the per-client loop (does the model mix samples of a batch?)"
+def _agree(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, ...]) -> str:
+    """"" if logits and gradients equal the reference's to the dtype's tolerance, else a reason."""
+    if got[0].shape != ref[0].shape:
+        return f"output shape {list(got[0].shape)} differs from the per-client loop's {list(ref[0].shape)}"
+    for what, a, b in (("outputs", got[0], ref[0]), ("gradients", got[1], ref[1])):
+        tol = 1e-8 if b.dtype == torch.float64 else 1e-3
+        if not torch.allclose(a, b, rtol=tol, atol=tol * (float(b.abs().max()) + 1.0)):
+            return f"{what} differ from the per-client loop (does the model mix samples of a batch?)"
     return ""
 
 
@@ -225,6 +240,10 @@ def _sample_inputs(module: nn.Module, m: int, b: int, feature: tuple[int, ...], 
 
 def _vmappable(module: nn.Module) -> tuple[nn.Module, str]:
     """The module with recurrent layers swapped for `FunctionalRNN` (or itself), and a reason if not."""
+    padded = [n for n, mod in module.named_modules() if isinstance(mod, nn.Embedding) and mod.padding_idx is not None]
+    if padded:  # vmap's batched embedding backward keeps padding_idx for client 0's table only
+        return module, (f"embedding '{padded[0]}' has padding_idx, whose gradient torch.func.vmap "
+                        "gets wrong for all clients but the first (torch 2.13)")
     rnns = [(n, mod) for n, mod in module.named_modules() if isinstance(mod, nn.RNNBase)]
     if not rnns:
         return module, ""
