@@ -151,7 +151,7 @@ class StackedModel:
         """Run every kind on 2 clients with different weights; compare logits and gradients with
         ``loop``'s. kind -> "" (agrees) or why not."""
         gen = torch.Generator().manual_seed(0)
-        base = self.spec.flatten(self.module)
+        base = self.spec.flatten(self.module).cpu()  # noise from a CPU generator, then moved
         x = torch.stack([base * (1 + 0.1 * torch.randn(base.shape, generator=gen, dtype=base.dtype))
                          for _ in range(2)]).to(device)
         buffers = {k: v.clone() for k, v in self.module.named_buffers()}
