@@ -85,6 +85,20 @@ def test_cost_model_stacks_small_models_and_loops_over_large_ones():
     assert (mid.kind, mid.block) == ("stacked", CPU_CACHE_BYTES // mid.param_bytes) == ("stacked", 3)
 
 
+def test_cpu_chunks_keep_parameter_rows_small():
+    """The round loop's chunk is capped so [m, P] tensors stay under 16 MiB (a multiple of block)."""
+    from fedsim.engines.loop import RoundLoop
+    from fedsim.plan import CPU_ROW_BYTES
+
+    sc = small_scenario(model={"kind": "mlp", "hidden": [2048]}, participation={"kind": "full"})
+    loop = RoundLoop.from_setup(build_setup(parse_scenario(sc)), memory_mb=2048)
+    plan = loop.problem.plan
+    assert plan.chunk_cap == (CPU_ROW_BYTES // plan.param_bytes // plan.block) * plan.block == 12
+    assert loop.chunk == 12  # memory alone would allow 2048 MB / (16 P * 8 B) = 115
+    one = RoundLoop.from_setup(build_setup(parse_scenario(sc)), memory_mb=2048, plan="loop")
+    assert one.problem.plan.chunk_cap == CPU_ROW_BYTES // plan.param_bytes == 14 == one.chunk
+
+
 def test_cost_model_respects_the_memory_budget():
     problem = _mlp_problem(hidden=[64])
     plan = choose_plan(problem, memory_mb=1)

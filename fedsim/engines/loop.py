@@ -26,9 +26,12 @@ from fedsim.types import Comm, OnEval, Oracle, Participation, Progress, Strategy
 
 
 def auto_chunk(problem: Problem, memory_mb: int) -> int:
-    """Clients per stacked computation so that one chunk's working set stays within `memory_mb`."""
+    """Clients per stacked computation so that one chunk's working set stays within `memory_mb`
+    (and within the execution plan's `chunk_cap`, if it has one)."""
     per_client = problem.memory_per_client() if hasattr(problem, "memory_per_client") else 1
-    return max(1, int(memory_mb * 2**20 // max(per_client, 1)))
+    chunk = max(1, int(memory_mb * 2**20 // max(per_client, 1)))
+    cap = getattr(getattr(problem, "plan", None), "chunk_cap", None)
+    return min(chunk, cap) if cap else chunk
 
 
 @dataclass
