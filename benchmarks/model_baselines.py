@@ -6,8 +6,8 @@
 Same data, model (fedsim's factory returns an ordinary nn.Module), FedAvg settings and final
 test evaluation as the fedsim scenario (`model_workloads.load`); minibatches are drawn with
 torch's generator (fedsim keys them per client and round): same work, other samples. Prints
-one JSON line: {"impl", "workload", "in_loop_s", "final_test_accuracy"} (in-loop = all rounds
-plus the final evaluation, as fedsim's wall_s).
+one JSON line: {"impl", "workload", "in_loop_s", "in_loop_cpu_s", "final_test_accuracy"}
+(in-loop = all rounds plus the final evaluation, as fedsim's wall_s; CPU = process time).
 """
 
 from __future__ import annotations
@@ -97,6 +97,9 @@ if __name__ == "__main__":
     impl, name = sys.argv[1], sys.argv[2]
     torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3].isdigit() else 1)
     sets = [sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--set"]
-    dt, acc = {"loop": loop, "vmap": vmap}[impl](load(name, sets))
+    w = load(name, sets)
+    c0 = time.process_time()
+    dt, acc = {"loop": loop, "vmap": vmap}[impl](w)
     print(json.dumps({"impl": impl, "workload": name, "in_loop_s": round(dt, 4),
+                      "in_loop_cpu_s": round(time.process_time() - c0, 4),
                       "final_test_accuracy": round(acc, 4)}))

@@ -69,20 +69,25 @@ def summarize(runs: dict, steps: dict, peak: float) -> dict:
     for (w, impl), rows in runs.items():
         ok = [r for r in rows if r.get("in_loop_s") is not None]
         med = {k: statistics.median([r[k] for r in ok]) for k in ("process_s", "in_loop_s", "rss_mb")} if ok else {}
+        if ok and all("in_loop_cpu_s" in r for r in ok):
+            med["in_loop_cpu_s"] = statistics.median([r["in_loop_cpu_s"] for r in ok])
         med.update({"n": len(ok), "failed": rows[0].get("error") if not ok else None})
-        for k in ("plan", "test_accuracy", "final_test_accuracy", "flops_per_client_step", "act_mb_per_client"):
+        for k in ("plan", "chunk", "test_accuracy", "final_test_accuracy", "flops_per_client_step",
+                  "act_mb_per_client"):
             if ok and k in ok[0]:
                 med[k] = ok[0][k]
         if ok and len(ok) > 1:
             med["in_loop_range"] = [min(r["in_loop_s"] for r in ok), max(r["in_loop_s"] for r in ok)]
         out.setdefault(w, {})[impl] = med
     for w, res in out.items():
-        loop, flops = res.get("loop", {}).get("in_loop_s"), res.get("fedsim", {}).get("flops_per_client_step")
+        base = res.get("loop", {})
+        flops = res.get("fedsim", {}).get("flops_per_client_step")
         for r in res.values():
-            if r.get("in_loop_s") and loop:
-                r["vs_loop"] = r["in_loop_s"] / loop
-            if r.get("in_loop_s") and flops:
-                r["gflops"] = flops * steps[w] / r["in_loop_s"] / 1e9
+            for k in ("in_loop_s", "in_loop_cpu_s"):
+                if r.get(k) and base.get(k):
+                    r[f"vs_loop{k[7:-2]}"] = r[k] / base[k]
+            if r.get("in_loop_cpu_s") and flops:  # CPU seconds: robust to a shared machine's load
+                r["gflops"] = flops * steps[w] / r["in_loop_cpu_s"] / 1e9
                 r["peak_fraction"] = r["gflops"] / peak
     return out
 
@@ -90,17 +95,19 @@ def summarize(runs: dict, steps: dict, peak: float) -> dict:
 def render(res: dict, peak: float, meta: dict) -> str:
     lines = [f"GEMM peak (1 thread, 2048^2 fp32): {peak:.1f} GFLOP/s; {meta['machine']['cpu']}, "
              f"torch {meta['machine']['torch']}, git {meta['git']}", ""]
-    head = "| implementation | in-loop s | range | process s | peak RSS MB | / loop | GFLOP/s | % of peak | plan |"
+    head = ("| implementation | in-loop s | range | / loop | in-loop CPU s | CPU / loop | process s | "
+            "peak RSS MB | GFLOP/s (CPU) | % of peak | plan |")
     for w, r in res.items():
-        lines += [f"### {w}", "", head, "|" + "---|" * 9]
+        lines += [f"### {w}", "", head, "|" + "---|" * 11]
         for impl, v in r.items():
             if v.get("failed"):
-                lines.append(f"| {impl} | failed: {v['failed'][:120]} |" + " |" * 8)
+                lines.append(f"| {impl} | failed: {v['failed'][:120]} |" + " |" * 10)
                 continue
-            rng = v.get("in_loop_range")
+            rng, f = v.get("in_loop_range"), (lambda k, fmt=".2f": format(v[k], fmt) if v.get(k) else "-")
             lines.append(f"| {impl} | {v['in_loop_s']:.2f} | {f'{rng[0]:.2f}-{rng[1]:.2f}' if rng else '-'} | "
-                         f"{v['process_s']:.2f} | {v['rss_mb']:.0f} | {v.get('vs_loop', 0):.2f} | "
-                         f"{v.get('gflops', 0):.1f} | {100 * v.get('peak_fraction', 0):.0f} | {v.get('plan', '-')} |")
+                         f"{f('vs_loop')} | {f('in_loop_cpu_s')} | {f('vs_loop_cpu')} | {v['process_s']:.2f} | "
+                         f"{v['rss_mb']:.0f} | {f('gflops', '.1f')} | {f('peak_fraction', '.0%')} | "
+                         f"{v.get('plan', '-')}{' chunk ' + str(v['chunk']) if v.get('chunk') else ''} |")
         lines.append("")
     return "\n".join(lines)
 
