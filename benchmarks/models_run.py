@@ -4,6 +4,11 @@ over clients and Flower 1.41; medians, ratios to the loop, FLOP/s as a fraction 
     python benchmarks/models_run.py                          # all, 3 repeats, 1 thread
     python benchmarks/models_run.py --workloads w7 --repeats 1 --only fedsim,loop
     python benchmarks/models_run.py --set data.clients=20 --set rounds=1 --repeats 1   # smoke
+    python benchmarks/models_run.py --skip w7/vmap --repeats 2   # appends to the same run log
+    python benchmarks/models_run.py --repeats 0                  # tables from the run log only
+
+Every finished run is appended to --log (JSON lines, with the overrides it ran under); the
+tables are medians over every logged run of the same workload, implementation and overrides.
 
 Each (workload, implementation) is its own process (`run.measure`: wall time, peak RSS),
 repeats interleaved. Implementations: `fedsim` (`fedsim run` semantics via fedsim_api.py,
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default=None, help="comma list of implementations")
+    p.add_argument("--skip", default="", help="comma list of workload/implementation to leave out")
+    p.add_argument("--log", default=str(HERE / "out" / "models_runs.jsonl"))
     p.add_argument("--set", action="append", default=[], help="scenario override for every run")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", default=str(HERE / "out" / "models.json"))
@@ -128,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     items = plan_items(workloads, args.set, t)
     if args.only:
         items = [i for i in items if i["impl"] in args.only.split(",")]
+    items = [i for i in items if f"{i['workload']}/{i['impl']}" not in args.skip.split(",")]
     meta = {"machine": machine(args.threads), "git": git_state(), "sets": args.set,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     gemm = measure([PY, "-c", GEMM], env, False, 300)
     peak = json.loads(gemm["stdout"])["gflops"]
-    runs: dict = {}
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     for r in range(args.repeats):
         for it in items:
             res = measure(it["cmd"], env, False, args.timeout)
@@ -141,10 +149,21 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(json.loads([ln for ln in res["stdout"].splitlines() if ln.startswith("{")][-1]))
             else:
                 row["error"] = (res["stderr"].strip().splitlines() or ["?"])[-1]
-            runs.setdefault((it["workload"], it["impl"]), []).append(row)
+            with open(args.log, "a") as fh:
+                fh.write(json.dumps({"workload": it["workload"], "impl": it["impl"], "sets": args.set,
+                                     "gemm_gflops": peak, **row}) + "\n")
             print(f"  [{r + 1}/{args.repeats}] {it['workload']} {it['impl']:<20} in-loop "
                   f"{row.get('in_loop_s') or 0:8.2f} s  RSS {row['rss_mb']:6.0f} MB  load {row['load1']:.1f}"
                   f"{'  FAILED ' + row['error'][:100] if 'error' in row else ''}", file=sys.stderr, flush=True)
+    runs: dict = {}
+    peaks = []
+    with open(args.log) as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row["workload"] in workloads and row.pop("sets") == args.set:
+                runs.setdefault((row.pop("workload"), row.pop("impl")), []).append(row)
+                peaks.append(row.pop("gemm_gflops"))
+    peak = statistics.median(peaks + [peak])
     steps = {w: client_steps(w, args.set) for w in workloads}
     res = summarize(runs, steps, peak)
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -15,8 +15,9 @@ is recorded once by a probe pass whose batch size m*B matches no other axis.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -206,8 +207,6 @@ def _leaf_for(mod: nn.Module, prefix: str, run: Run) -> FoldedLeaf | None:
 def fold(module: nn.Module, run: Run) -> tuple[nn.Module | None, str]:
     """A shadow of `module` whose parameter-owning layers are folded leaves; (None, reason) if
     some parameter belongs to a layer that has no folded form."""
-    import copy
-
     names = {n for n, _ in module.named_parameters()}
     plan: dict[str, FoldedLeaf] = {}
     for name, mod in module.named_modules():
@@ -231,5 +230,3 @@ def fold(module: nn.Module, run: Run) -> tuple[nn.Module | None, str]:
         return None, "parameters outside the model's layers"
     return shadow, ""
 
-
-Folder = Callable[[nn.Module, Run], tuple[nn.Module | None, str]]
