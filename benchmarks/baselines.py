@@ -58,7 +58,7 @@ def floor(w: dict) -> tuple[float, float]:
             loss = F.cross_entropy(out.reshape(-1, 10), yb.reshape(-1), reduction="sum") / b
             grads = torch.autograd.grad(loss, ws)
             with torch.no_grad():
-                for p, gr in zip(ws, grads):
+                for p, gr in zip(ws, grads, strict=True):
                     p -= w["lr"] * gr
         wt = (n[ids].double() / n[ids].sum()).float()
         glob = [torch.tensordot(wt, p.detach(), dims=([0], [0])) for p in ws]
@@ -91,10 +91,10 @@ def loop(w: dict) -> tuple[float, float]:
                 F.cross_entropy(local(xi[idx]), yi[idx]).backward()
                 opt.step()
             with torch.no_grad():
-                for a, p in zip(acc, local.parameters()):
+                for a, p in zip(acc, local.parameters(), strict=True):
                     a += p * (sizes[i] / total)
         with torch.no_grad():
-            for p, a in zip(glob.parameters(), acc):
+            for p, a in zip(glob.parameters(), acc, strict=True):
                 p.copy_(a)
     dt = time.perf_counter() - t0
     with torch.no_grad():

@@ -87,9 +87,8 @@ def make_server(workload: str, result: dict):
 
 
 def main(workload: str, threads: int | None) -> dict:
-    from flwr.simulation import run_simulation
-
     import flower_models  # the importable copy of this module: Ray workers import it by name
+    from flwr.simulation import run_simulation
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""W1 / W2 as a plain Flower 1.41 FedAvg app, written the way Flower's own examples write it.
+"""W1 / W2 as a plain Flower 1.42 FedAvg app, written the way Flower's own examples write it.
 
     python benchmarks/flower_plain.py w1 [threads]   # prints one JSON line (like baselines.py)
 
@@ -27,7 +27,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from workload_data import Net, client as client_rows, dump, load, train_steps  # noqa: E402
+from workload_data import Net, dump, load, train_steps  # noqa: E402
+from workload_data import client as client_rows
 
 WORKLOADS = {"w1": dict(clients=100, per_round=100, rounds=10, steps=10, batch=32, lr=0.05),
              "w2": dict(clients=1000, per_round=100, rounds=5, steps=10, batch=32, lr=0.05)}
@@ -93,9 +94,8 @@ def make_server(workload: str, path: str, result: dict):
 
 
 def main(workload: str, threads: int | None) -> dict:
-    from flwr.simulation import run_simulation
-
     import flower_plain  # the importable copy of this module: Ray workers import it by name
+    from flwr.simulation import run_simulation
 
     if threads:
         torch.set_num_threads(threads)

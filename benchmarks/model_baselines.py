@@ -54,10 +54,10 @@ def loop(w: dict[str, Any]) -> tuple[float, float]:
                 F.cross_entropy(local(xi[idx]), yi[idx]).backward()
                 opt.step()
             with torch.no_grad():
-                for a, p in zip(acc, local.parameters()):
+                for a, p in zip(acc, local.parameters(), strict=True):
                     a += p / len(ids)
         with torch.no_grad():
-            for p, a in zip(glob.parameters(), acc):
+            for p, a in zip(glob.parameters(), acc, strict=True):
                 p.copy_(a)
     acc_final = accuracy(glob, w, xt, yt)
     return time.perf_counter() - t0, acc_final

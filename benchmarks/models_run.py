@@ -108,7 +108,7 @@ def render(res: dict, peak: float, meta: dict) -> str:
             if v.get("failed"):
                 lines.append(f"| {impl} | failed: {v['failed'][:120]} |" + " |" * 10)
                 continue
-            rng, f = v.get("in_loop_range"), (lambda k, fmt=".2f": format(v[k], fmt) if v.get(k) else "-")
+            rng, f = v.get("in_loop_range"), (lambda k, fmt=".2f", v=v: format(v[k], fmt) if v.get(k) else "-")
             lines.append(f"| {impl} | {v['in_loop_s']:.2f} | {f'{rng[0]:.2f}-{rng[1]:.2f}' if rng else '-'} | "
                          f"{f('vs_loop')} | {f('in_loop_cpu_s')} | {f('vs_loop_cpu')} | {v['process_s']:.2f} | "
                          f"{v['rss_mb']:.0f} | {f('gflops', '.1f')} | {f('peak_fraction', '.0%')} | "

@@ -84,8 +84,8 @@ def parallel_capacity(k: int, n: int = 256, reps: int = 600) -> float:
 
     On a shared or hyper-threaded machine this is below k, and bounds any k-rank speed-up.
     """
-    code = ("import time, torch; torch.set_num_threads(1); a = torch.randn(%d, %d); t = time.perf_counter()\n"
-            "for _ in range(%d): a @ a\nprint(time.perf_counter() - t)" % (n, n, reps))
+    code = (f"import time, torch; torch.set_num_threads(1); a = torch.randn({n}, {n}); "
+            f"t = time.perf_counter()\nfor _ in range({reps}): a @ a\nprint(time.perf_counter() - t)")
 
     def wave(m: int) -> float:
         procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -30,7 +30,8 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from workload_data import Net as MLP, client, load
+from workload_data import Net as MLP
+from workload_data import client, load
 
 USERS, COHORT, ROUNDS, EPOCHS, BATCH, LR = 1000, 100, 5, 2, 32, 0.05
 

@@ -46,6 +46,7 @@ def torch_profile(rounds: int, threads: int) -> None:
     torch.set_num_threads(threads)
     sys.path.insert(0, HERE)
     import baselines
+
     from fedsim.config import load_scenario
     from fedsim.engines.loop import RoundLoop
     from fedsim.setup import build_setup

@@ -9,24 +9,22 @@ Nothing in fedsim has to change to use it. Point a scenario at the factory by do
 so that ``examples`` is importable), or ship it in a package that declares the entry point
 ``[project.entry-points."fedsim.strategies"] clipped-fedavg = "mypkg.my_strategy:factory"``.
 
-The factory's typed keyword arguments are the scenario keys: fedsim validates them with
-pydantic (unknown keys and out-of-range values are exit-code-2 errors naming the key).
+The factory's typed keyword arguments are the scenario keys: fedsim validates them against the
+annotations (unknown keys and out-of-range values are exit-code-2 errors naming the key); the
+range types come from `fedsim.constraints`. A combination the factory cannot accept raises
+``ValueError("<param>: why")``, which the scenario layer reports as that key's error.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
-from pydantic import Field
 
+from fedsim.constraints import PositiveFloat, PositiveInt
 from fedsim.types import Oracle, RoundCtx, Strategy, Tree, no_clients
 
-Positive = Annotated[float, Field(gt=0)]
 
-
-def factory(*, lr: Positive = 0.05, local_steps: Annotated[int, Field(gt=0)] = 10,
-            max_norm: Positive = 1.0, server_lr: Positive = 1.0) -> Strategy:
+def factory(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
+            max_norm: PositiveFloat = 1.0, server_lr: PositiveFloat = 1.0) -> Strategy:
     """FedAvg whose client updates are clipped to L2 norm `max_norm` before averaging.
 
     Delta_i = y_i - x after `local_steps` SGD steps; the client sends

@@ -1,4 +1,4 @@
-"""Command line: ``fedsim run|validate|list|topology|plot|compare``.
+"""Command line: ``fedsim run|validate|sweep|list|topology|plot|compare``.
 
 Exit codes: 0 success, 2 bad input (one line naming file, key, value and what is allowed),
 1 runtime failure. Heavy libraries (torch, flwr, mpi4py) load only inside the commands that
@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, RunInterrupted
 
 LISTABLE = ("strategies", "topologies", "datasets", "partitions", "models", "participation",
-            "engines", "compressors")
+            "engines", "compressors", "optimizers", "work")
 
 
 def _registry(what: str) -> Any:
@@ -32,8 +33,12 @@ def _registry(what: str) -> Any:
         from fedsim.participation import PARTICIPATION as r
     elif what == "engines":
         from fedsim.engines import ENGINES as r
+    elif what == "optimizers":
+        from strategies import OPTIMIZERS as r
+    elif what == "work":
+        from fedsim.work import WORK as r
     else:
-        from strategies.compress import COMPRESSORS as r
+        from strategies import COMPRESSORS as r
     return r
 
 
@@ -44,6 +49,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     extra = {"engine": {"kind": args.engine}} if args.engine else None
     sc = load_scenario(args.scenario, args.set, extra=extra)
     path, summary = execute(sc, out_dir=args.out, quiet=args.quiet)
+    if path:
+        print(path)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from fedsim.config import load_scenario
+    from fedsim.run import execute
+
+    folder = os.path.normpath(args.run)
+    config = os.path.join(folder, "config.yaml")
+    if not os.path.isdir(folder) or not os.path.isfile(config):
+        raise ConfigError("not a run folder (no config.yaml)", file=folder,
+                          allowed="a folder written by `fedsim run`")
+    extra = {"engine": {"kind": args.engine}} if args.engine else None
+    sc = load_scenario(config, args.set, extra=extra)
+    path, _ = execute(sc, quiet=args.quiet, resume=folder)
     if path:
         print(path)
     return 0
@@ -62,11 +84,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """Each plug-in of a kind: its name, first docstring line, and its keys (type, default)."""
+    from fedsim.plugin_doc import param_lines
+
     reg = _registry(args.what)
     names = reg.names()
     width = max((len(n) for n in names), default=0)
     for n in names:
         print(f"{n:<{width}}  {reg.describe(n)}")
+        for line in param_lines(reg, n):
+            print(f"{'':<{width}}    {line}")
     return 0
 
 
@@ -96,23 +123,74 @@ def cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.config import apply_overrides, read_yaml
+    from fedsim.sweep import check_section, merge_flags, parse_grid_flags, parse_seeds
+    from fedsim.sweep_driver import run_sweep
+
+    raw = read_yaml(args.scenario)
+    try:
+        raw = apply_overrides(raw, args.set)
+        spec = check_section(raw.pop("sweep", None) or {})
+    except ConfigError as err:
+        raise err.at(file=args.scenario) from None
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError("must be >= 1", key="--jobs", value=args.jobs)
+    parse_seeds(args.seeds, "--seeds")
+    spec = merge_flags(spec, grid=parse_grid_flags(args.grid), seeds=args.seeds, jobs=args.jobs,
+                       launcher=args.launcher, submitit=_kv(args.submitit, "--submitit"))
+    return run_sweep(raw, spec, args.scenario, out=args.out, dry=args.dry_run, quiet=args.quiet)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from fedsim.plot import plot_runs
 
-    out = plot_runs(args.runs, x=args.x, y=args.y, output=args.output)
+    out = plot_runs(args.runs, x=args.x, y=args.y, output=args.output, band=args.band,
+                    title=args.title, logy=True if args.logy else None)
     print(out)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedsim.plot import compare_table
+    from fedsim.compare import compare
 
-    print(compare_table(args.runs))
+    fmt = args.format or ("csv" if (args.output or "").endswith(".csv") else None)
+    text = compare(args.runs, target=args.target, last=args.last, fmt=fmt, baseline=args.baseline)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        print(args.output)
+    else:
+        print(text)
     return 0
 
 
+def _add_sweep(sub: Any) -> None:
+    s = sub.add_parser("sweep", help="run a scenario over a grid of settings and seeds, one run "
+                       "per point in one sweep folder (rerun to resume)")
+    s.add_argument("scenario")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="an axis of the grid, e.g. --grid strategy.lr=0.05,0.1 (repeatable)")
+    s.add_argument("--seeds", help="seeds, e.g. 0-4 or 0,2,7 (default: sweep.seeds or seed)")
+    s.add_argument("--jobs", type=int, help="points at a time (default 1: in this process)")
+    s.add_argument("--out", help="the sweep folder (default: sweep.out or <output.dir>/<name>-sweep)")
+    s.add_argument("--launcher", choices=("local", "slurm"), help="local processes or a Slurm "
+                   "job array through submitit")
+    s.add_argument("--submitit", action="append", default=[], metavar="KEY=VALUE",
+                   help="submitit executor parameter, e.g. timeout_min=120, slurm_partition=gpu")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the base scenario (repeatable)")
+    s.add_argument("--dry-run", action="store_true", help="list and validate the points only")
+    s.add_argument("--quiet", action="store_true", help="no line per finished point")
+    s.set_defaults(fn=cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fedsim.provenance import DISTRIBUTION, version
+
     p = argparse.ArgumentParser(prog="fedsim", description="Federated and decentralized training simulator.")
+    p.add_argument("--version", action="version",
+                   version=f"fedsim {version()} (distribution {DISTRIBUTION})")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a scenario and print its run folder")
@@ -124,10 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)
 
+    rs = sub.add_parser("resume", help="continue a run folder from its latest checkpoint "
+                        "(--set rounds=N extends a finished run)")
+    rs.add_argument("run")
+    rs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rs.add_argument("--engine", choices=("multiplex", "mpi", "flower"))
+    rs.add_argument("--quiet", action="store_true")
+    rs.set_defaults(fn=cmd_resume)
+
     v = sub.add_parser("validate", help="check a scenario (exit 0, or 2 with the reason)")
     v.add_argument("scenario")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(fn=cmd_validate)
+    _add_sweep(sub)
 
     ls = sub.add_parser("list", help="list registered plug-ins")
     ls.add_argument("what", choices=LISTABLE)
@@ -141,16 +228,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("params", nargs="*", metavar="KEY=VALUE", help="topology parameters, e.g. degree=4")
     t.set_defaults(fn=cmd_topology)
 
-    pl = sub.add_parser("plot", help="overlay runs: metric against round or bytes")
-    pl.add_argument("runs", nargs="+")
-    pl.add_argument("--x", choices=("round", "bytes", "bytes_up", "wall"), default="round")
+    pl = sub.add_parser("plot", help="curves of runs and sweeps: mean and band over seeds")
+    pl.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    pl.add_argument("--x", choices=("round", "bytes", "bytes_up", "wall", "sim", "sim_time"),
+                    default="round",
+                    help="wall: host seconds; sim_time (or sim): simulated seconds (sim_time_s)")
     pl.add_argument("--y", choices=("test_accuracy", "test_loss", "train_loss", "consensus_distance",
                                     "node_accuracy_mean"), default="test_accuracy")
+    pl.add_argument("--band", choices=("std", "ci", "none"), default="std",
+                    help="shade mean ± std over seeds (default) or the 95%% t-interval")
+    pl.add_argument("--logy", action="store_true", help="log y axis")
+    pl.add_argument("--title", help="figure title (default: metric, data and seeds)")
     pl.add_argument("-o", "--output", default=None, help="PNG file (default: plot.png)")
     pl.set_defaults(fn=cmd_plot)
 
-    c = sub.add_parser("compare", help="table of final metrics of runs")
-    c.add_argument("runs", nargs="+")
+    c = sub.add_parser("compare", help="tables of runs and sweeps: mean ± std and 95%% intervals "
+                       "over seeds, paired differences")
+    c.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    c.add_argument("--target", type=float, help="also rounds to this test accuracy, e.g. 0.8")
+    c.add_argument("--last", type=int, default=1, help="final = mean of the last K evaluations")
+    c.add_argument("--baseline", help="group label or strategy name the others are paired with "
+                   "(default: the first group of each context)")
+    c.add_argument("--format", choices=("md", "csv"), help="default: md (per-run table when no "
+                   "two runs differ only in seed)")
+    c.add_argument("-o", "--output", help="write to this file (.csv: CSV)")
     c.set_defaults(fn=cmd_compare)
 
     # Flower: run any Flower app on fedsim's runtimes; export a scenario as a Flower app.
@@ -187,13 +288,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "nodes", 1) is not None and getattr(args, "nodes", 1) < 1:
-        print("error: --nodes: must be >= 1 (got %d)" % args.nodes, file=sys.stderr)
+        print(f"error: --nodes: must be >= 1 (got {args.nodes})", file=sys.stderr)
         return 2
     try:
         return int(args.fn(args) or 0)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        return stop.code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

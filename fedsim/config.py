@@ -1,10 +1,11 @@
 """Scenario files: YAML validated into typed, frozen objects with every default filled.
 
 A scenario has the top-level keys ``name, seed, rounds, data, model, topology, participation,
-strategy, engine, eval, output``. Sections that pick a plug-in by ``kind``/``name``/``dataset``
-take that plug-in's own keyword arguments next to it; they are validated against the
-factory's signature, so unknown keys and bad values are errors that name the file, the key
-path, the value and what is allowed.
+strategy, work, system, engine, eval, output`` and ``sweep`` (read by `fedsim sweep`, see fedsim/sweep.py; a
+single run ignores it and never writes it into config.yaml). Sections that pick a plug-in by
+``kind``/``name``/``dataset`` take that plug-in's own keyword arguments next to it; they are
+validated against the factory's signature, so unknown keys and bad values are errors that name
+the file, the key path, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedsim.config_system import SystemCfg
 from fedsim.errors import ConfigError
-from fedsim.registry import pydantic_to_config_error
+from fedsim.registry import plain, pydantic_to_config_error
 
 TOP_KEYS = ("name", "seed", "rounds", "data", "model", "topology", "participation", "strategy",
-            "engine", "eval", "output")
+            "work", "system", "engine", "eval", "output", "checkpoint", "sweep")
 
 
 class _Section(BaseModel):
@@ -50,11 +52,16 @@ class DataCfg(_PluginSection):
 class ModelCfg(_PluginSection):
     kind: str = "mlp"
     init: Literal["shared", "independent"] = "shared"  # independent: one keyed init per client/node
+    nonconvex_reg: float = Field(0.0, ge=0)  # lambda sum x^2/(1+x^2) added to every client's loss
 
 
 class TopologyCfg(_PluginSection):
     kind: str = "star"
     mixing: Literal["metropolis", "max_degree"] = "metropolis"
+
+
+class WorkCfg(_PluginSection):
+    kind: str = "strategy"  # heterogeneous local work (fedsim.work): strategy | steps | uniform | epochs
 
 
 class ParticipationCfg(_PluginSection):
@@ -84,8 +91,13 @@ class EvalCfg(_Section):
     batch_size: int = Field(2048, gt=0)
 
 
+class CheckpointCfg(_Section):
+    every: int | None = Field(None, ge=0)  # rounds between checkpoints; None: a tenth; 0: at the end
+
+
 class OutputCfg(_Section):
     dir: str = "runs"
+    trackers: tuple[Literal["tensorboard", "mlflow"], ...] = ()  # fedsim/trackers.py
 
 
 class Scenario(_Section):
@@ -96,10 +108,14 @@ class Scenario(_Section):
     model: ModelCfg = ModelCfg()
     topology: TopologyCfg = TopologyCfg()
     participation: ParticipationCfg = ParticipationCfg()
+    work: WorkCfg = WorkCfg()
+    system: SystemCfg = SystemCfg()
     strategy: StrategyCfg = StrategyCfg()
     engine: EngineCfg = EngineCfg()
     eval: EvalCfg = EvalCfg()
     output: OutputCfg = OutputCfg()
+    checkpoint: CheckpointCfg = CheckpointCfg()
+    sweep: dict[str, Any] | None = Field(None, exclude=True)  # checked by fedsim.sweep
     source: str | None = Field(None, exclude=True)
 
 
@@ -152,7 +168,7 @@ def read_yaml(path: str) -> dict[str, Any]:
     return raw
 
 
-def parse_scenario(raw: dict[str, Any], source: str | None = None) -> "Scenario":
+def parse_scenario(raw: dict[str, Any], source: str | None = None) -> Scenario:
     """Validate a raw mapping (structure and every plug-in's parameters)."""
     try:
         try:
@@ -163,6 +179,10 @@ def parse_scenario(raw: dict[str, Any], source: str | None = None) -> "Scenario"
         except TypeError as exc:  # non-string keys
             raise ConfigError(f"bad scenario structure: {exc}") from None
         sc = resolve_plugins(sc)
+        if sc.sweep is not None:
+            from fedsim.sweep import check_section
+
+            check_section(sc.sweep)
     except ConfigError as err:
         raise err.at(file=source) from None
     return sc.model_copy(update={"source": source})
@@ -203,6 +223,7 @@ def resolve_plugins(sc: Scenario) -> Scenario:
     from fedsim.engines import ENGINES
     from fedsim.models import MODELS
     from fedsim.participation import PARTICIPATION
+    from fedsim.work import WORK
     from strategies import STRATEGIES
     from topologies import TOPOLOGIES
 
@@ -211,30 +232,40 @@ def resolve_plugins(sc: Scenario) -> Scenario:
                      "data.partition")
     data = _resolved(d, {"dataset": d.dataset, "clients": d.clients}, DATASETS, d.dataset, "data")
     data["partition"] = PartitionCfg(**part)
-    model = ModelCfg(**_resolved(sc.model, {"kind": sc.model.kind, "init": sc.model.init}, MODELS,
-                                 sc.model.kind, "model"))
+    model = ModelCfg(**_resolved(sc.model, {"kind": sc.model.kind, "init": sc.model.init,
+                                            "nonconvex_reg": sc.model.nonconvex_reg},
+                                 MODELS, sc.model.kind, "model"))
     topo = TopologyCfg(**_resolved(sc.topology, {"kind": sc.topology.kind, "mixing": sc.topology.mixing},
                                    TOPOLOGIES, sc.topology.kind, "topology"))
     part_cfg = ParticipationCfg(**_resolved(sc.participation, {"kind": sc.participation.kind},
                                             PARTICIPATION, sc.participation.kind, "participation"))
     strat = StrategyCfg(**_resolve_strategy(sc.strategy, STRATEGIES))
+    work = WorkCfg(**_resolved(sc.work, {"kind": sc.work.kind}, WORK, sc.work.kind, "work"))
     eng = EngineCfg(**_resolved(sc.engine, {"kind": sc.engine.kind, "device": sc.engine.device,
                                             "dtype": sc.engine.dtype},
                                 ENGINES, sc.engine.kind, "engine"))
     return sc.model_copy(update={"data": DataCfg(**data), "model": model, "topology": topo,
-                                 "participation": part_cfg, "strategy": strat, "engine": eng})
+                                 "participation": part_cfg, "strategy": strat, "work": work,
+                                 "engine": eng})
 
 
 def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
-    """Strategy params; a `compressor` the factory does not take itself wraps its uplink."""
+    """Strategy params; a `compressor` the factory does not take itself compresses its uplink
+    (`strategies.uplink.compress_uplink`), validated here as a nested compressor."""
+    from fedsim.registry import build_nested
+
     head = {"name": cfg.name, "batch_size": cfg.batch_size}
     params = cfg.params()
+    if cfg.name == "flower":  # a Flower strategy object on the server: fedsim.flower.plugin
+        from fedsim.flower.plugin import validate_params
+        try:
+            return {**head, **validate_params(params)}
+        except ConfigError as err:
+            raise err.at(prefix="strategy") from None
     comp = None
     if "compressor" in params and "compressor" not in registry.params(cfg.name):
-        from strategies.compress import validate_compressor
-
         try:
-            comp = validate_compressor(params.pop("compressor"))
+            comp = build_nested("compressors", params.pop("compressor"))
         except ConfigError as err:
             raise err.at(prefix="strategy.compressor") from None
     try:
@@ -248,16 +279,12 @@ def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
 
 def to_dict(sc: Scenario) -> dict[str, Any]:
     """Plain, YAML-serialisable dict of the resolved scenario (the run folder's config.yaml)."""
-    def plain(v: Any) -> Any:
+    def section(v: Any) -> Any:
         if isinstance(v, BaseModel):
-            d = {k: plain(getattr(v, k)) for k in type(v).model_fields if k != "source"}
+            d = {k: section(getattr(v, k)) for k in type(v).model_fields
+                 if k not in ("source", "sweep")}
             d.update({k: plain(x) for k, x in (v.model_extra or {}).items()})
             return d
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, BaseModel.__mro__[0]) and hasattr(v, "model_dump"):
-            return v.model_dump()
-        return v
-    return plain(sc)
+        return plain(v)
+    out: dict[str, Any] = section(sc)
+    return out

@@ -26,8 +26,18 @@ class ConfigError(Exception):
             text = f"{text}; allowed: {self.allowed}"
         return f"{where}: {text}" if where else text
 
-    def at(self, *, file: str | None = None, prefix: str | None = None) -> "ConfigError":
+    def at(self, *, file: str | None = None, prefix: str | None = None) -> ConfigError:
         """Return the same error located in `file` and/or under key `prefix`."""
         key = ".".join(p for p in (prefix, self.key) if p) or None
         return ConfigError(self.msg, file=file or self.file, key=key, value=self.value,
                            allowed=self.allowed)
+
+
+class RunInterrupted(Exception):
+    """A run stopped on a signal after checkpointing; `code` is the exit code (128 + signal).
+
+    The message says how to continue (`fedsim resume RUN_DIR`)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -72,7 +72,7 @@ class ClientData:
 
     @staticmethod
     def from_parts(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], device: Any,
-                   dtype: torch.dtype, normalize: Any = None) -> "ClientData":
+                   dtype: torch.dtype, normalize: Any = None) -> ClientData:
         order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -86,11 +86,11 @@ class ClientData:
         flat = self.x.index_select(0, rows.reshape(-1))
         return to_compute(flat.view(*rows.shape, *self.x.shape[1:]), self.dtype, self.normalize)
 
-    def subset(self, ids: np.ndarray) -> "ClientData":
+    def subset(self, ids: np.ndarray) -> ClientData:
         """The data of clients `ids` only (what one MPI rank or Flower node holds)."""
         ids_t = torch.as_tensor(ids, device=self.x.device)
         rows = torch.cat([torch.arange(int(o), int(o) + int(n), device=self.x.device)
-                          for o, n in zip(self.offsets[ids_t], self.sizes[ids_t])])
+                          for o, n in zip(self.offsets[ids_t], self.sizes[ids_t], strict=True)])
         sizes = torch.zeros_like(self.sizes)
         sizes[ids_t] = self.sizes[ids_t]
         offsets = torch.zeros_like(self.offsets)
@@ -109,7 +109,7 @@ class BlockOracle:
     """
 
     def __init__(self, model: StackedModel, data: ClientData, ids: torch.Tensor, round: int,
-                 seed: int, batch_size: int | None, plan: "ExecutionPlan | None" = None) -> None:
+                 seed: int, batch_size: int | None, plan: ExecutionPlan | None = None) -> None:
         self.model, self.data, self.ids, self.round, self.seed = model, data, ids, round, seed
         self.batch_size = batch_size
         self.kind = plan.kind if plan is not None else None
@@ -199,7 +199,7 @@ class BlockOracle:
 
 @torch.no_grad()
 def evaluate(model: StackedModel, x: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
-             batch: int = 2048, plan: "ExecutionPlan | None" = None, normalize: Any = None
+             batch: int = 2048, plan: ExecutionPlan | None = None, normalize: Any = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss [k] and accuracy [k] of k models x [k, P] on a shared dataset.
 

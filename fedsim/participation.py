@@ -1,7 +1,7 @@
 """Client participation patterns: which clients take part in round t (a bool mask [N]).
 
 Patterns follow the FedAU reference generators (Wang & Ji, ICLR 2024, arXiv 2306.03401;
-``IBM/fedau util/util.py: WorkerSampler``; ALGORITHMS.md §2.4). Every draw is keyed:
+``IBM/fedau util/util.py: WorkerSampler``; docs/algorithms.md#participation-patterns). Every draw is keyed:
 per-round draws by (seed, ``rng.PARTICIPATION``, client, round), per-client constants (drawn
 p_n, chain initial state, cyclic phase) by (seed, PARTICIPATION, client, tag) with a negative
 tag, so a mask never depends on query order, process count or which clients are simulated.
@@ -14,12 +14,14 @@ or ``p_from_labels: true`` (with ``p_mean``, ``p_min``, ``dirichlet_alpha``; see
 
 from __future__ import annotations
 
-from typing import Annotated, Callable, Protocol
+from collections.abc import Callable
+from typing import Annotated, Protocol
 
 import numpy as np
-from pydantic import Field
+from annotated_types import Ge
 
 from fedsim import rng
+from fedsim.constraints import Fraction, PositiveInt
 from fedsim.errors import ConfigError
 from fedsim.registry import Registry
 
@@ -27,7 +29,6 @@ PARTICIPATION = Registry("participation", builtins=("fedsim.participation",),
                          reserved=("num_clients", "seed", "label_dist"))
 
 _TAG_P, _TAG_INIT, _TAG_MULT = -1, -2, -3   # per-client streams; rounds are >= 0
-Prob = Annotated[float, Field(gt=0, le=1)]
 
 
 class Participation(Protocol):
@@ -71,7 +72,7 @@ def resolve_p(*, p: float | list[float] | None, p_range: list[float] | None,
               label_dist: np.ndarray | None) -> np.ndarray:
     """Per-client participation probabilities p_n, float64 [N], from exactly one p-spec.
 
-    `p_from_labels` couples participation to the data (FedAU, ALGORITHMS.md §2.4):
+    `p_from_labels` couples participation to the data (FedAU, docs/algorithms.md#label-coupled-probabilities):
     mult ~ Dirichlet(dirichlet_alpha 1_C) (stream (seed, PARTICIPATION, tag)), and
     p_n = max(p_min, p_mean * C * sum_l q_{n,l} mult_l) with q the clients' label proportions;
     defaults p_mean = 0.1, p_min = 0.02, dirichlet_alpha = 0.1. Values above 1 (possible when
@@ -134,8 +135,8 @@ def full(*, num_clients: int, seed: int, label_dist: np.ndarray | None = None) -
 
 
 @PARTICIPATION.register("uniform")
-def uniform(*, clients_per_round: Annotated[int, Field(ge=1)] | None = None,
-            fraction: Prob | None = None, num_clients: int, seed: int,
+def uniform(*, clients_per_round: PositiveInt | None = None,
+            fraction: Fraction | None = None, num_clients: int, seed: int,
             label_dist: np.ndarray | None = None) -> Participation:
     """Exactly k distinct clients per round, uniformly without replacement (McMahan et al. 2017).
 
@@ -145,7 +146,7 @@ def uniform(*, clients_per_round: Annotated[int, Field(ge=1)] | None = None,
     if (clients_per_round is None) == (fraction is None):
         raise ConfigError("give exactly one of clients_per_round, fraction",
                           key="clients_per_round")
-    k = clients_per_round if fraction is None else max(1, int(round(fraction * num_clients)))
+    k = max(1, int(round(fraction * num_clients))) if fraction is not None else int(clients_per_round or 0)
     if k > num_clients:
         raise ConfigError("more clients per round than clients", key="clients_per_round",
                           value=k, allowed=f"at most {num_clients}")
@@ -173,7 +174,7 @@ def bernoulli(*, p: float | list[float] | None = None, p_range: list[float] | No
 
 
 @PARTICIPATION.register("cyclic")
-def cyclic(*, period: Annotated[int, Field(ge=2)] = 100, p: float | list[float] | None = None,
+def cyclic(*, period: Annotated[int, Ge(2)] = 100, p: float | list[float] | None = None,
            p_range: list[float] | None = None, p_from_labels: bool = False,
            p_mean: float | None = None, p_min: float | None = None,
            dirichlet_alpha: float | None = None, num_clients: int, seed: int,
@@ -204,10 +205,12 @@ class _Markov:
     _EVERY = 256  # checkpoint stride (rounds)
 
     def __init__(self, pn: np.ndarray, q: float, seed: int) -> None:
-        self.num_clients, self.probabilities, self.p_nominal, self._seed = len(pn), pn, pn, seed
+        self.num_clients, self._seed = len(pn), seed
+        self.probabilities: np.ndarray | None = pn
+        self.p_nominal: np.ndarray | None = pn
         off = q * (1.0 / pn - 1.0)
         over = off > 1
-        self.q_on = np.where(over, q / np.where(over, off, 1.0), q)  # §2.4 q-adjustment
+        self.q_on = np.where(over, q / np.where(over, off, 1.0), q)  # docs/algorithms.md#markov
         self.q_off = np.minimum(off, 1.0)
         self._ids = np.arange(len(pn))
         init = _u(seed, self._ids, _TAG_INIT) < pn       # state "before round 0"
@@ -233,16 +236,17 @@ class _Markov:
 
 
 @PARTICIPATION.register("markov")
-def markov(*, q: Prob = 0.05, p: float | list[float] | None = None,
+def markov(*, q: Fraction = 0.05, p: float | list[float] | None = None,
            p_range: list[float] | None = None, p_from_labels: bool = False,
            p_mean: float | None = None, p_min: float | None = None,
            dirichlet_alpha: float | None = None, num_clients: int, seed: int,
            label_dist: np.ndarray | None = None) -> Participation:
     """Two-state Markov chain, stationary p_n: P(off->on) = q, P(on->off) = q (1/p_n - 1).
 
-    As the FedAU reference `markov-q` (ALGORITHMS.md §2.4): if q (1/p_n - 1) > 1 it is set to 1 and P(off->on) to q / (q (1/p_n - 1)) = p_n / (1 - p_n),
-    keeping p_n stationary. Initial state ~ Bernoulli(p_n) (keyed per client); the state is
-    updated with the draw u(seed, PARTICIPATION, n, t) before it is read in round t.
+    As the FedAU reference `markov-q` (docs/algorithms.md#markov): if q (1/p_n - 1) > 1 it is set
+    to 1 and P(off->on) to q / (q (1/p_n - 1)) = p_n / (1 - p_n), keeping p_n stationary.
+    Initial state ~ Bernoulli(p_n) (keyed per client); the state is updated with the draw
+    u(seed, PARTICIPATION, n, t) before it is read in round t.
     """
     pn = resolve_p(p=p, p_range=p_range, p_from_labels=p_from_labels, p_mean=p_mean, p_min=p_min,
                    dirichlet_alpha=dirichlet_alpha, num_clients=num_clients, seed=seed,

@@ -1,36 +1,84 @@
-"""Partitions of a training set over clients: iid, Dirichlet label skew, shards, natural.
+"""Partitions of a training set over clients, and each client's own test split.
 
 A partition factory takes keyword parameters from the scenario plus the runtime keywords
 ``labels`` (int64 [n]), ``num_clients``, ``seed`` and ``natural_split``, and returns one sorted
 int64 index array per client. Every sample is used at most once and every client gets at least
 one sample (`partition` checks both). Randomness is keyed by (seed, ``rng.PARTITION``, ...).
+
+Built in: ``iid``, ``dirichlet``, ``shards``, ``natural`` (here) and Flower Datasets'
+partitioners ``flwr-iid``, ``flwr-dirichlet``, ``flwr-pathological``, ``flwr-natural``
+(`fedsim.data.flwr_partitions`, with the ``[hf]`` extra). Every kind also takes ``holdout``:
+the fraction of each client's samples kept out of training as that client's test split
+(`fedsim.data.splits.client_splits`); with ``holdout: 0`` a client that is one of the dataset's
+natural clients gets the dataset's own test data for it (LEAF's per-user test files, ``test_fraction``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+import inspect
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError
 
 from fedsim import rng
 from fedsim.errors import ConfigError
-from fedsim.registry import Registry
+from fedsim.registry import Registry, pydantic_to_config_error
 
 if TYPE_CHECKING:
     from fedsim.data import Dataset
 
-PARTITIONS = Registry("partitions", builtins=("fedsim.partition",),
-                      reserved=("labels", "num_clients", "seed", "natural_split"))
 SizeSkew = Annotated[float, Field(ge=0)]
+Holdout = Annotated[float, Field(ge=0, lt=1)]
 
 
-def partition(kind: str, params: dict, ds: "Dataset", *, num_clients: int,
+class _PartitionRegistry(Registry):
+    """Partition plug-ins, each with the common key ``holdout`` (see `fedsim.data.splits`)."""
+
+    def params(self, name: str) -> dict[str, inspect.Parameter]:
+        return {**super().params(name), "holdout": inspect.Parameter(
+            "holdout", inspect.Parameter.KEYWORD_ONLY, default=0.0, annotation=Holdout)}
+
+    def validate(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        rest = dict(params)
+        holdout = rest.pop("holdout", 0.0)
+        out = super().validate(name, rest)
+        try:
+            out["holdout"] = TypeAdapter(Holdout).validate_python(holdout)
+        except ValidationError as exc:
+            err = pydantic_to_config_error(exc)
+            raise ConfigError(err.msg, key="holdout", value=holdout,
+                              allowed="a fraction in [0, 1)") from None
+        return out
+
+    def build(self, name: str, params: dict[str, Any], **runtime: Any) -> Any:
+        """Call the factory (``holdout`` is validated here but applied by `client_splits`)."""
+        kwargs = self.validate(name, params)
+        kwargs.pop("holdout")
+        return self.get(name)(**kwargs, **runtime)
+
+
+PARTITIONS = _PartitionRegistry("partitions",
+                                builtins=("fedsim.partition", "fedsim.data.flwr_partitions"),
+                                reserved=("labels", "num_clients", "seed", "natural_split"))
+
+
+def partition(kind: str, params: dict, ds: Dataset, *, num_clients: int,
               seed: int) -> list[np.ndarray]:
-    """Split ``ds.x_train`` over `num_clients` by partition `kind`: checked, sorted int64 arrays."""
+    """Split ``ds.x_train`` over `num_clients` by partition `kind`: checked, sorted int64 arrays.
+
+    With ``holdout`` in `params`, the held-out rows are excluded (see `fedsim.data.splits.client_splits`).
+    """
+    from fedsim.data.splits import client_splits
+
+    return client_splits(kind, params, ds, num_clients=num_clients, seed=seed).train
+
+
+def _partition(kind: str, params: dict, ds: Dataset, *, num_clients: int,
+               seed: int) -> list[np.ndarray]:
     n = len(ds.y_train)
     if num_clients > n:
-        raise ConfigError("needs at least one sample per client", key="clients",
+        raise ConfigError("needs at least one sample per client", file=ds.source, key="data.clients",
                           value=num_clients, allowed=f"at most {n} (training samples)")
     parts = PARTITIONS.build(kind, params, labels=ds.y_train, num_clients=num_clients,
                              seed=seed, natural_split=ds.natural_split)
@@ -190,7 +238,7 @@ def shards(*, classes_per_client: Annotated[int, Field(ge=1)] = 2, labels: np.nd
     by_class = [g.permutation(np.flatnonzero(labels == c)) for c in range(classes)]
     sizes = np.array([len(ix) for ix in by_class], dtype=np.int64)
     per_label = _shards_per_label(sizes, num_clients * classes_per_client)
-    cuts = [s for ix, k in zip(by_class, per_label) if k for s in np.array_split(ix, k)]
+    cuts = [s for ix, k in zip(by_class, per_label, strict=True) if k for s in np.array_split(ix, k)]
     order = g.permutation(len(cuts)).reshape(num_clients, classes_per_client)
     return [np.concatenate([cuts[j] for j in row]) for row in order]
 
@@ -211,14 +259,26 @@ def _shards_per_label(sizes: np.ndarray, total: int) -> np.ndarray:
 
 
 @PARTITIONS.register("natural")
-def natural(*, labels: np.ndarray, num_clients: int, seed: int,
+def natural(*, select: Literal["all", "first", "random"] = "all", labels: np.ndarray,
+            num_clients: int, seed: int,
             natural_split: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """The clients defined by the dataset generator itself (e.g. LEAF synthetic, logistic)."""
+    """The dataset's own clients: LEAF users, FEMNIST writers, a client-id column, generators.
+
+    `select` all: `clients` must equal the number of natural clients; first: the first
+    `clients` of them (in id order); random: `clients` of them drawn with stream
+    (seed, PARTITION, -5), kept in id order (LEAF's sampled fraction of users).
+    """
     if natural_split is None:
         raise ConfigError("this dataset defines no natural split", value="natural",
                           allowed="iid, dirichlet, shards (or a dataset with clients: "
-                          "synthetic, logistic)")
-    if len(natural_split) != num_clients:
-        raise ConfigError("the dataset's natural split has a different number of clients",
-                          key="clients", value=num_clients, allowed=str(len(natural_split)))
-    return [np.asarray(p, dtype=np.int64) for p in natural_split]
+                          "synthetic, logistic, leaf, npz with client_id, hf with client_column)")
+    total = len(natural_split)
+    if num_clients > total or (select == "all" and num_clients != total):
+        raise ConfigError(f"the dataset has {total} natural clients", key="data.clients",
+                          value=num_clients, allowed=f"{total}, or fewer with "
+                          "data.partition.select: first | random")
+    if select == "random":
+        pick = np.sort(rng.np_rng(seed, rng.PARTITION, -5).permutation(total)[:num_clients])
+    else:
+        pick = np.arange(num_clients)
+    return [np.asarray(natural_split[k], dtype=np.int64) for k in pick]

@@ -9,7 +9,7 @@ Choosing (`choose_plan`, at set-up):
 
 - ``auto`` (default): a cost model over quantities that do not depend on the clock, so that
   reruns pick the same plan and give bitwise-identical results. One client's step is run once
-  to count its FLOPs (forward hooks on its layers) and the bytes autograd saves for backward
+  to count its FLOPs (`fedsim.models.flops`) and the bytes autograd saves for backward
   (its activation memory). Then:
   * block <= (memory_mb / 2) / activation bytes per client (the memory bound);
   * on CPU, block <= 4 MiB / parameter bytes per client: stacking pays while the block's
@@ -35,7 +35,6 @@ writes to summary.json.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -46,6 +45,7 @@ from torch import nn
 
 from fedsim.errors import ConfigError
 from fedsim.models import KINDS
+from fedsim.models.flops import FlopCounter
 from fedsim.oracle import BlockOracle
 
 OPTIONS = ("auto", "measure", *KINDS)
@@ -132,8 +132,8 @@ def choose_plan(problem: Any, option: str = "auto", block: int | None = None,
         return plan(option, 1 if option == "loop" else block or c_cost, "engine option")
     if option == "measure":
         timings = _measure(problem, x, ok, [block] if block else _blocks(min(c_mem, problem.num_clients)))
-        kind, c = timings[0][0].split(":")
-        return plan(kind, int(c), "measured", timings=tuple(timings))
+        best, best_c = timings[0][0].split(":")
+        return plan(best, int(best_c), "measured", timings=tuple(timings))
     c = block or c_cost
     if c == 1 or ok == ["loop"]:
         return plan("loop", 1, "cost model")
@@ -177,59 +177,33 @@ def _probe_oracle(problem: Any, m: int, kind: str | None = None, block: int | No
                        problem.seed, problem.batch_size, plan)
 
 
-def _layer_flops(mod: nn.Module, args: tuple, out: Any) -> float:
-    """Forward FLOPs (2 per multiply-add) of one call of a Linear / Conv / recurrent layer."""
-    if isinstance(mod, nn.Linear):
-        return 2.0 * out.numel() * mod.in_features
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return 2.0 * out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
-    if isinstance(mod, nn.RNNBase):
-        x = args[0]
-        tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
-        gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
-        d = 2 if mod.bidirectional else 1
-        h = mod.hidden_size
-        ins = [mod.input_size] + [h * d] * (mod.num_layers - 1)
-        return sum(2.0 * tokens * gates * h * (i + h) * d for i in ins)
-    return 0.0
-
-
 def _one_client(problem: Any, x: torch.Tensor) -> dict[str, Any]:
     """FLOPs, saved-activation bytes and (CUDA) peak memory of one client's step.
 
-    FLOPs are counted with forward hooks on the Linear / Conv / recurrent layers (attention
-    scores and elementwise work excluded), times 3 for forward + backward. (torch's
-    FlopCounterMode would count every op, but entering any dispatch mode imports
-    torch._dynamo: 3-4 s of set-up.)
+    FLOPs: `fedsim.models.flops.FlopCounter` (Linear / Conv / recurrent / attention layers,
+    forward + backward) around the one-client step of the loop plan.
     """
     oracle = _probe_oracle(problem, 1, "loop", 1)
     saved: dict[int, int] = {}
-    flops = [0.0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:  # storages saved for backward, each counted once
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-        flops[0] += _layer_flops(mod, args, out)
-    handles = [mod.register_forward_hook(hook) for mod in problem.model.module.modules()]
     cuda = x.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
         before = torch.cuda.memory_allocated(x.device)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            oracle(x, 0)
-    finally:
-        for h in handles:
-            h.remove()
+    saving = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with FlopCounter(problem.model.module) as flops, saving:
+        oracle(x, 0)
     peak = None
     if cuda:
         torch.cuda.synchronize(x.device)
         peak = int(torch.cuda.max_memory_allocated(x.device) - before)
     act = sum(v for k, v in saved.items() if k != x.untyped_storage().data_ptr())  # not the weights
-    return {"flops": 3.0 * flops[0], "act": int(act), "peak": peak}
+    return {"flops": flops.total, "act": int(act), "peak": peak}
 
 
 def _measure(problem: Any, x: torch.Tensor, kinds: list[str], blocks: list[int]) -> list[tuple[str, float]]:

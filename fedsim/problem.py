@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedsim.models import StackedModel
+from fedsim.objectives import Regularized
 from fedsim.oracle import BlockOracle, ClientData, evaluate
 from fedsim.types import Oracle
 
@@ -26,6 +28,9 @@ class Problem(Protocol):
     sizes: np.ndarray          # [N] local dataset sizes (aggregation weights)
     device: torch.device
     dtype: torch.dtype
+    num_params: int            # P
+    batch_size: int | None     # samples of one minibatch gradient (None: the local data)
+    flops_per_sample: float    # forward + backward FLOPs of one sample (simulated compute)
 
     def oracle(self, ids: torch.Tensor, round: int) -> Oracle:
         """Gradients of clients `ids` [m] in `round`."""
@@ -35,7 +40,7 @@ class Problem(Protocol):
         """(test loss [k], test accuracy [k]) of models x [k, P]; None if not defined."""
         ...
 
-    def restrict(self, owned: np.ndarray) -> "Problem":
+    def restrict(self, owned: np.ndarray) -> Problem:
         """The same problem holding only the data of clients `owned` (an MPI rank's slice)."""
         ...
 
@@ -45,43 +50,87 @@ class DataProblem:
 
     Gradients and evaluation run with `self.plan` (`fedsim.plan.ExecutionPlan`); the engine
     chooses it at set-up with `choose_plan`, and the cost model's choice is taken otherwise.
+    ``client_test`` (optional) holds every client's own test split, rows concatenated client
+    by client as in `ClientData` (set by `fedsim.setup.Setup.problem`); `evaluate_clients`
+    scores models on it.
     """
+
+    client_test: ClientData | None = None
+    flops_per_sample: float = 0.0  # measured at set-up (`fedsim.system.flops_per_sample`)
 
     def __init__(self, model: StackedModel, data: ClientData, x_test: torch.Tensor,
                  y_test: torch.Tensor, sizes: np.ndarray, seed: int, batch_size: int | None,
-                 eval_batch: int = 2048, plan: "ExecutionPlan | None" = None) -> None:
+                 eval_batch: int = 2048, nonconvex_reg: float = 0.0,
+                 plan: ExecutionPlan | None = None) -> None:
         self.model, self.data, self.x_test, self.y_test = model, data, x_test, y_test
         self.sizes, self.seed, self.batch_size, self.eval_batch = sizes, seed, batch_size, eval_batch
-        self.num_clients = len(sizes)
+        self.nonconvex_reg = nonconvex_reg
+        self.num_clients, self.num_params = len(sizes), model.spec.size
         self.device, self.dtype = data.x.device, data.dtype
         self.plan = plan
 
     def choose_plan(self, option: str = "auto", block: int | None = None,
-                    memory_mb: int = 2048) -> "ExecutionPlan":
+                    memory_mb: int = 2048) -> ExecutionPlan:
         """Pick (and from now on use) the execution plan; see `fedsim.plan.choose_plan`."""
         from fedsim.plan import choose_plan
 
         self.plan = choose_plan(self, option, block, memory_mb)
         return self.plan
 
-    def execution_plan(self) -> "ExecutionPlan":
+    def execution_plan(self) -> ExecutionPlan:
         """The plan in use (the cost model's, chosen on first use, if none was chosen)."""
         return self.plan if self.plan is not None else self.choose_plan()
 
-    def oracle(self, ids: torch.Tensor, round: int) -> BlockOracle:
-        return BlockOracle(self.model, self.data, ids, round, self.seed, self.batch_size,
-                           self.execution_plan())
+    def oracle(self, ids: torch.Tensor, round: int) -> Oracle:
+        """Gradients of the clients' training losses (plus the scenario's regulariser)."""
+        oracle = BlockOracle(self.model, self.data, ids, round, self.seed, self.batch_size,
+                             self.execution_plan())
+        return Regularized(oracle, self.nonconvex_reg) if self.nonconvex_reg else oracle
 
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return evaluate(self.model, x, self.x_test, self.y_test, self.eval_batch, self.execution_plan(),
                         self.data.normalize)
 
-    def restrict(self, owned: np.ndarray) -> "DataProblem":
+    @torch.no_grad()
+    def evaluate_clients(self, x: torch.Tensor, ids: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Model j of x [k, P] on client ids[j]'s own test split: (loss sum, correct, count).
+
+        Each output is float64 [k]; `fedsim.client_metrics.client_metrics(correct, count,
+        loss)` summarises them over clients. None when clients have no test splits. Rows are
+        read in blocks of max(1, eval_batch // k) positions per client, padded and masked.
+        """
+        ct = self.client_test
+        if ct is None:
+            return None
+        k = x.shape[0]
+        sizes, offsets = ct.sizes[ids], ct.offsets[ids]
+        loss = torch.zeros(k, dtype=torch.float64, device=x.device)
+        correct = torch.zeros(k, dtype=torch.float64, device=x.device)
+        plan = self.execution_plan()
+        n_max, step = int(sizes.max()) if k else 0, max(1, self.eval_batch // max(k, 1))
+        for s in range(0, n_max, step):
+            pos = torch.arange(s, min(s + step, n_max), device=x.device)[None, :]
+            valid = pos < sizes[:, None]
+            rows = offsets[:, None] + torch.where(valid, pos, 0)
+            logits = torch.cat([self.model.forward(x[j:j + plan.block], ct.inputs(rows[j:j + plan.block]),
+                                                   plan.kind) for j in range(0, k, plan.block)])  # [k, b, C]
+            y = ct.y[rows]
+            per = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+            loss += torch.where(valid, per, 0).sum(1).double()
+            correct += ((logits.argmax(-1) == y) & valid).sum(1).double()
+        return loss, correct, sizes.double()
+
+    def restrict(self, owned: np.ndarray) -> DataProblem:
         if len(owned) == self.num_clients:
             return self
-        return DataProblem(self.model, self.data.subset(np.asarray(owned)), self.x_test, self.y_test,
-                           self.sizes, self.seed, self.batch_size, self.eval_batch,
-                           self.execution_plan())
+        out = DataProblem(self.model, self.data.subset(np.asarray(owned)), self.x_test, self.y_test,
+                          self.sizes, self.seed, self.batch_size, self.eval_batch, self.nonconvex_reg,
+                          self.execution_plan())
+        if self.client_test is not None:
+            out.client_test = self.client_test.subset(np.asarray(owned))
+        out.flops_per_sample = self.flops_per_sample
+        return out
 
     def memory_per_client(self) -> int:
         """Bytes of one client's parameter-sized working set (model, update, strategy state).

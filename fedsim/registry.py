@@ -3,24 +3,38 @@
 A plug-in is a plain factory function with typed keyword arguments. The registry looks it up
 by name, by dotted path (``"pkg.module:factory"``) or through the entry-point group
 ``fedsim.<kind>`` of installed packages, validates the keyword arguments from a scenario
-against the factory's signature (pydantic), and calls it.
+against the factory's signature (pydantic), and calls it. The registry owns three more
+conventions, so plug-in code holds no config code:
+
+* runtime arguments (``reserved``: e.g. a strategy's ``runtime``, a model's ``input_shape``)
+  are passed by `build` to the factories that declare them, and only to those;
+* a ``ValueError`` raised by a factory for an impossible combination of arguments becomes a
+  ConfigError (exit 2); a message that starts with ``"<param>: "`` names that key;
+* parameters annotated with a plug-in type (`fedsim.types.Compressor`, or a list of them)
+  take ``{name: ..., <params>}`` mappings, validated recursively by that type's registry and
+  built into objects; registries created with ``self_describing=True`` attach the mapping
+  (``spec``) to what their factories return, so a resolved scenario can be written back.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
 import sys
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from fedsim.errors import ConfigError
 
-
 # kind -> (singular noun, the scenario key that chooses the plug-in)
 _NOUNS = {"strategies": ("strategy", "name"), "datasets": ("dataset", "dataset"),
-          "compressors": ("compressor", "name"), "topologies": ("topology", "kind"),
+          "compressors": ("compressor", "name"), "optimizers": ("optimizer", "name"),
+          "work": ("local work model", "kind"),
+          "topologies": ("topology", "kind"),
           "partitions": ("partition", "kind"), "models": ("model", "kind"),
           "participation": ("participation pattern", "kind"), "engines": ("engine", "kind")}
 
@@ -32,14 +46,18 @@ class Registry:
       kind: plural noun used in messages and for the entry-point group (``fedsim.<kind>``).
       builtins: modules imported on first use; they register the built-in factories.
       reserved: keyword arguments that the runtime passes itself (never from a scenario).
+      self_describing: factories return NamedTuples with a ``spec`` field, filled with
+        ``{"name": <registered name>, **arguments}`` on every call (compressors).
     """
 
-    def __init__(self, kind: str, builtins: Iterable[str] = (), reserved: Iterable[str] = ()):
+    def __init__(self, kind: str, builtins: Iterable[str] = (), reserved: Iterable[str] = (),
+                 self_describing: bool = False):
         self.kind = kind
         self._builtins = tuple(builtins)
         self._reserved = frozenset(reserved)
         self._factories: dict[str, Callable[..., Any]] = {}
         self._loaded = False
+        self.self_describing = self_describing
         self.noun, self.key = _NOUNS.get(kind, (kind.rstrip("s"), "kind"))
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -47,8 +65,9 @@ class Registry:
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._factories and self._factories[name] is not fn:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
-            self._factories[name] = fn
-            return fn
+            target = _describing(name, fn) if self.self_describing else fn
+            self._factories[name] = target
+            return target
         return deco
 
     def _load(self) -> None:
@@ -58,9 +77,9 @@ class Registry:
         for mod in self._builtins:
             importlib.import_module(mod)
         try:
-            eps = metadata.entry_points(group=f"fedsim.{self.kind}")
-        except Exception:  # pragma: no cover - broken metadata of some other package
-            eps = ()
+            eps = list(metadata.entry_points(group=f"fedsim.{self.kind}"))
+        except Exception:  # noqa: BLE001 - pragma: no cover - broken metadata of some other package
+            eps = []
         for ep in eps:
             self._factories.setdefault(ep.name, _LazyEntryPoint(ep))
 
@@ -95,17 +114,53 @@ class Registry:
         return validate_kwargs(self.get(name), params, reserved=self._reserved)
 
     def build(self, name: str, params: dict[str, Any], **runtime: Any) -> Any:
-        """Validate `params`, then call the factory with them plus the runtime keyword arguments."""
+        """Validate `params`, then call the factory with them plus the runtime arguments it declares.
+
+        A ValueError from the factory becomes a ConfigError (key: the parameter its message
+        names as ``"<param>: ..."``, else none).
+        """
         kwargs = self.validate(name, params)
-        return self.get(name)(**kwargs, **runtime)
+        fn = self.get(name)
+        accepted = inspect.signature(fn).parameters
+        extra = {k: v for k, v in runtime.items() if k in accepted}
+        try:
+            return fn(**kwargs, **extra)
+        except ValueError as exc:
+            raise _factory_error(exc, kwargs) from None
+
+
+def _describing(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` whose result carries ``spec = {"name": name, **its arguments with defaults}``."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return fn(*args, **kwargs)._replace(spec={"name": name, **bound.arguments})
+    return factory
+
+
+def _factory_error(exc: ValueError, kwargs: Mapping[str, Any]) -> ConfigError:
+    msg = str(exc)
+    head, sep, rest = msg.partition(": ")
+    if sep and head in kwargs:
+        return ConfigError(rest, key=head, value=kwargs[head])
+    return ConfigError(msg)
 
 
 class _LazyEntryPoint:
+    """An installed plug-in, imported when first used."""
+
     def __init__(self, ep: Any) -> None:
         self.ep = ep
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.load()(*args, **kwargs)
+
     def load(self) -> Callable[..., Any]:
-        return self.ep.load()
+        fn: Callable[..., Any] = self.ep.load()
+        return fn
 
 
 def _import_path(path: str, noun: str, key: str) -> Callable[..., Any]:
@@ -132,12 +187,75 @@ def _import_path(path: str, noun: str, key: str) -> Callable[..., Any]:
 _MODEL_CACHE: dict[Callable[..., Any], Any] = {}
 
 
+def nested_registry(kind: str) -> Registry:
+    """The registry of plug-ins that appear as arguments of other plug-ins, by kind."""
+    import strategies
+
+    return {"compressors": strategies.COMPRESSORS, "optimizers": strategies.OPTIMIZERS}[kind]
+
+
+def _nested_kind(ann: Any) -> tuple[str, bool] | None:
+    """(kind, is_list) when `ann` is a plug-in type T (`fedsim.types.Compressor` or
+    `LocalOptimizer`), T | None or list[T]."""
+    from fedsim.types import Compressor, LocalOptimizer
+
+    kinds = {Compressor: "compressors", LocalOptimizer: "optimizers"}
+    if ann in kinds:
+        return kinds[ann], False
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is list and args and args[0] in kinds:
+        return kinds[args[0]], True
+    members = [a for a in args if a is not type(None)]
+    if len(members) == 1 and members[0] in kinds:
+        return kinds[members[0]], False
+    return None
+
+
+def build_nested(kind: str, value: Any) -> Any:
+    """A plug-in object from its ``{name: ..., <params>}`` mapping (objects pass unchanged).
+
+    ConfigError keys are relative to the mapping ("ratio", "inner.k", "stages.1.levels").
+    """
+    reg = nested_registry(kind)
+    if value is None or not isinstance(value, Mapping):
+        if value is not None and getattr(value, "spec", None) is not None:
+            return value
+        raise ConfigError(f"a {reg.noun} is a mapping {{name: ..., <params>}}", value=value)
+    name = value.get("name")
+    if not isinstance(name, str):
+        raise ConfigError(f"a {reg.noun} needs a string 'name'", key="name", value=name,
+                          allowed=", ".join(reg.names()))
+    try:
+        return reg.build(name, {k: v for k, v in value.items() if k != "name"})
+    except ConfigError as err:
+        raise (err.at(prefix="name") if err.key is None else err) from None
+
+
+def _nested_field(kind: str, is_list: bool, field: str, optional: bool) -> Any:
+    """A pydantic type validating a nested plug-in parameter into objects."""
+    from pydantic import BeforeValidator
+
+    def one(value: Any, where: str) -> Any:
+        if value is None and optional:
+            return None
+        try:
+            return build_nested(kind, value)
+        except ConfigError as err:
+            raise err.at(prefix=where) from None
+
+    def check(value: Any) -> Any:
+        if not is_list:
+            return one(value, field)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError("expected a list", key=field, value=value)
+        return [one(v, f"{field}.{j}") for j, v in enumerate(value)]
+    return typing.Annotated[Any, BeforeValidator(check)]
+
+
 def _signature_model(fn: Callable[..., Any], reserved: frozenset[str]) -> Any:
     """A pydantic model with one field per keyword parameter of `fn` (cached)."""
     if fn in _MODEL_CACHE:
         return _MODEL_CACHE[fn]
-    import typing
-
     from pydantic import ConfigDict, create_model
 
     hints = typing.get_type_hints(fn, include_extras=True)
@@ -146,6 +264,9 @@ def _signature_model(fn: Callable[..., Any], reserved: frozenset[str]) -> Any:
         if k in reserved or p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
             continue
         ann = hints.get(k, Any)
+        nested = _nested_kind(ann)
+        if nested is not None:
+            ann = _nested_field(*nested, k, optional=type(None) in typing.get_args(ann))
         fields[k] = (ann, ... if p.default is p.empty else p.default)
     model = create_model(f"{getattr(fn, '__name__', 'factory')}_params",
                          __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True,
@@ -165,6 +286,20 @@ def validate_kwargs(fn: Callable[..., Any], params: dict[str, Any],
     except ValidationError as exc:
         raise pydantic_to_config_error(exc, sorted(model.model_fields)) from None
     return {k: getattr(obj, k) for k in model.model_fields}
+
+
+def plain(value: Any) -> Any:
+    """A YAML-serialisable form of a validated value (plug-in objects by their `spec`)."""
+    spec = getattr(value, "spec", None)
+    if isinstance(value, tuple) and hasattr(value, "_fields") and spec is not None:
+        return plain(spec)
+    if hasattr(value, "model_dump"):   # a pydantic model among a plug-in's arguments
+        return plain(value.model_dump())
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 _TYPE_TAGS = {"float", "int", "str", "bool", "list", "dict", "tuple", "none", "bytes", "any"}

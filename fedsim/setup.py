@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedsim.config import TOP_KEYS, Scenario
-from fedsim.data import Dataset, label_distribution, load_dataset, partition
+from fedsim.data import ClientSplits, Dataset, client_splits, label_distribution, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import StackedModel, build_model, init_params
 from fedsim.oracle import ClientData, device_inputs
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem
+from fedsim.round import plan_round
+from fedsim.system import SystemModel, flops_per_sample
 from fedsim.types import Strategy, StrategyRuntime
+from fedsim.work import WORK, LocalWork
 
 
 @dataclass
@@ -36,6 +39,9 @@ class Setup:
     topology: Any | None
     device: torch.device
     dtype: torch.dtype
+    splits: ClientSplits | None = None  # each client's own test split (per-client metrics)
+    work: LocalWork | None = None       # heterogeneous local work (None: strategies' own steps)
+    system: SystemModel | None = None   # the simulated system (speeds, links, stragglers)
     _problem: DataProblem | None = field(default=None, init=False, repr=False, compare=False)
 
     def problem(self) -> DataProblem:
@@ -43,11 +49,18 @@ class Setup:
         on the first call; later calls share it)."""
         if self._problem is None:
             ds, sc = self.dataset, self.scenario
-            data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype)
-            self._problem = DataProblem(
+            data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype,
+                                         ds.normalize)
+            prob = DataProblem(
                 self.model, data, device_inputs(ds.x_test, self.device, self.dtype),
                 torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
-                self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size)
+                self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size,
+                nonconvex_reg=sc.model.nonconvex_reg)
+            if self.splits is not None and self.splits.test is not None:
+                x, y = self.splits.test_arrays(ds)  # stored compactly, like the training rows
+                prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype,
+                                                         ds.normalize)
+            self._problem = prob
         return self._problem
 
     @property
@@ -65,13 +78,17 @@ class Setup:
 
 @contextmanager
 def _located(file: str | None, prefix: str) -> Iterator[None]:
-    """Re-raise ConfigErrors from a plug-in factory with the file and section key path."""
+    """Re-raise ConfigErrors from a plug-in factory with the file and section key path.
+
+    An error that names its own file (a data file) keeps it: the scenario is not the culprit.
+    """
     try:
         yield
     except ConfigError as err:
+        where = err.file or file
         if err.key and err.key.split(".")[0] in TOP_KEYS:
-            raise err.at(file=file) from None
-        raise err.at(file=file, prefix=prefix) from None
+            raise err.at(file=where) from None
+        raise err.at(file=where, prefix=prefix) from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,6 +103,7 @@ def resolve_device(name: str) -> torch.device:
 def build_setup(sc: Scenario) -> Setup:
     """Data, partition, model, strategy, participation and topology of scenario `sc`."""
     from strategies import STRATEGIES
+    from strategies.uplink import compress_uplink
     from topologies import build_topology
 
     device = resolve_device(sc.engine.device)
@@ -94,8 +112,9 @@ def build_setup(sc: Scenario) -> Setup:
     with _located(sc.source, "data"):
         ds = load_dataset(sc.data.dataset, sc.data.params(), num_clients=n, seed=sc.seed)
     with _located(sc.source, "data.partition"):
-        parts = partition(sc.data.partition.kind, sc.data.partition.params(), ds,
-                          num_clients=n, seed=sc.seed)
+        splits = client_splits(sc.data.partition.kind, sc.data.partition.params(), ds,
+                               num_clients=n, seed=sc.seed)
+        parts = splits.train
     with _located(sc.source, "model"):
         make = lambda: build_model(sc.model.kind, sc.model.params(),  # noqa: E731
                                    input_shape=ds.feature_shape, num_classes=ds.num_classes)
@@ -112,19 +131,76 @@ def build_setup(sc: Scenario) -> Setup:
                               num_samples=sizes, seed=sc.seed,
                               probabilities=getattr(participation, "probabilities", None),
                               p_nominal=getattr(participation, "p_nominal", None))
+    if sc.strategy.name == "flower":  # a Flower strategy object on the server: fedsim.flower.plugin
+        from fedsim.flower.plugin import client_strategy
+        with _located(sc.source, "strategy"):
+            strategy = client_strategy(sc)
+        cfg = sc.system
+        for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
+                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star")):
+            if on:
+                raise ConfigError("a Flower strategy samples its clients itself: fedsim's straggler "
+                                  "model does not apply", file=sc.source, key=f"system.{key}",
+                                  value=getattr(cfg, key), allowed="the default")
+        if sc.work.kind != "strategy":
+            raise ConfigError("a Flower strategy sets its clients' local work itself", file=sc.source,
+                              key="work.kind", value=sc.work.kind, allowed="strategy")
+        return Setup(sc, ds, parts, sizes, model, make, x0, strategy, participation, topology,
+                     device, dtype, splits, None, build_system(sc, strategy, n, make, ds, parts, dtype))
     with _located(sc.source, "strategy"):
-        factory = STRATEGIES.get(sc.strategy.name)
-        extra = {"runtime": runtime} if "runtime" in inspect.signature(factory).parameters else {}
         params = sc.strategy.params()
         uplink = None if "compressor" in STRATEGIES.params(sc.strategy.name) \
             else params.pop("compressor", None)
-        strategy = STRATEGIES.build(sc.strategy.name, params, **extra)
+        strategy = STRATEGIES.build(sc.strategy.name, params, runtime=runtime)
         if uplink is not None:
-            from strategies.compress import compress_uplink
-
-            strategy = compress_uplink(strategy, uplink, runtime)
+            try:
+                strategy = compress_uplink(strategy, uplink)
+            except ValueError as exc:
+                raise ConfigError(str(exc).partition(": ")[2] or str(exc), key="compressor") from None
         if strategy.comm == "mix" and sc.participation.kind != "full":
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")
+    work = None
+    if sc.work.kind != "strategy":
+        if not strategy.trains_locally:
+            raise ConfigError(f"{sc.strategy.name} takes one gradient per round: local work does not apply",
+                              key="work.kind", value=sc.work.kind, allowed="strategy")
+        with _located(sc.source, "work"):
+            work = WORK.build(sc.work.kind, sc.work.params(), num_clients=n, seed=sc.seed, sizes=sizes,
+                              batch_size=sc.strategy.batch_size)
+    system = build_system(sc, strategy, n, make, ds, parts, dtype)
+    if sc.system.deadline is not None and strategy.comm == "reduce":
+        server = strategy.init_server(x0)
+        plan = plan_round(strategy, system, work, 0, np.ones(n, dtype=bool), sizes,
+                          sc.strategy.batch_size, server, model.spec.size)
+        if not plan.mask.any():
+            raise ConfigError("no client can finish a round within the deadline", file=sc.source,
+                              key="system.deadline.seconds", value=sc.system.deadline.seconds,
+                              allowed="a deadline some client meets (see system.speed, uplink, downlink)")
     return Setup(sc, ds, parts, sizes, model, make, x0, strategy, participation, topology,
-                 device, dtype)
+                 device, dtype, splits, work, system)
+
+
+def build_system(sc: Scenario, strategy: Strategy, n: int, make: Any, ds: Dataset,
+                 parts: list[np.ndarray], dtype: torch.dtype) -> SystemModel:
+    """The simulated system of the scenario; FLOPs per sample measured on one training batch."""
+    cfg = sc.system
+    if strategy.comm == "mix":
+        for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
+                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star")):
+            if on:
+                raise ConfigError("gossip nodes all take part every round: stragglers and "
+                                  "all-reduce networks apply to server strategies",
+                                  key=f"system.{key}", value=getattr(cfg, key), allowed="the default")
+    fps = 0.0
+    if cfg.speed_unit == "flops":
+        rows = np.concatenate(parts)[: max(1, sc.strategy.batch_size or 32)] if parts else np.zeros(0, int)
+        if rows.size:
+            x = torch.as_tensor(ds.features(ds.x_train[rows]))
+            x = x.to(dtype) if x.is_floating_point() else x
+            fps = flops_per_sample(make().to(dtype), x, torch.as_tensor(ds.y_train[rows], dtype=torch.int64))
+    try:
+        return SystemModel(cfg, n, sc.seed, fps)
+    except ValueError as exc:  # a per-client list of the wrong length
+        key, _, msg = str(exc).partition(": ")
+        raise ConfigError(msg, file=sc.source, key=key) from None

@@ -18,7 +18,8 @@ passes here behaves the same in `fedsim run`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,10 +40,8 @@ class QuadraticOracle:
     def __init__(self, h: torch.Tensor, c: torch.Tensor, ids: torch.Tensor, round: int,
                  noise: float, seed: int) -> None:
         self.h, self.c, self.ids, self.round, self.noise, self.seed = h[ids], c[ids], ids, round, noise, seed
-        self.calls = 0
 
     def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.calls += 1
         r = x - self.c
         return 0.5 * (self.h * r * r).sum(-1), self.h * r
 
@@ -73,6 +72,9 @@ class QuadraticProblem:
         if self.h.dim() == 1:
             self.h, self.c = self.h[:, None], self.c[:, None]
         self.num_clients, self.dim = self.h.shape
+        self.num_params = self.dim
+        self.batch_size: int | None = None  # a "minibatch" is the client's whole (exact) objective
+        self.flops_per_sample = 0.0
         self.sizes = np.ones(self.num_clients, np.int64) if sizes is None else np.asarray(sizes, np.int64)
         self.noise, self.seed = noise, seed
         self.device, self.dtype = self.h.device, dtype
@@ -94,12 +96,12 @@ class QuadraticProblem:
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.objective(x), None
 
-    def restrict(self, owned: np.ndarray) -> "QuadraticProblem":
+    def restrict(self, owned: np.ndarray) -> QuadraticProblem:
         return self
 
 
 def drift_quadratic(**kw: Any) -> QuadraticProblem:
-    """Client-drift fixture (ALGORITHMS.md §10): h = [1, 4], c = [0, 1], d = 1, x* = 0.8.
+    """Client-drift fixture (docs/algorithms.md#drift-quadratic): h = [1, 4], c = [0, 1], d = 1, x* = 0.8.
 
     FedAvg with lr 0.1 and 10 full-batch local steps stops at 0.6041260077; SCAFFOLD reaches 0.8.
     """
@@ -107,7 +109,9 @@ def drift_quadratic(**kw: Any) -> QuadraticProblem:
 
 
 def participation_bias_quadratic(**kw: Any) -> tuple[QuadraticProblem, np.ndarray]:
-    """FedAU's bias fixture (ALGORITHMS.md §2.6 test 5): f_n = 0.5 (x - c_n)^2, c = [0, 1].
+    """FedAU's bias fixture (docs/algorithms.md#participation-bias-quadratic).
+
+    f_n = 0.5 (x - c_n)^2, c = [0, 1].
 
     Returns (problem, p) with participation probabilities p = [0.9, 0.1]; x* = 0.5. FedAvg over
     participants converges near 0.06 under Bernoulli(p); FedAU and known-prob near 0.5.
@@ -146,7 +150,8 @@ def bernoulli(p: Any, seed: int = 0) -> Any:
 def run(strategy: Strategy, problem: Any, rounds: int, *, x0: Any = None, seed: int = 0,
         participation: Any = None, topology: Any = None, chunk_size: int | None = None,
         eval_every: int | None = None, x0_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        on_eval: Callable[[dict], None] | None = None) -> RoundLoop:
+        on_eval: Callable[[dict], None] | None = None, work: Any = None,
+        system: Any = None) -> RoundLoop:
     """Run `strategy` on `problem` through the real engine loop; returns the finished loop.
 
     The final model is `loop.state.server["x"]` (server strategies) or the client rows
@@ -156,7 +161,8 @@ def run(strategy: Strategy, problem: Any, rounds: int, *, x0: Any = None, seed: 
         x0 = torch.zeros(problem.dim, dtype=problem.dtype, device=problem.device)
     loop = RoundLoop(strategy, problem, torch.as_tensor(x0), rounds=rounds, seed=seed,
                      participation=participation, topology=topology, chunk_size=chunk_size,
-                     eval_every=eval_every or rounds, x0_of=x0_of, on_eval=on_eval)
+                     eval_every=eval_every or rounds, x0_of=x0_of, on_eval=on_eval, work=work,
+                     system=system)
     loop.run()
     return loop
 
@@ -179,38 +185,57 @@ def _equal(a: Tree, b: Tree) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def check_purity_and_shapes(strategy: Strategy, problem: Any, *, seed: int = 0) -> None:
-    """One block through local / server_update / node_update: shapes right, inputs unchanged."""
-    n = problem.num_clients
-    x0 = torch.zeros(problem.dim, dtype=problem.dtype)
+def _check_block(strategy: Strategy, problem: Any, server: Tree, clients: Tree, t: int,
+                 seed: int) -> None:
+    """One block of all N clients through local / server_update / node_update."""
+    n, p = problem.num_clients, problem.dim
     ids = torch.arange(n)
-    server = strategy.init_server(x0)
-    clients = strategy.init_clients(x0, ids)
-    for k, v in clients.items():
-        assert v.shape[0] == n, f"client state {k!r} must have a leading client axis of {n}"
-    ctx = kernel.make_ctx(0, seed, ids, torch.ones(n, dtype=torch.bool),
+    ctx = kernel.make_ctx(t, seed, ids, torch.ones(n, dtype=torch.bool),
                           torch.as_tensor(problem.sizes), problem.dtype)
     s0, c0 = _clone(server), _clone(clients)
-    payload, new_clients, info = strategy.local(server, clients, problem.oracle(ids, 0), ctx)
-    assert _equal(server, s0) and _equal(clients, c0), "local() must not modify its inputs"
+    payload, new_clients, info = strategy.local(server, clients, problem.oracle(ids, t), ctx)
+    assert _equal(server, s0) and _equal(clients, c0), f"round {t}: local() must not modify its inputs"
     for k, v in {**payload, **new_clients}.items():
         assert v.shape[0] == n, f"{k!r} must have a leading client axis of {n}, got {tuple(v.shape)}"
     assert set(new_clients) == set(clients), "local() must return the same client-state keys"
-    for k in ("loss", "up_bits"):
+    declared = strategy.payload(p)
+    got = {k: tuple(v.shape[1:]) for k, v in payload.items()}
+    assert got == declared, f"payload {got} differs from the declared Strategy.payload {declared}"
+    for k in ("loss", "sent_values", "sent_bits"):
         if k in info:
             assert info[k].shape == (n,), f"info[{k!r}] must have shape [m]"
     if strategy.comm == "reduce":
+        assert strategy.server_update is not None
         reduced = kernel.block_partial(strategy, server, payload, ctx)
         r0 = _clone(reduced)
         new_server = strategy.server_update(server, reduced, ctx)
-        assert _equal(server, s0) and _equal(reduced, r0), "server_update() must not modify its inputs"
-        assert new_server[strategy.model_key].shape == x0.shape
+        assert _equal(server, s0) and _equal(reduced, r0), \
+            f"round {t}: server_update() must not modify its inputs"
+        assert new_server[strategy.model_key].shape == (p,)
         strategy.server_update(server, {}, ctx)  # a round nobody took part in must be legal
+        assert _equal(server, s0), "server_update(server, {}) must not modify its inputs"
     else:
-        p0 = _clone(payload)
+        assert strategy.node_update is not None
+        p0, n0 = _clone(payload), _clone(new_clients)
         out = strategy.node_update(new_clients, payload, ctx)
-        assert _equal(payload, p0), "node_update() must not modify its inputs"
-        assert out[strategy.model_key].shape == (n, problem.dim)
+        assert _equal(payload, p0) and _equal(new_clients, n0), "node_update() must not modify its inputs"
+        assert out[strategy.model_key].shape == (n, p)
+
+
+def check_purity_and_shapes(strategy: Strategy, problem: Any, *, seed: int = 0, warm_rounds: int = 3,
+                            participation: Any = None, topology: Any = None) -> None:
+    """Shapes, the declared payload, and inputs left unmodified: on fresh state, and again on
+    the server and client state reached after `warm_rounds` rounds (state-dependent branches:
+    EF21's seen rows, FedAU's counters, CO2's anchor)."""
+    n = problem.num_clients
+    x0 = torch.zeros(problem.dim, dtype=problem.dtype)
+    ids = torch.arange(n)
+    clients = strategy.init_clients(x0, ids)
+    for k, v in clients.items():
+        assert v.shape[0] == n, f"client state {k!r} must have a leading client axis of {n}"
+    _check_block(strategy, problem, strategy.init_server(x0), clients, 0, seed)
+    warm = run(strategy, problem, warm_rounds, seed=seed, participation=participation, topology=topology)
+    _check_block(strategy, problem, warm.state.server, warm.state.store.gather(ids), warm_rounds, seed)
 
 
 def check_strategy(make: Callable[[], Strategy], problem: Any = None, rounds: int = 30, *,
@@ -226,7 +251,7 @@ def check_strategy(make: Callable[[], Strategy], problem: Any = None, rounds: in
     Returns the reference run's loop (for extra assertions such as convergence).
     """
     problem = problem or heterogeneous_quadratic(noise=0.05, seed=seed)
-    check_purity_and_shapes(make(), problem, seed=seed)
+    check_purity_and_shapes(make(), problem, seed=seed, participation=participation, topology=topology)
     kw = dict(participation=participation, topology=topology, seed=seed)
     ref = run(make(), problem, rounds, **kw)
     again = run(make(), problem, rounds, **kw)
@@ -245,20 +270,17 @@ __all__ = ["QuadraticProblem", "QuadraticOracle", "drift_quadratic", "participat
 
 def build(name: str, params: dict | None = None, problem: Any = None, participation: Any = None,
           segments: tuple[tuple[str, int, int], ...] | None = None) -> Strategy:
-    """A registered strategy with its `runtime` filled from a test problem (if it asks for one)."""
-    import inspect
-
+    """A registered strategy, its `runtime` filled from a test problem (for factories that ask)."""
     from fedsim.types import StrategyRuntime
     from strategies import STRATEGIES
 
-    factory = STRATEGIES.get(name)
-    extra = {}
-    if "runtime" in inspect.signature(factory).parameters:
+    runtime = None
+    if problem is not None:
         n = problem.num_clients
-        extra["runtime"] = StrategyRuntime(
+        runtime = StrategyRuntime(
             num_clients=n, segments=segments or (("x", 0, problem.dim),),
             num_samples=np.asarray(problem.sizes),
             probabilities=getattr(participation, "probabilities", None) if participation is not None
             else np.ones(n),
             p_nominal=getattr(participation, "p_nominal", None))
-    return STRATEGIES.build(name, params or {}, **extra)
+    return STRATEGIES.build(name, params or {}, runtime=runtime)

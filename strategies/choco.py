@@ -7,24 +7,18 @@ Reference:
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
-from pydantic import Field
 
-from fedsim.types import Oracle, RoundCtx, Strategy, Tree
+from fedsim.constraints import Fraction, NonNegativeFloat, PositiveInt
+from fedsim.types import Compressor, Oracle, RoundCtx, Strategy, Tree, model_rows
 from strategies import STRATEGIES
-from strategies._local import broadcast_rows, local_sgd
-from strategies.compress import CompressorCfg, build_compressor
-from strategies.gossip import NonNegativeFloat, PositiveInt
-
-TOP_K = {"name": "top_k", "ratio": 0.1}
+from strategies.compress import contractive, require_stateless, top_k
+from strategies.local import broadcast_rows, local_sgd
 
 
 @STRATEGIES.register("choco")
 def choco(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
-          gamma: Annotated[float, Field(gt=0, le=1)] = 0.2,
-          compressor: CompressorCfg = TOP_K) -> Strategy:
+          gamma: Fraction = 0.2, compressor: Compressor = top_k(ratio=0.1)) -> Strategy:
     """CHOCO-SGD (Koloskova et al. 2019): gossip of compressed differences to public copies.
 
     Every node i keeps its model x_i and a public copy x^_i that all its neighbours also hold
@@ -35,7 +29,7 @@ def choco(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
       q_i = Q(x_i^{t+1/2} - x^_i);  x^_j <- x^_j + q_j at i and at every neighbour of j
       x_i^{t+1} = x_i^{t+1/2} + gamma sum_j W_ij (x^_j - x^_i)
 
-    Only q_i crosses the network (`up_bits` = the compressor's encoding, once per neighbour).
+    Only q_i crosses the network (the compressor's encoding, once per neighbour).
     The engine multiplies the updated copies x^ by W, i.e. the sum each node evaluates over the
     copies it holds. With the identity compressor and gamma = 1 this is D-SGD (`gossip`,
     order "atc"). Copies are kept for the current neighbours, which
@@ -45,25 +39,28 @@ def choco(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
     Args:
       lr: local step size eta. local_steps: SGD steps K per round.
       gamma: consensus step size (the paper tunes it; smaller for more aggressive compression).
-      compressor: compressor config (`strategies.compress`), default top_k with ratio 0.1.
+      compressor: a stateless compressor (`strategies.compress`), default top_k with ratio 0.1.
 
-    Shapes: node state {"x", "xhat": [m, P]}; payload {"xhat": [m, P]}; up_bits [m].
+    Shapes: node state {"x", "xhat": [m, P]}; payload {"xhat": [m, P]}.
     """
-    comp = build_compressor(compressor, contractive=True)
+    require_stateless(compressor, "compressor", "choco keeps its own error feedback (public copies)")
+    comp = contractive(compressor)  # type: ignore[arg-type]
 
     def init_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
         x = broadcast_rows(x0, ids.numel())
         return {"x": x, "xhat": torch.zeros_like(x)}
 
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        y, loss = local_sgd(clients["x"], oracle, local_steps, lr)
-        q, bits = comp.compress(y - clients["xhat"], ctx)
+        y, loss = local_sgd(clients["x"], oracle, local_steps, lr, budget=ctx.steps)
+        q, enc, _ = comp.compress(y - clients["xhat"], {}, ctx, ())
         xhat = clients["xhat"] + q
-        return {"xhat": xhat}, {"x": y, "xhat": xhat}, {"loss": loss, "up_bits": bits}
+        return {"xhat": xhat}, {"x": y, "xhat": xhat}, {"loss": loss, "sent_values": enc.values,
+                                                         "sent_bits": enc.bits}
 
     def node_update(clients: Tree, mixed: Tree, ctx: RoundCtx) -> Tree:
         x = clients["x"] + gamma * (mixed["xhat"] - clients["xhat"])
         return {"x": x, "xhat": clients["xhat"]}
 
     return Strategy(init_server=lambda x0: {}, init_clients=init_clients, local=local,
-                    node_update=node_update, comm="mix", mixing={"xhat": "W"}, broadcast=())
+                    node_update=node_update, comm="mix", mixing={"xhat": "W"}, broadcast=(),
+                    payload=model_rows("xhat"), local_steps=local_steps)

@@ -12,76 +12,23 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from annotated_types import Ge
 
-from fedsim.types import Oracle, RoundCtx, Strategy, Tree
+from fedsim.constraints import Momentum, NonNegativeFloat, PositiveFloat, PositiveInt
+from fedsim.types import LocalOptimizer, Oracle, RoundCtx, Strategy, Tree
 from strategies import STRATEGIES
-from strategies._local import broadcast_rows
 from strategies.fedavg import participant_weights
+from strategies.local import broadcast_rows, run_local, sgd
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-Momentum = Annotated[float, Field(ge=0, lt=1)]
-Inner = Literal["sgd", "momentum", "adamw"]
 Weighting = Literal["samples", "uniform"]
-
-
-@dataclass(frozen=True)
-class InnerOpt:
-    """The workers' inner optimizer; its state is per-client and persists across rounds."""
-
-    kind: Inner
-    lr: float
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-
-    def init(self, x0: torch.Tensor, ids: torch.Tensor) -> Tree:
-        """Zero state for clients `ids` (x0 [P] or [m, P]): momentum {"buf"}, AdamW {"m1", "m2", "step"}."""
-        z = torch.zeros((ids.numel(), x0.shape[-1]), dtype=x0.dtype, device=x0.device)
-        if self.kind == "momentum":
-            return {"buf": z}
-        if self.kind == "adamw":
-            return {"m1": z, "m2": z.clone(), "step": z.new_zeros(ids.numel())}
-        return {}
-
-    def step(self, y: torch.Tensor, g: torch.Tensor, st: Tree) -> tuple[torch.Tensor, Tree]:
-        """One step on every row; PyTorch's SGD (L2 weight decay, dampening 0) and AdamW forms."""
-        if self.kind == "adamw":
-            b1, b2 = self.betas
-            t = st["step"] + 1
-            m1 = b1 * st["m1"] + (1 - b1) * g
-            m2 = b2 * st["m2"] + (1 - b2) * g * g
-            bc1, bc2 = (1 - b1 ** t)[:, None], (1 - b2 ** t)[:, None]
-            y = y * (1 - self.lr * self.weight_decay) if self.weight_decay else y
-            denom = m2.sqrt() / bc2.sqrt() + self.eps
-            return y - (self.lr / bc1) * m1 / denom, {"m1": m1, "m2": m2, "step": t}
-        if self.weight_decay:
-            g = g + self.weight_decay * y
-        if self.kind == "momentum":
-            buf = self.momentum * st["buf"] + g
-            return y - self.lr * buf, {"buf": buf}
-        return y - self.lr * g, st
-
-    def run(self, x: torch.Tensor, st: Tree, oracle: Oracle,
-            steps: int) -> tuple[torch.Tensor, Tree, torch.Tensor]:
-        """`steps` inner steps from x [m, P]; returns (end points, new state, mean loss [m])."""
-        y, loss_sum = x, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        for k in range(steps):
-            loss, g = oracle(y, k)
-            loss_sum += loss.double()
-            y, st = self.step(y, g, st)
-        return y, st, loss_sum / max(steps, 1)
+SGD = sgd()
 
 
 def gap_penalty(kind: str, value: float, scale: float, gap: torch.Tensor | None) -> torch.Tensor | float:
-    """Lambda_t >= 1 dividing the stale pseudo-gradient (ALGORITHMS.md §8.1, §13 gap 1).
+    """Lambda_t >= 1 dividing the stale pseudo-gradient.
 
     const: Lambda = value (the released code's constant `co2_gap_penalty`).
     gap_norm: Lambda = 1 + scale * ||gap||_2 / ||1||_2 (scalar; ||1|| = sqrt(P), i.e. the RMS gap).
@@ -106,9 +53,9 @@ def clip_momentum(kind: str, phi: float, m: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def outer_step_strategy(*, tau: int, inner: InnerOpt, outer_lr: float, beta: float, staleness: int,
-                        penalty: str = "const", penalty_value: float = 1.0, gap_scale: float = 1.0,
-                        clip: str = "none", clip_threshold: float = math.inf,
+def outer_step_strategy(*, tau: int, lr: float, inner: LocalOptimizer, outer_lr: float, beta: float,
+                        staleness: int, penalty: str = "const", penalty_value: float = 1.0,
+                        gap_scale: float = 1.0, clip: str = "none", clip_threshold: float = math.inf,
                         weighting: str = "uniform") -> Strategy:
     """The one implementation behind `co2`, `slowmo` and `local-sgd` (see `co2` for the math)."""
     def init_server(x0: torch.Tensor) -> Tree:
@@ -117,8 +64,11 @@ def outer_step_strategy(*, tau: int, inner: InnerOpt, outer_lr: float, beta: flo
 
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         x = broadcast_rows(server["x"], ctx.m)
-        y, clients, loss = inner.run(x, clients, oracle, tau)
-        return {"delta": y - x}, clients, {"loss": loss}
+        run = run_local(x, oracle, tau, lr, inner, state=clients, budget=ctx.steps)
+        return {"delta": run.y - x}, run.state, {"loss": run.loss}
+
+    def init_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
+        return inner.init(x0.new_zeros((ids.numel(), x0.shape[-1])))
 
     def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
         # With staleness the reduction is the one launched a round ago, from anchor x_{t-1,0}.
@@ -133,18 +83,16 @@ def outer_step_strategy(*, tau: int, inner: InnerOpt, outer_lr: float, beta: flo
         m = clip_momentum(clip, clip_threshold, m)
         return {**out, "m": m, "x": server["x"] - outer_lr * m}
 
-    return Strategy(init_server=init_server, init_clients=inner.init, local=local,
+    return Strategy(init_server=init_server, init_clients=init_clients, local=local,
                     server_update=server_update, staleness=staleness,
-                    weights=lambda server, ctx: participant_weights(weighting, ctx))
+                    weights=lambda server, ctx: participant_weights(weighting, ctx), local_steps=tau)
 
 
 @STRATEGIES.register("co2")
-def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: Inner = "sgd",
-        inner_momentum: Momentum = 0.9, weight_decay: NonNegFloat = 0.0,
-        adam_beta1: Momentum = 0.9, adam_beta2: Momentum = 0.999, adam_eps: PositiveFloat = 1e-8,
+def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOptimizer = SGD,
         outer_lr: PositiveFloat = 1.0, beta: Momentum = 0.2, staleness: Literal[0, 1] = 1,
         penalty: Literal["const", "gap_norm", "gap_elementwise"] = "gap_norm",
-        penalty_value: Annotated[float, Field(ge=1)] = 1.0, gap_scale: NonNegFloat = 1.0,
+        penalty_value: Annotated[float, Ge(1)] = 1.0, gap_scale: NonNegativeFloat = 1.0,
         clip: Literal["none", "elementwise", "norm"] = "elementwise",
         clip_threshold: PositiveFloat = 1.0, weighting: Weighting = "uniform") -> Strategy:
     """CO2 (Sun et al. 2024): tau inner steps, outer momentum step applied one round late.
@@ -159,7 +107,8 @@ def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: Inner = "sgd",
     staleness 0 uses the current round (D = x_{t,0} - xbar_{t,tau}, no gap): SlowMo, and with
     beta 0, outer_lr 1, Lambda 1 it is Local SGD. An empty reduction leaves x and m unchanged.
 
-    The paper's exact Lambda_t could not be verified (ALGORITHMS.md §13 gap 1); `gap_norm` is the
+    The paper's exact Lambda_t could not be verified (docs/algorithms.md#co2-penalty-and-clipping);
+    `gap_norm` is the
     recalled 1 + ||gap|| / ||1||, `const` the released code's constant, `gap_elementwise` a
     per-coordinate variant; `gap_scale` multiplies the gap (the RMS gap of NN weights is tiny, so
     at scale 1 `gap_norm` is close to 1). Penalty and clipping are inert near a fixed point
@@ -173,44 +122,42 @@ def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: Inner = "sgd",
     x_{t-1,0}; non-participants keep their inner state until they next take part.
 
     Args:
-      tau: inner steps per round. lr: inner step size. inner: "sgd", "momentum" (heavy ball,
-        `inner_momentum`) or "adamw" (`adam_beta1`, `adam_beta2`, `adam_eps`); `weight_decay` is
-        L2 for sgd/momentum and decoupled for adamw.
+      tau: inner steps per round. lr: inner step size. inner: the workers' optimizer
+        (`strategies.local`: {name: sgd}, {name: momentum, mass: 0.9}, {name: adamw, beta1: ...},
+        each with its own weight_decay); its state persists per worker across rounds.
       outer_lr: alpha. beta: outer momentum. staleness: 1 (CO2) or 0 (no overlap).
       penalty, penalty_value, gap_scale: Lambda_t (see above). clip, clip_threshold: phi.
       weighting: "uniform" (all-reduce mean, the paper) or "samples" (n_i / sum n_j).
 
     Shapes: server {"x", "m", "x_prev" (staleness 1)}: [P]; payload {"delta": [m, P]}; client
-    state: momentum {"buf": [m, P]}, adamw {"m1", "m2": [m, P], "step": [m]}, sgd none.
+    state: the inner optimizer's (momentum {"buf": [m, P]}, adamw {"m1", "m2": [m, P],
+    "step": [m]}, sgd none).
     """
-    opt = InnerOpt(inner, lr, inner_momentum, weight_decay, (adam_beta1, adam_beta2), adam_eps)
-    return outer_step_strategy(tau=tau, inner=opt, outer_lr=outer_lr, beta=beta, staleness=staleness,
+    return outer_step_strategy(tau=tau, lr=lr, inner=inner, outer_lr=outer_lr, beta=beta,
+                               staleness=staleness,
                                penalty=penalty, penalty_value=penalty_value, gap_scale=gap_scale,
                                clip=clip, clip_threshold=clip_threshold, weighting=weighting)
 
 
 @STRATEGIES.register("slowmo")
-def slowmo(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: Inner = "sgd",
-           inner_momentum: Momentum = 0.9, weight_decay: NonNegFloat = 0.0,
+def slowmo(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOptimizer = SGD,
            outer_lr: PositiveFloat = 1.0, beta: Momentum = 0.5, weighting: Weighting = "uniform") -> Strategy:
     """SlowMo (Wang et al. 2020, arXiv:1910.00643): `co2` with staleness 0, no penalty, no clipping.
 
     m <- beta m + (x_{t,0} - xbar_{t,tau}); x_{t+1,0} = x_{t,0} - outer_lr * m (fairscale's
-    defaults beta 0.5, outer_lr 1). Parameters as in `co2` (an AdamW inner uses torch's default
-    betas and eps here; `co2(staleness=0, penalty="const", clip="none")` sets them).
+    defaults beta 0.5, outer_lr 1). Parameters as in `co2`.
     """
-    return outer_step_strategy(tau=tau, inner=InnerOpt(inner, lr, inner_momentum, weight_decay),
-                               outer_lr=outer_lr, beta=beta, staleness=0, weighting=weighting)
+    return outer_step_strategy(tau=tau, lr=lr, inner=inner, outer_lr=outer_lr, beta=beta,
+                               staleness=0, weighting=weighting)
 
 
 @STRATEGIES.register("local-sgd")
-def local_sgd(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: Inner = "sgd",
-              inner_momentum: Momentum = 0.9, weight_decay: NonNegFloat = 0.0,
+def local_sgd(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOptimizer = SGD,
               weighting: Weighting = "uniform") -> Strategy:
     """Local SGD (Stich 2019, arXiv:1805.09767): tau inner steps, then x_{t+1,0} = mean of the end points.
 
     `co2` with staleness 0, beta 0, outer_lr 1, no penalty, no clipping; with inner "sgd" it is
     FedAvg with uniform weights. Inner state (momentum) persists per worker across rounds.
     """
-    return outer_step_strategy(tau=tau, inner=InnerOpt(inner, lr, inner_momentum, weight_decay),
-                               outer_lr=1.0, beta=0.0, staleness=0, weighting=weighting)
+    return outer_step_strategy(tau=tau, lr=lr, inner=inner, outer_lr=1.0, beta=0.0, staleness=0,
+                               weighting=weighting)

@@ -1,124 +1,136 @@
-"""Compressors: stateless row-wise transforms of [m, d] client messages, and the uplink wrapper.
+"""Compression operators: row-wise transforms of [m, d] client messages (`fedsim.types.Compressor`).
 
-A `Compressor` is a NamedTuple of pure functions. `compress(v [m, d], ctx) -> (decoded [m, d],
-bits [m])` returns what the receiver decodes and the bits a real encoding of each row sends.
-Values travel as float32 (FLOAT_BITS = 32, the engine's default dtype), indices with
-ceil(log2 d) bits. Randomness (rand_k masks, stochastic rounding) is keyed by (seed, COMPRESS,
-*stream, round, client id, coordinate) through `fedsim.rng`, so a row compresses the same way
-whatever chunk, rank or process it is in. Contraction parameters (E||C(v) - v||^2 <= (1 - alpha)
-||v||^2) are functions of d: `alpha(d)` is that of the *contractive form* of the compressor
-(the compressor itself when biased, C / (1 + omega) when unbiased with variance omega).
+A compressor returns what the receiver decodes and an `Encoding` of what a real encoding of each
+row sends: float values (counted at the payload dtype's width by `fedsim.round.row_bytes`) plus
+other bits (indices: ceil(log2 d) each; signs, exponents, quantisation levels). Randomness (rand_k
+masks, stochastic rounding) is keyed by (seed, COMPRESS, *stream, round, client id, coordinate)
+through `fedsim.rng`, so a row compresses the same way whatever chunk, rank or process it is in.
+Contraction parameters (E||C(v) - v||^2 <= (1 - alpha) ||v||^2) are functions of d: `alpha(d)` is
+that of the *contractive form* (the compressor itself when biased, C / (1 + omega) when unbiased
+with variance omega; `contractive`). The operators here are stateless; error feedback (EF14,
+EF21, EControl) are stateful wrappers in `strategies.feedback`.
 
-State lives elsewhere: error feedback (EF14, EF21) keeps per-client rows in the strategy's
-client tree (`compress_uplink`, defined in `strategies/_uplink.py` and re-exported here, and
-`strategies/ef21.py`), so compressors compose freely with `chain`. Scenario form:
-``{name: top_k, ratio: 0.01}``, ``{name: chain, stages: [{name: top_k, k: 10}, {name: qsgd}]}``.
+Scenario form: ``{name: top_k, ratio: 0.01}``, ``{name: chain, stages: [{name: top_k, k: 10},
+{name: qsgd}]}``; in Python ``top_k(ratio=0.01)``, ``chain(stages=[top_k(k=10), qsgd()])``.
 
 References: Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", NeurIPS 2018, arXiv:1809.07599
 (top_k, rand_k); Alistarh et al., "QSGD", NeurIPS 2017, arXiv:1610.02132; Horváth et al.,
-"Natural Compression for Distributed Deep Learning", arXiv:1905.10988; Seide et al. 2014 and
-Karimireddy et al., ICML 2019, arXiv:1901.09847 (classic error feedback).
+"Natural Compression for Distributed Deep Learning", arXiv:1905.10988.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Annotated, Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
-from pydantic import AfterValidator, Field
 
 from fedsim import rng
-from fedsim.errors import ConfigError
-from fedsim.registry import Registry
-from fedsim.types import RoundCtx
+from fedsim.constraints import Fraction, PositiveInt
+from fedsim.types import Compressor, Encoding, RoundCtx, Tree
+from strategies import COMPRESSORS
 
-COMPRESSORS = Registry("compressors", builtins=("strategies.compress",),
-                       reserved=("seed", "stream", "contractive"))
-FLOAT_BITS = 32
-Ratio = Annotated[float, Field(gt=0, le=1)]
-PosInt = Annotated[int, Field(gt=0)]
+Stream = tuple[int, ...]
+Encode = Callable[[torch.Tensor, Tree, RoundCtx, Stream], tuple[torch.Tensor, Encoding, Tree]]
 
 
-class Compressor(NamedTuple):
-    """Row-wise compression operator C: [m, d] -> [m, d] (decoded), plus its constants.
+class Transform(NamedTuple):
+    """A `fedsim.types.Compressor` as a NamedTuple of functions, plus its constants.
 
     Attributes:
-      compress: (v [m, d], ctx) -> (decoded [m, d], bits [m] float64).
+      init / compress / init_receiver / receive: the protocol's two halves.
       alpha: d -> contraction parameter of the contractive form (1 for identity, k/d for top_k).
       omega: d -> variance parameter when unbiased (E C(v) = v, E||C(v) - v||^2 <= omega ||v||^2),
         None when biased.
-      select: sparsifiers only: (v, ctx) -> (indices [m, k] ascending, values [m, k] as decoded,
-        index bits [m]); `chain` runs later stages on the k kept values only.
-      kept: d -> number of values the decoded row can hold (k for sparsifiers).
+      kept: d -> number of values a decoded row can hold (k for sparsifiers).
+      stages: the members of a `chain` (its contractive form is the chain of theirs).
+      spec: the ``{name: ..., <params>}`` mapping it was built from (filled by the registry).
     """
 
-    compress: Callable[[torch.Tensor, RoundCtx], tuple[torch.Tensor, torch.Tensor]]
+    init: Callable[[torch.Tensor], Tree]
+    compress: Encode
+    init_receiver: Callable[[torch.Tensor], Tree]
+    receive: Callable[[torch.Tensor, Tree], tuple[torch.Tensor, Tree]]
     alpha: Callable[[int], float]
     omega: Callable[[int], float] | None = None
-    select: Callable[[torch.Tensor, RoundCtx], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     kept: Callable[[int], int] = lambda d: d
+    stages: tuple[Transform, ...] = ()
+    spec: Mapping[str, Any] | None = None
 
 
-def _bits(v: torch.Tensor, per_row: float) -> torch.Tensor:
-    return torch.full((v.shape[0],), float(per_row), dtype=torch.float64, device=v.device)
+def _empty(v: torch.Tensor) -> Tree:
+    return {}
 
 
-def _index_bits(d: int) -> int:
+def _passthrough(reduced: torch.Tensor, state: Tree) -> tuple[torch.Tensor, Tree]:
+    return reduced, state
+
+
+def stateless(encode: Callable[[torch.Tensor, RoundCtx, Stream], tuple[torch.Tensor, Encoding]],
+              alpha: Callable[[int], float], omega: Callable[[int], float] | None) -> Transform:
+    """A Transform without state on either side from `encode(v, ctx, stream)`."""
+    def compress(v: torch.Tensor, state: Tree, ctx: RoundCtx, stream: Stream = ()
+                 ) -> tuple[torch.Tensor, Encoding, Tree]:
+        return (*encode(v, ctx, stream), state)
+    return Transform(_empty, compress, _empty, _passthrough, alpha, omega)
+
+
+def _full(v: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.full((v.shape[0],), float(value), dtype=torch.float64, device=v.device)
+
+
+def index_bits(d: int) -> int:
+    """Bits of one coordinate index of a d-vector."""
     return math.ceil(math.log2(d)) if d > 1 else 0
 
 
-def _uniform(seed: int | None, stream: tuple[int, ...], ctx: RoundCtx, d: int) -> torch.Tensor:
+def _uniform(stream: Stream, ctx: RoundCtx, d: int) -> torch.Tensor:
     """[m, d] float64 uniforms keyed by (seed, COMPRESS, *stream, round, client id, coordinate)."""
-    ids = ctx.ids
-    pos = torch.arange(d, device=ids.device)
-    return rng.uniform_torch(ctx.seed if seed is None else seed, rng.COMPRESS, *stream, ctx.round,
-                             ids[:, None], pos[None, :], device=ids.device)
+    pos = torch.arange(d, device=ctx.ids.device)
+    return rng.uniform_torch(ctx.seed, rng.COMPRESS, *stream, ctx.round, ctx.ids[:, None],
+                             pos[None, :], device=ctx.ids.device)
 
 
 def _num_kept(ratio: float | None, k: int | None, d: int) -> int:
     if k is not None:
         return min(k, d)
+    assert ratio is not None
     return max(1, min(d, math.ceil(ratio * d - 1e-9)))  # tolerance: 0.1 * 30 is 3.0000000000000004
-
-
-def _sparsifier(select: Callable, alpha: Callable[[int], float], omega: Callable | None,
-                kept: Callable[[int], int]) -> Compressor:
-    """A Compressor from its `select` (scatter the kept values; bits = indices + 32 per value)."""
-    def compress(v: torch.Tensor, ctx: RoundCtx) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, vals, ibits = select(v, ctx)
-        return torch.zeros_like(v).scatter(1, idx, vals), ibits + FLOAT_BITS * idx.shape[1]
-    return Compressor(compress, alpha, omega, select, kept)
 
 
 def _check_k(ratio: float | None, k: int | None) -> None:
     if (ratio is None) == (k is None):
-        raise ConfigError("give exactly one of ratio (fraction of coordinates) or k (count)",
-                          key="ratio" if ratio is None else "k", value=ratio if k is None else k)
+        raise ValueError("ratio: give exactly one of ratio (fraction of coordinates) or k (count)")
+
+
+def _sparse(v: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, ibits: int
+            ) -> tuple[torch.Tensor, Encoding]:
+    """Scatter the kept values; encoding = k values + k indices of `ibits` bits, support `idx`."""
+    k = idx.shape[1]
+    return torch.zeros_like(v).scatter(1, idx, vals), Encoding(_full(v, k), _full(v, k * ibits), idx)
 
 
 @COMPRESSORS.register("identity")
-def identity(*, seed: int | None = None, stream: tuple[int, ...] = ()) -> Compressor:
-    """No compression: the dense row, 32 bits per value (alpha = 1, omega = 0)."""
-    return Compressor(lambda v, ctx: (v.clone(), _bits(v, FLOAT_BITS * v.shape[1])),
-                      alpha=lambda d: 1.0, omega=lambda d: 0.0)
+def identity() -> Transform:
+    """No compression: the dense row (alpha = 1, omega = 0)."""
+    return stateless(lambda v, ctx, s: (v.clone(), Encoding(_full(v, v.shape[1]), _full(v, 0))),
+                     alpha=lambda d: 1.0, omega=lambda d: 0.0)
 
 
 @COMPRESSORS.register("top_k")
-def top_k(*, ratio: Ratio | None = None, k: PosInt | None = None, seed: int | None = None,
-          stream: tuple[int, ...] = ()) -> Compressor:
+def top_k(*, ratio: Fraction | None = None, k: PositiveInt | None = None) -> Transform:
     """Top-k: keep the k largest |v_j| of each row (biased, deterministic, alpha = k/d).
 
     Args:
       ratio: k = ceil(ratio * d) (at least 1); or k: a fixed count (capped at d).
 
     Ties at the k-th magnitude go to the lowest indices, so the result never depends on the
-    sort implementation or the block size. Bits per row: k * (32 + ceil(log2 d)).
+    sort implementation or the block size. Sends k values and k indices per row.
     """
     _check_k(ratio, k)
 
-    def select(v: torch.Tensor, ctx: RoundCtx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(v: torch.Tensor, ctx: RoundCtx, stream: Stream) -> tuple[torch.Tensor, Encoding]:
         m, d = v.shape
         kk = _num_kept(ratio, k, d)
         a = v.abs()
@@ -127,194 +139,155 @@ def top_k(*, ratio: Ratio | None = None, k: PosInt | None = None, seed: int | No
         need = kk - gt.sum(1, keepdim=True)
         mask = gt | (eq & (torch.cumsum(eq.to(torch.int64), 1) <= need))
         idx = torch.nonzero(mask)[:, 1].view(m, kk)
-        return idx, torch.gather(v, 1, idx), _bits(v, kk * _index_bits(d))
-    return _sparsifier(select, lambda d: _num_kept(ratio, k, d) / d, None,
-                       lambda d: _num_kept(ratio, k, d))
+        return _sparse(v, idx, torch.gather(v, 1, idx), index_bits(d))
+    return stateless(encode, lambda d: _num_kept(ratio, k, d) / d, None)._replace(
+        kept=lambda d: _num_kept(ratio, k, d))
 
 
 @COMPRESSORS.register("rand_k")
-def rand_k(*, ratio: Ratio | None = None, k: PosInt | None = None, shared_seed: bool = False,
-           seed: int | None = None, stream: tuple[int, ...] = ()) -> Compressor:
+def rand_k(*, ratio: Fraction | None = None, k: PositiveInt | None = None,
+           shared_seed: bool = False) -> Transform:
     """Rand-k: k uniformly random coordinates per row, scaled by d/k (unbiased, omega = d/k - 1).
 
     The mask of client i in round t is keyed by (seed, COMPRESS, round, i), drawn for the whole
-    block at once. Bits per row: k * (32 + ceil(log2 d)); with `shared_seed` the receiver
-    regenerates the mask from the shared key and only the k values are counted (k * 32).
+    block at once. Sends k values and k indices; with `shared_seed` the receiver regenerates
+    the mask from the shared key and only the k values are counted.
     """
     _check_k(ratio, k)
 
-    def select(v: torch.Tensor, ctx: RoundCtx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m, d = v.shape
+    def encode(v: torch.Tensor, ctx: RoundCtx, stream: Stream) -> tuple[torch.Tensor, Encoding]:
+        d = v.shape[1]
         kk = _num_kept(ratio, k, d)
-        idx = torch.topk(_uniform(seed, stream, ctx, d), kk, dim=1, largest=False).indices
+        idx = torch.topk(_uniform(stream, ctx, d), kk, dim=1, largest=False).indices
         idx = torch.sort(idx, dim=1).values
-        ibits = 0 if shared_seed else kk * _index_bits(d)
-        return idx, torch.gather(v, 1, idx) * (d / kk), _bits(v, ibits)
-    return _sparsifier(select, lambda d: _num_kept(ratio, k, d) / d,
-                       lambda d: d / _num_kept(ratio, k, d) - 1, lambda d: _num_kept(ratio, k, d))
+        return _sparse(v, idx, torch.gather(v, 1, idx) * (d / kk), 0 if shared_seed else index_bits(d))
+    return stateless(encode, lambda d: _num_kept(ratio, k, d) / d,
+                     lambda d: d / _num_kept(ratio, k, d) - 1)._replace(kept=lambda d: _num_kept(ratio, k, d))
 
 
 @COMPRESSORS.register("qsgd")
-def qsgd(*, levels: PosInt = 15, seed: int | None = None, stream: tuple[int, ...] = ()) -> Compressor:
+def qsgd(*, levels: PositiveInt = 15) -> Transform:
     """QSGD: stochastic rounding of |v_j| / ||v|| to `levels` s uniform levels (unbiased).
 
     Q(v)_j = ||v||_2 sign(v_j) xi_j, xi_j = (l + 1)/s with probability |v_j| s / ||v|| - l, else
     l/s, l = floor(|v_j| s / ||v||) (Alistarh et al. 2017, Lemma 3.1: omega = min(d/s^2, sqrt(d)/s)).
-    Bits per row (the paper's dense encoding estimate): 32 (norm) + d * (1 + ceil(log2(s + 1))).
+    Sends (the paper's dense encoding estimate) the norm (one value) and d * (1 + ceil(log2(s + 1)))
+    bits of signs and levels.
     """
     s = levels
 
-    def compress(v: torch.Tensor, ctx: RoundCtx) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(v: torch.Tensor, ctx: RoundCtx, stream: Stream) -> tuple[torch.Tensor, Encoding]:
         d = v.shape[1]
         norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
         r = v.abs() / torch.where(norm > 0, norm, torch.ones_like(norm)) * s
         low = r.floor()
-        up = _uniform(seed, stream, ctx, d) < (r - low).double()
+        up = _uniform(stream, ctx, d) < (r - low).double()
         dec = torch.sign(v) * norm * (low + up.to(v.dtype)) / s
-        return dec, _bits(v, FLOAT_BITS + d * (1 + math.ceil(math.log2(s + 1))))
-    omega = lambda d: min(d / s**2, math.sqrt(d) / s)  # noqa: E731
-    return Compressor(compress, alpha=lambda d: 1 / (1 + omega(d)), omega=omega)
+        return dec, Encoding(_full(v, 1), _full(v, d * (1 + math.ceil(math.log2(s + 1)))))
+
+    def omega(d: int) -> float:
+        return min(d / s**2, math.sqrt(d) / s)
+    return stateless(encode, lambda d: 1 / (1 + omega(d)), omega)
 
 
 @COMPRESSORS.register("natural")
-def natural(*, seed: int | None = None, stream: tuple[int, ...] = ()) -> Compressor:
+def natural() -> Transform:
     """Natural compression: unbiased random rounding of each value to a power of two (omega = 1/8).
 
     t with 2^e <= |t| < 2^(e+1) becomes sign(t) 2^(e+1) with probability |t|/2^e - 1, else
-    sign(t) 2^e (Horváth et al. 2019, arXiv:1905.10988). Bits: 9 per coordinate (sign + 8-bit
-    exponent, float32's exponent range).
+    sign(t) 2^e (Horváth et al. 2019, arXiv:1905.10988). Sends a sign and an exponent per
+    coordinate (1 + 8 bits for float32 payloads, 1 + 11 for float64).
     """
-    def compress(v: torch.Tensor, ctx: RoundCtx) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(v: torch.Tensor, ctx: RoundCtx, stream: Stream) -> tuple[torch.Tensor, Encoding]:
         a = v.abs()
         low = torch.ldexp(torch.ones_like(a), torch.frexp(a).exponent - 1)  # 2^floor(log2 |t|)
-        up = _uniform(seed, stream, ctx, v.shape[1]) < (a / low - 1).double()
-        return torch.sign(v) * low * (1 + up.to(v.dtype)), _bits(v, 9 * v.shape[1])
-    return Compressor(compress, alpha=lambda d: 8 / 9, omega=lambda d: 1 / 8)
+        up = _uniform(stream, ctx, v.shape[1]) < (a / low - 1).double()
+        exponent = 8 if v.element_size() <= 4 else 11
+        return torch.sign(v) * low * (1 + up.to(v.dtype)), Encoding(_full(v, 0),
+                                                                    _full(v, (1 + exponent) * v.shape[1]))
+    return stateless(encode, alpha=lambda d: 8 / 9, omega=lambda d: 1 / 8)
 
 
 @COMPRESSORS.register("chain")
-def chain(*, stages: list[dict[str, Any]], seed: int | None = None, stream: tuple[int, ...] = (),
-          contractive: bool = False) -> Compressor:
-    """Composition of compressors applied in order (e.g. top_k then qsgd on the kept values).
+def chain(*, stages: list[Compressor]) -> Transform:
+    """Composition of stateless compressors applied in order (e.g. top_k, then qsgd on the kept values).
 
-    After a sparsifier (top_k, rand_k) the later stages act on the k kept values only, so the
-    bits are the sparsifier's index bits plus the later stages' bits on k values (a real
-    encoding). After a dense stage the next stage re-encodes its output; only the last
+    After a sparsifier (its encoding has `indices`) the later stages act on the k kept values
+    only, so the cost is the support's indices plus the later stages' encoding of k values (a
+    real encoding). After a dense stage the next stage re-encodes its output and only the last
     encoding is counted. alpha multiplies (exact when a sparsifier is followed by
     support-preserving stages); omega composes as prod(1 + omega_j) - 1 when all are unbiased.
     """
     if not stages:
-        raise ConfigError("a chain needs at least one stage", key="stages", value=stages)
-    return _compose([build_compressor(c, seed, stream=(*stream, j), contractive=contractive)
-                     for j, c in enumerate(stages)])
+        raise ValueError("stages: a chain needs at least one stage")
+    parts: tuple[Transform, ...] = tuple(stages)  # type: ignore[arg-type]
+
+    def encode(v: torch.Tensor, ctx: RoundCtx, stream: Stream) -> tuple[torch.Tensor, Encoding]:
+        d = v.shape[1]
+        dec, enc = v, Encoding(_full(v, d), _full(v, 0))
+        support: torch.Tensor | None = None
+        support_bits = _full(v, 0)
+        for j, stage in enumerate(parts):
+            sub = (*stream, j)
+            if support is None:
+                dec, enc, _ = stage.compress(dec, {}, ctx, sub)
+                if enc.indices is not None:
+                    support, support_bits = enc.indices, enc.bits
+                continue
+            kept, e, _ = stage.compress(torch.gather(dec, 1, support), {}, ctx, sub)
+            if e.indices is not None:   # a sparsifier of the kept values: its support in d-space
+                support = torch.gather(support, 1, e.indices)
+                support_bits = e.values * index_bits(d)
+                kept = torch.gather(kept, 1, e.indices)
+                enc = Encoding(e.values, support_bits, support)
+            else:
+                enc = Encoding(e.values, support_bits + e.bits, support)
+            dec = torch.zeros_like(dec).scatter(1, support, kept)
+        return dec, enc
+
+    def widths(d: int) -> list[int]:
+        out = [d]
+        for stage in parts:
+            out.append(stage.kept(out[-1]))
+        return out
+
+    def alpha(d: int) -> float:
+        return math.prod(stage.alpha(w) for stage, w in zip(parts, widths(d)[:-1], strict=True))
+
+    omega = None
+    if all(stage.omega is not None for stage in parts):
+        def omega(d: int) -> float:
+            pairs = zip(parts, widths(d)[:-1], strict=True)
+            return math.prod(1 + stage.omega(w) for stage, w in pairs) - 1  # type: ignore[misc]
+    return stateless(encode, alpha, omega)._replace(stages=parts, kept=lambda d: widths(d)[-1])
 
 
-def _compose(comps: list[Compressor]) -> Compressor:
-    if len(comps) == 1:
-        return comps[0]
-    first, rest = comps[0], _compose(comps[1:])
-
-    def compress(v: torch.Tensor, ctx: RoundCtx) -> tuple[torch.Tensor, torch.Tensor]:
-        if first.select is None:
-            return rest.compress(first.compress(v, ctx)[0], ctx)
-        idx, vals, ibits = first.select(v, ctx)
-        dec, bits = rest.compress(vals, ctx)
-        return torch.zeros_like(v).scatter(1, idx, dec), ibits + bits
-    omega = None if first.omega is None or rest.omega is None else \
-        lambda d: (1 + first.omega(d)) * (1 + rest.omega(first.kept(d))) - 1
-    return Compressor(compress, lambda d: first.alpha(d) * rest.alpha(first.kept(d)), omega,
-                      None, lambda d: rest.kept(first.kept(d)))
+def require_stateless(comp: Compressor, key: str, why: str) -> None:
+    """ValueError naming `key` unless `comp` keeps no sender state (a plain operator or chain)."""
+    if comp.init(torch.zeros(1, 1)):
+        raise ValueError(f"{key}: {why}; give a stateless compressor (identity, top_k, rand_k, "
+                         "qsgd, natural or a chain of them)")
 
 
-def make_contractive(comp: Compressor) -> Compressor:
-    """C / (1 + omega) for an unbiased C (alpha = 1/(1 + omega), biased); others unchanged."""
+def contractive(comp: Transform) -> Transform:
+    """The contractive form: C / (1 + omega) for an unbiased C (alpha = 1/(1 + omega), biased);
+    a chain of the contractive forms of its stages; biased compressors unchanged.
+
+    Error feedback (EF14, EF21, EControl) and CHOCO-SGD need E||C(v) - v||^2 <= (1 - alpha) ||v||^2.
+    """
+    if comp.stages:
+        return chain(stages=[contractive(s) for s in comp.stages])._replace(spec=comp.spec)
     if comp.omega is None:
         return comp
-    f = lambda d: 1.0 / (1.0 + comp.omega(d))  # noqa: E731
+    omega = comp.omega
 
-    def compress(v: torch.Tensor, ctx: RoundCtx) -> tuple[torch.Tensor, torch.Tensor]:
-        dec, bits = comp.compress(v, ctx)
-        return dec * f(v.shape[1]), bits
-
-    def select(v: torch.Tensor, ctx: RoundCtx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx, vals, ibits = comp.select(v, ctx)
-        return idx, vals * f(v.shape[1]), ibits
-    return Compressor(compress, comp.alpha, None, select if comp.select else None, comp.kept)
+    def compress(v: torch.Tensor, state: Tree, ctx: RoundCtx, stream: Stream = ()
+                 ) -> tuple[torch.Tensor, Encoding, Tree]:
+        dec, enc, state = comp.compress(v, state, ctx, stream)
+        return dec / (1.0 + omega(v.shape[1])), enc, state
+    return comp._replace(compress=compress, omega=None)
 
 
-# ---- configuration --------------------------------------------------------------------------
-
-def _split(cfg: Any) -> tuple[str, dict[str, Any]]:
-    if not isinstance(cfg, Mapping):
-        raise ConfigError("a compressor is a mapping {name: ..., <params>}", value=cfg)
-    if "name" not in cfg:
-        raise ConfigError("required key is missing", key="name")
-    if not isinstance(cfg["name"], str):
-        raise ConfigError("compressor name must be a string", key="name", value=cfg["name"])
-    return cfg["name"], {k: v for k, v in cfg.items() if k not in ("name", "error_feedback")}
-
-
-def validate_compressor(cfg: Any, *, _outer: bool = True) -> dict[str, Any]:
-    """Validated compressor config with defaults filled (chain stages recursively).
-
-    ConfigError key paths are relative to the compressor ("ratio", "stages.1.levels").
-    `error_feedback: bool` is allowed on the outermost mapping only (read by `compress_uplink`).
-    """
-    name, params = _split(cfg)
-    ef = cfg.get("error_feedback")
-    if ef is not None and (not _outer or not isinstance(ef, bool)):
-        raise ConfigError("error_feedback is a bool of the outermost compressor only",
-                          key="error_feedback", value=ef)
-    try:
-        out = COMPRESSORS.validate(name, params)
-    except ConfigError as err:
-        raise (err.at(prefix="name") if err.key is None else err) from None
-    if name == "chain":
-        stages = []
-        for j, stage in enumerate(out["stages"]):
-            try:
-                stages.append(validate_compressor(stage, _outer=False))
-            except ConfigError as err:
-                raise err.at(prefix=f"stages.{j}") from None
-        out["stages"] = stages
-    build_compressor({"name": name, **out})  # semantic checks (e.g. ratio vs k)
-    return {"name": name, **out, **({} if ef is None else {"error_feedback": ef})}
-
-
-def build_compressor(cfg: Mapping[str, Any], seed: int | None = None, *, stream: tuple[int, ...] = (),
-                     contractive: bool = False) -> Compressor:
-    """A Compressor from a config mapping (the `error_feedback` key is ignored here).
-
-    Args:
-      seed: root seed of the random streams; None uses `ctx.seed` at call time (the scenario's).
-      stream: extra key ids that separate independent uses (payload keys, chain stages).
-      contractive: scale unbiased (stages) by 1/(1 + omega) (EF21 and error feedback need this).
-    """
-    name, params = _split(cfg)
-    fn = COMPRESSORS.get(name)
-    extra: dict[str, Any] = {"seed": seed, "stream": tuple(stream)}
-    if "contractive" in inspect.signature(fn).parameters:
-        extra["contractive"] = contractive
-    comp = COMPRESSORS.build(name, params, **extra)
-    if not isinstance(comp, Compressor):
-        raise ConfigError("compressor factory must return a strategies.compress.Compressor", key="name",
-                          value=name)
-    return make_contractive(comp) if contractive else comp
-
-
-def _validated_field(cfg: Any) -> dict[str, Any]:
-    try:
-        return validate_compressor(cfg)
-    except ConfigError as err:
-        raise err.at(prefix="compressor") from None
-
-
-CompressorCfg = Annotated[dict[str, Any], AfterValidator(_validated_field)]
-"""Type of a strategy factory's `compressor` keyword: validated (recursively) with the strategy."""
-
-
-from strategies._uplink import EF_PREFIX, compress_uplink  # noqa: E402  (re-export)
-
-__all__ = ["COMPRESSORS", "Compressor", "FLOAT_BITS", "identity", "top_k", "rand_k", "qsgd", "natural",
-           "chain", "make_contractive", "CompressorCfg", "validate_compressor", "build_compressor",
-           "compress_uplink", "EF_PREFIX"]
+__all__ = ["Transform", "stateless", "require_stateless", "index_bits", "identity", "top_k", "rand_k",
+           "qsgd", "natural",
+           "chain", "contractive"]

@@ -1,43 +1,35 @@
 """FedAU and the baselines it is compared with under unknown, heterogeneous participation.
 
-All five strategies run the same local training as FedAvg (`local_steps` SGD steps with step
-`lr` from the server model, payload Delta_i = y_i - x); they differ only in how the server
-weights and combines the updates:
+All of them (and `fedvarp`, `mifa` in strategies/fedvarp_mifa.py) run the same local training
+as FedAvg (`local_steps` SGD steps with step `lr` from the server model, payload
+Delta_i = y_i - x); they differ only in how the server weights and combines the updates:
 
   fedau       x += eta * (1/N) sum_{i in S} omega_i Delta_i, omega_i = mean past interval
   fedavg-all  x += eta * (1/N) sum_{i in S} Delta_i
   known-prob  x += eta * (1/N) sum_{i in S} Delta_i / p_i          (oracle p_i)
-  fedvarp     x += eta * [mean_{i in S}(Delta_i - y_i) + mean_{all j} y_j], then y_i := Delta_i
-  mifa        y_i := Delta_i for i in S, then x += eta * mean_{all j} y_j
 
 References:
   Wang & Ji, "A Lightweight Method for Tackling Unknown Participation Statistics in Federated
   Averaging", ICLR 2024, arXiv:2306.03401; reference code IBM/fedau `main.py` @ 6e9cce9b
   (`-weighting adaptive | average_all | known_prob | fedvarp | mifa`).
-  Jhunjhunwala, Sharma, Nagarkatti, Joshi, "FedVARP: Tackling the Variance Due to Partial
-  Client Participation in Federated Learning", UAI 2022, arXiv:2207.14130.
-  Gu, Huang, Zhang, Huang, "Fast Federated Learning in the Presence of Arbitrary Device
-  Unavailability" (MIFA), NeurIPS 2021, arXiv:2106.04159.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from fedsim.errors import ConfigError
-from fedsim.types import Oracle, RoundCtx, Strategy, StrategyRuntime, Tree, no_clients
+from fedsim.constraints import PositiveFloat, PositiveInt
+from fedsim.types import RoundCtx, Strategy, StrategyRuntime, Tree, no_clients
 from strategies import STRATEGIES
-from strategies._local import delta_local, local_delta
-from strategies.fedavg import PositiveFloat, PositiveInt
+from strategies.local import delta_local
 
 Weights = Callable[[Tree, RoundCtx], torch.Tensor]
 
 
-def _over_all(ctx: RoundCtx) -> torch.Tensor:
+def over_all(ctx: RoundCtx) -> torch.Tensor:
     """[m] weights 1/N: the sum runs over participants, the mean over all N clients."""
     return torch.full_like(ctx.weight, 1.0 / ctx.num_clients)
 
@@ -63,19 +55,19 @@ def _reweighted(lr: float, local_steps: int, server_lr: float, weights: Weights,
         return out
 
     return Strategy(init_server=init_server, init_clients=no_clients, local=local,
-                    server_update=server_update, weights=weights)
+                    server_update=server_update, weights=weights, local_steps=local_steps)
 
 
 def _num_clients(runtime: StrategyRuntime | None, name: str) -> int:
     if runtime is None:
-        raise ConfigError(f"{name} needs the runtime (number of clients); build it through the "
-                          "registry or pass runtime=StrategyRuntime(...)", key="runtime")
+        raise ValueError(f"{name} needs the runtime (number of clients): build it through the "
+                         "registry or pass runtime=StrategyRuntime(...)")
     return int(runtime.num_clients)
 
 
 @STRATEGIES.register("fedau")
 def fedau(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
-          server_lr: PositiveFloat = 1.0, cutoff: Annotated[int, Field(ge=1)] | None = None,
+          server_lr: PositiveFloat = 1.0, cutoff: PositiveInt | None = None,
           runtime: StrategyRuntime | None = None) -> Strategy:
     """FedAU (Wang & Ji, ICLR 2024): weight each update by its client's mean participation interval.
 
@@ -138,21 +130,21 @@ def fedavg_all(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
 
     Shapes: server {"x": [P]}; payload {"delta": [m, P]}; no client state.
     """
-    return _reweighted(lr, local_steps, server_lr, lambda server, ctx: _over_all(ctx))
+    return _reweighted(lr, local_steps, server_lr, lambda server, ctx: over_all(ctx))
 
 
 def _oracle_probabilities(runtime: StrategyRuntime | None) -> np.ndarray:
     p = None if runtime is None else getattr(runtime, "p_nominal", None)
     if p is None and runtime is not None:
         p = runtime.probabilities
-    if p is None:
-        raise ConfigError("known-prob needs participation probabilities, and this participation "
-                          "pattern defines none", key="participation.kind",
-                          allowed="bernoulli, markov, cyclic, uniform or full")
+    if p is None or runtime is None:
+        raise ValueError("known-prob needs participation probabilities, and this participation "
+                         "pattern defines none (participation.kind: bernoulli, markov, cyclic, "
+                         "uniform or full)")
     p = np.asarray(p, dtype=np.float64)
     if p.shape != (runtime.num_clients,) or not np.all(p > 0):
-        raise ConfigError("known-prob needs a probability > 0 for every client",
-                          key="participation", value=float(p.min()) if p.size else None)
+        raise ValueError("known-prob needs a participation probability > 0 for every client "
+                         f"(smallest: {float(p.min()) if p.size else None})")
     return p
 
 
@@ -165,7 +157,7 @@ def known_prob(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
     Uses the pattern's configured p_n (`p_nominal`) when the runtime carries it, as the
     reference code does, else its long-run rate (`runtime.probabilities`; the two differ only
     for cyclic participation, by the rounding of L * p_n). The only strategy that may see
-    them: a ConfigError names the problem when the pattern defines none.
+    them: building it fails with a clear message when the pattern defines none.
 
     Args:
       lr: local step size. local_steps: local SGD steps per round. server_lr: eta.
@@ -182,78 +174,4 @@ def known_prob(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
     return _reweighted(lr, local_steps, server_lr, weights)
 
 
-def _table_strategy(lr: float, local_steps: int, server_lr: float,
-                    apply: Callable[[Tree, Tree, RoundCtx], Tree]) -> Strategy:
-    """Strategies that store each client's latest update y_i (O(N P) memory).
-
-    Payload dy_i = Delta_i - y_i (old), reduced with weight 1/N, so reduced["dy"] is the
-    change of the table mean ybar = (1/N) sum_j y_j (never-seen clients have y_j = 0).
-    `apply(server, reduced, ctx)` returns the new server tree.
-    """
-    def init_server(x0: torch.Tensor) -> Tree:
-        return {"x": x0.clone(), "ybar": torch.zeros_like(x0)}
-
-    def init_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
-        return {"y": torch.zeros((ids.numel(), x0.shape[-1]), dtype=x0.dtype, device=x0.device)}
-
-    def local(server: Tree, clients: Tree, oracle: Oracle,
-              ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        delta, loss = local_delta(server, oracle, ctx, lr, local_steps)
-        return {"dy": delta - clients["y"]}, {"y": delta}, {"loss": loss}
-
-    return Strategy(init_server=init_server, init_clients=init_clients, local=local,
-                    server_update=apply, weights=lambda server, ctx: _over_all(ctx))
-
-
-@STRATEGIES.register("fedvarp")
-def fedvarp(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
-            server_lr: PositiveFloat = 1.0) -> Strategy:
-    """FedVARP (Jhunjhunwala et al., UAI 2022): SAGA-style variance reduction over clients.
-
-    x <- x + eta * [ mean_{i in S}(Delta_i - y_i) + mean_{all j} y_j ], then y_i := Delta_i for
-    i in S. The second term uses the table from BEFORE this round's refresh; a round without
-    participants leaves x unchanged (both as IBM/fedau `-weighting fedvarp`). y_j = 0 until
-    client j first takes part. The server keeps ybar = mean_j y_j, updated from the reduced
-    payload (mean_{i in S} dy_i = (N / |S|) * reduced["dy"]).
-
-    Args:
-      lr: local step size. local_steps: local SGD steps per round. server_lr: eta.
-
-    Shapes: server {"x", "ybar": [P]}; client {"y": [m, P]} (O(N P) memory);
-    payload {"dy": [m, P]}.
-    """
-    def apply(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
-        if not reduced:
-            return server
-        scale = ctx.num_clients / max(ctx.num_participants, 1)
-        step = scale * reduced["dy"] + server["ybar"]
-        ybar = server["ybar"] + reduced["dy"]
-        return {**server, "x": server["x"] + server_lr * step, "ybar": ybar}
-
-    return _table_strategy(lr, local_steps, server_lr, apply)
-
-
-@STRATEGIES.register("mifa")
-def mifa(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
-         server_lr: PositiveFloat = 1.0) -> Strategy:
-    """MIFA (Gu et al., NeurIPS 2021): apply the mean of every client's latest update.
-
-    y_i := Delta_i for i in S, then x <- x + eta * (1/N) sum_{all j} y_j, stale updates
-    included and applied also in rounds nobody takes part in (IBM/fedau `-weighting mifa`).
-    y_j = 0 until client j first takes part. With full participation MIFA is FedAvg with
-    uniform weights.
-
-    Args:
-      lr: local step size. local_steps: local SGD steps per round. server_lr: eta.
-
-    Shapes: server {"x", "ybar": [P]}; client {"y": [m, P]} (O(N P) memory);
-    payload {"dy": [m, P]}.
-    """
-    def apply(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
-        ybar = server["ybar"] + reduced["dy"] if reduced else server["ybar"]
-        return {**server, "x": server["x"] + server_lr * ybar, "ybar": ybar}
-
-    return _table_strategy(lr, local_steps, server_lr, apply)
-
-
-__all__ = ["fedau", "fedavg_all", "known_prob", "fedvarp", "mifa"]
+__all__ = ["fedau", "fedavg_all", "known_prob"]

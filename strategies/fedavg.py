@@ -9,17 +9,14 @@ References:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field
 
+from fedsim.constraints import PositiveFloat, PositiveInt
 from fedsim.types import RoundCtx, Strategy, Tree, no_clients
 from strategies import STRATEGIES
-from strategies._local import delta_local
-
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+from strategies.local import delta_local
 
 
 def participant_weights(weighting: str, ctx: RoundCtx) -> torch.Tensor:
@@ -58,4 +55,4 @@ def fedavg(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server_lr
     return Strategy(init_server=init_server, init_clients=no_clients,
                     local=delta_local(lr, local_steps),
                     server_update=server_update,
-                    weights=lambda server, ctx: participant_weights(weighting, ctx))
+                    weights=lambda server, ctx: participant_weights(weighting, ctx), local_steps=local_steps)

@@ -10,17 +10,14 @@ References:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field
 
-from fedsim.types import Oracle, RoundCtx, Strategy, Tree
+from fedsim.constraints import NonNegativeFloat, PositiveInt
+from fedsim.types import Oracle, RoundCtx, Strategy, Tree, model_rows
 from strategies import STRATEGIES
-from strategies._local import broadcast_rows, local_sgd
-
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+from strategies.local import broadcast_rows, local_sgd
 
 
 def node_models(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
@@ -56,7 +53,7 @@ def gossip(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
     """
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         x = clients["x"]
-        y, loss = local_sgd(x, oracle, local_steps, lr)
+        y, loss = local_sgd(x, oracle, local_steps, lr, budget=ctx.steps)
         if order == "atc":
             return {"x": y}, clients, {"loss": loss}
         return {"x": x}, {"x": x, "step": y - x}, {"loss": loss}
@@ -73,4 +70,5 @@ def gossip(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
         return tree
 
     return Strategy(init_server=lambda x0: {}, init_clients=init_clients, local=local,
-                    node_update=node_update, comm="mix", mixing={"x": "W"}, broadcast=())
+                    node_update=node_update, comm="mix", mixing={"x": "W"}, broadcast=(),
+                    payload=model_rows("x"), local_steps=local_steps)

@@ -16,15 +16,15 @@ References:
 
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from collections.abc import Sequence
 
 import torch
-from pydantic import Field
 
+from fedsim.constraints import NonNegativeFloat, PositiveInt, Probability
 from fedsim.types import Oracle, RoundCtx, Strategy, StrategyRuntime, Tree
 from strategies import STRATEGIES
-from strategies._local import local_sgd
-from strategies.gossip import NonNegativeFloat, PositiveInt, node_models
+from strategies.gossip import node_models
+from strategies.local import local_sgd
 
 Segment = tuple[int, int]
 
@@ -68,11 +68,11 @@ def variance_correct(avg: torch.Tensor, target: torch.Tensor, segs: Sequence[Seg
       unbiased: variance with n-1 (PyTorch port) or n (C++ simulator) in the denominator.
     """
     out = avg.clone()
-    for l, (a, b) in enumerate(segs):
+    for j, (a, b) in enumerate(segs):
         seg = avg[:, a:b]
         mu = seg.mean(dim=1, keepdim=True)
         den = seg.var(dim=1, unbiased=unbiased, keepdim=True) + eps
-        num = target[:, l:l + 1] + eps
+        num = target[:, j:j + 1] + eps
         scale = torch.where(den > 0, torch.sqrt(num / den.clamp_min(torch.finfo(den.dtype).tiny)),
                             torch.ones_like(den))
         out[:, a:b] = (seg - mu) * scale + mu
@@ -81,7 +81,7 @@ def variance_correct(avg: torch.Tensor, target: torch.Tensor, segs: Sequence[Seg
 
 @STRATEGIES.register("gossip-var")
 def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
-               local_steps: PositiveInt = 1, beta: Annotated[float, Field(ge=0, le=1)] = 0.5,
+               local_steps: PositiveInt = 1, beta: Probability = 0.5,
                eps: NonNegativeFloat = 1e-4, population_var: bool = False,
                weights_only: bool = False) -> Strategy:
     """Gossip learning with variance-corrected averaging (Tian et al. 2024, arXiv:2404.04616).
@@ -122,7 +122,7 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
     unbiased = not population_var
 
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        y, loss = local_sgd(clients["x"], oracle, local_steps, lr)
+        y, loss = local_sgd(clients["x"], oracle, local_steps, lr, budget=ctx.steps)
         var = tensor_variances(y, segs, unbiased)
         stats = torch.cat([var, torch.ones_like(var[:, :1])], dim=1)
         return {"x": y, "stats": stats}, {"x": y}, {"loss": loss}
@@ -137,4 +137,4 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
     return Strategy(init_server=lambda x0: {}, init_clients=node_models, local=local,
                     node_update=node_update, comm="mix", mixing={"x": "mean", "stats": "mean"},
                     broadcast=(), payload=lambda p: {"x": (p,), "stats": (len(segs) + 1,)},
-                    derived_keys=("stats",))
+                    derived_keys=("stats",), local_steps=local_steps)

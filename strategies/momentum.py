@@ -24,20 +24,19 @@ References:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from annotated_types import Gt, Le
 
-from fedsim.types import Oracle, RoundCtx, Strategy, Tree, no_clients
+from fedsim.constraints import PositiveFloat, PositiveInt
+from fedsim.types import Oracle, RoundCtx, Strategy, Tree, model_rows, no_clients
 from strategies import STRATEGIES
-from strategies._local import broadcast_rows, local_sgd
 from strategies.fedavg import participant_weights
+from strategies.local import broadcast_rows, run_local
 from strategies.scaffold import control_weights, zero_controls
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-Beta = Annotated[float, Field(gt=0, le=1)]
+Beta = Annotated[float, Gt(0), Le(1)]
 Weighting = Literal["samples", "uniform"]
 
 
@@ -66,22 +65,24 @@ def client_momentum(*, lr: float, local_steps: int, beta: float, server_lr: floa
         shift = server["c"] - clients["c"] if corrected else 0.0
         anchor = (1 - beta) * server["g"]
         x_prev = broadcast_rows(server["x_prev"], ctx.m) if vr else None
-        grad_sum = [torch.zeros_like(x)]  # sum of the raw g_i(y_k; xi_k): SCAFFOLD-M's c_i+
 
         def direction(g: torch.Tensor, k: int) -> torch.Tensor:
-            if corrected:
-                grad_sum[0] = grad_sum[0] + g
-            if not vr:
+            if x_prev is None:
                 return beta * (g + shift) + anchor
             g_prev = oracle(x_prev, k)[1]  # same step => same minibatch xi_k, at x_prev
             return (g + shift) - (1 - beta) * (g_prev + shift) + anchor
 
-        y, loss = local_sgd(x, oracle, local_steps, lr, direction=direction)
-        payload = {"delta": y - x}
-        if not corrected:
-            return payload, clients, {"loss": loss}
-        c_new = grad_sum[0] / local_steps
-        return {**payload, "dc": c_new - clients["c"]}, {"c": c_new}, {"loss": loss}
+        run = run_local(x, oracle, local_steps, lr, direction=direction, track_grads=corrected,
+                        budget=ctx.steps)
+        payload = {"delta": run.y - x}
+        if run.grad_sum is None:
+            return payload, clients, {"loss": run.loss}
+        if ctx.steps is None:  # mean raw gradient: SCAFFOLD-M's c_i+
+            c_new = run.grad_sum / local_steps
+        else:                  # K_i steps each; a client that took none keeps its c_i
+            k_i = ctx.steps.to(x.dtype)[:, None]
+            c_new = torch.where(k_i > 0, run.grad_sum / k_i.clamp_min(1), clients["c"])
+        return {**payload, "dc": c_new - clients["c"]}, {"c": c_new}, {"loss": run.loss}
 
     def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
         if not reduced:
@@ -99,28 +100,14 @@ def client_momentum(*, lr: float, local_steps: int, beta: float, server_lr: floa
 
     return Strategy(init_server=init_server, init_clients=zero_controls if corrected else no_clients,
                     local=local, server_update=server_update, weights=weights,
-                    broadcast=("x", "g") + extra)
-
-
-_ARGS = """
-    Args:
-      lr: local step size eta.
-      local_steps: local steps K.
-      beta: weight of the fresh gradient in (0, 1]; 1 - beta goes to the server direction g.
-      server_lr: gamma / (lr K); 1 makes x+ the weighted mean of the local models.
-      gamma: global step on g (overrides server_lr when given).
-      weighting: p_i = n_i / sum_S n_j ("samples") or 1/|S| ("uniform")."""
-
-
-def _doc(fn):  # shared Args section of the four factories
-    fn.__doc__ = fn.__doc__ + _ARGS + "\n"
-    return fn
+                    broadcast=("x", "g") + extra,
+                    payload=model_rows("delta", "dc") if corrected else model_rows("delta"),
+                    local_steps=local_steps)
 
 
 @STRATEGIES.register("fedavg-m")
-@_doc
 def fedavg_m(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, beta: Beta = 0.5,
-             server_lr: PositiveFloat = 1.0, gamma: Optional[PositiveFloat] = None,
+             server_lr: PositiveFloat = 1.0, gamma: PositiveFloat | None = None,
              weighting: Weighting = "samples") -> Strategy:
     """FedAvg-M = FedCM (Cheng et al. ICLR'24, arXiv:2306.16504): CLIENT-side momentum.
 
@@ -128,53 +115,59 @@ def fedavg_m(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, beta: B
     x+ = x - gamma g+ (module docstring). Fixed point of FedAvg-M(lr, beta) = fixed point of
     FedAvg(lr * beta), so smaller beta removes more client drift. Not server momentum
     (that is `fedavgm`).
+
+    Args:
+      lr: local step size eta.
+      local_steps: local steps K.
+      beta: weight of the fresh gradient in (0, 1]; 1 - beta goes to the server direction g.
+      server_lr: gamma / (lr K); 1 makes x+ the weighted mean of the local models.
+      gamma: global step on g (overrides server_lr when given).
+      weighting: p_i = n_i / sum_S n_j ("samples") or 1/|S| ("uniform").
     """
     return client_momentum(lr=lr, local_steps=local_steps, beta=beta, server_lr=server_lr,
                            gamma=gamma, weighting=weighting, corrected=False, vr=False)
 
 
 @STRATEGIES.register("scaffold-m")
-@_doc
 def scaffold_m(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, beta: Beta = 0.5,
-               server_lr: PositiveFloat = 1.0, gamma: Optional[PositiveFloat] = None,
+               server_lr: PositiveFloat = 1.0, gamma: PositiveFloat | None = None,
                weighting: Weighting = "uniform") -> Strategy:
     """SCAFFOLD-M (Cheng et al. ICLR'24, arXiv:2306.16504): SCAFFOLD + client-side momentum.
 
     d_k = beta (g_i(y_k; xi_k) - c_i + c) + (1 - beta) g; c_i+ = mean_k g_i(y_k; xi_k);
     c <- c + (1/N) sum_S (c_i+ - c_i). beta = 1 is SCAFFOLD option II with server step
     gamma / (lr K). Reconstruction: the placement of the momentum on the corrected gradient
-    is unverified against the paper's Algorithm 2 (ALGORITHMS.md §4.3).
+    is unverified against the paper's Algorithm 2. Arguments as for `fedavg-m`.
     """
     return client_momentum(lr=lr, local_steps=local_steps, beta=beta, server_lr=server_lr,
                            gamma=gamma, weighting=weighting, corrected=True, vr=False)
 
 
 @STRATEGIES.register("fedavg-m-vr")
-@_doc
 def fedavg_m_vr(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, beta: Beta = 0.5,
-                server_lr: PositiveFloat = 1.0, gamma: Optional[PositiveFloat] = None,
+                server_lr: PositiveFloat = 1.0, gamma: PositiveFloat | None = None,
                 weighting: Weighting = "samples") -> Strategy:
     """FedAvg-M-VR (Cheng et al. ICLR'24, arXiv:2306.16504): STORM-style FedAvg-M.
 
     d_k = g_i(y_k; xi_k) - (1 - beta) g_i(x_prev; xi_k) + (1 - beta) g, same minibatch at
     the previous global model x_prev (two gradients per step). Reconstruction, unverified
-    against the paper's Algorithms 3/4 (ALGORITHMS.md §4.4). Note: with exact gradients its
-    fixed point is FedAvg(lr)'s (0.6041 on the drift quadratic), not FedAvg(lr * beta)'s.
+    against the paper's Algorithms 3/4. Note: with exact gradients its fixed point is
+    FedAvg(lr)'s (0.6041 on the drift quadratic), not FedAvg(lr * beta)'s. Arguments as for
+    `fedavg-m`.
     """
     return client_momentum(lr=lr, local_steps=local_steps, beta=beta, server_lr=server_lr,
                            gamma=gamma, weighting=weighting, corrected=False, vr=True)
 
 
 @STRATEGIES.register("scaffold-m-vr")
-@_doc
 def scaffold_m_vr(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, beta: Beta = 0.5,
-                  server_lr: PositiveFloat = 1.0, gamma: Optional[PositiveFloat] = None,
+                  server_lr: PositiveFloat = 1.0, gamma: PositiveFloat | None = None,
                   weighting: Weighting = "uniform") -> Strategy:
     """SCAFFOLD-M-VR (Cheng et al. ICLR'24, arXiv:2306.16504): STORM-style SCAFFOLD-M.
 
     d_k = G_i(y_k) - (1 - beta) G_i(x_prev) + (1 - beta) g with G_i(y) = g_i(y; xi_k) - c_i + c,
     same minibatch xi_k at both points; c_i+ = mean_k g_i(y_k; xi_k). Reconstruction,
-    unverified against the paper's Algorithms 3/4 (ALGORITHMS.md §4.4).
+    unverified against the paper's Algorithms 3/4. Arguments as for `fedavg-m`.
     """
     return client_momentum(lr=lr, local_steps=local_steps, beta=beta, server_lr=server_lr,
                            gamma=gamma, weighting=weighting, corrected=True, vr=True)

@@ -33,9 +33,8 @@ def token_problem(kind: str, params: dict, *, clients: int = 6, t: int = 7, voca
 def run_problem(problem: DataProblem, x0: torch.Tensor, plan: str, block: int | None,
                 chunk: int | None = None, rounds: int = 2) -> tuple[torch.Tensor, list[dict]]:
     """FedAvg (3 local steps, 4 of 6 clients per round) on `problem` with the given plan."""
-    from strategies import STRATEGIES
-
     from fedsim.participation import build_participation
+    from strategies import STRATEGIES
 
     problem.choose_plan(plan, block)
     strat = STRATEGIES.build("fedavg", {"lr": 0.1, "local_steps": 3})

@@ -99,12 +99,34 @@ def test_plot_and_compare(scenario_file, tmp_path, capsys):
 
 def test_python_dash_m_and_lazy_imports(scenario_file, tmp_path):
     """`python -m fedsim run` works and never imports flwr, ray or mpi4py on the default engine."""
-    code = ("import runpy, sys; sys.argv = ['fedsim', 'run', %r, '--quiet', '--out', %r];\n"
+    code = (f"import runpy, sys; sys.argv = ['fedsim', 'run', {scenario_file()!r}, '--quiet', '--out', "
+            f"{str(tmp_path / 'runs')!r}];\n"
             "try:\n    runpy.run_module('fedsim', run_name='__main__')\nexcept SystemExit as e:\n"
             "    assert e.code == 0, e.code\n"
             "bad = [m for m in ('flwr', 'ray', 'mpi4py') if m in sys.modules]\n"
-            "assert not bad, bad\n") % (scenario_file(), str(tmp_path / "runs"))
+            "assert not bad, bad\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "tiny-" in res.stdout
+
+
+def test_a_crash_leaves_a_partial_folder_marked_failed_and_exits_1(tmp_path, capsys):
+    """README contract: the run folder keeps its `.partial` name, summary.json says failed with
+    the error, the metrics written so far stay whole lines, and the exit code is 1."""
+    from tests.conftest import small_scenario, write_scenario
+
+    # Prepare: a user strategy that raises in round 2 (of 5) on the last client's block
+    body = small_scenario(rounds=5, participation={"kind": "full"})
+    body["strategy"] = {"name": "tests.mpi_scripts.boom:factory", "batch_size": 8}
+    path = write_scenario(tmp_path, body)
+    # Execute
+    code, out, err = run_cli(["run", path, "--out", str(tmp_path / "runs"), "--quiet"], capsys)
+    # Assert
+    assert code == 1 and "boom: last client, round 2" in err and "Traceback" not in err
+    (folder,) = os.listdir(tmp_path / "runs")
+    assert folder.endswith(".partial")
+    run_dir = tmp_path / "runs" / folder
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "RuntimeError: boom" in summary["error"]
+    assert [m["round"] for m in read_metrics(str(run_dir))] == [1, 2]

@@ -104,6 +104,5 @@ def test_validate_ok_and_bad(tmp_path, capsys):
 
 
 def test_gossip_needs_full_participation(tmp_path, capsys):
-    pytest.importorskip("strategies.gossip")
     err = _bad(tmp_path, capsys, small_scenario(strategy={"name": "gossip"}, topology={"kind": "ring"}))
     assert "participation.kind" in err

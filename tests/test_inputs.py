@@ -17,10 +17,12 @@ def test_storage_dtypes():
     pixels = rs.randint(0, 256, (16, 1, 4, 4)).astype(np.uint8)
     y = rs.randint(0, 3, 16)
     assert ClientData.from_parts(tokens, y, PARTS, "cpu", torch.float32).x.dtype == torch.int64
-    assert ClientData.from_parts(tokens.astype(np.int32), y, PARTS, "cpu", torch.float32).x.dtype == torch.int64
+    data = ClientData.from_parts(tokens.astype(np.int32), y, PARTS, "cpu", torch.float32)
+    assert data.x.dtype == torch.int64
     img = ClientData.from_parts(pixels, y, PARTS, "cpu", torch.float32)
     assert img.x.dtype == torch.uint8 and img.x.element_size() == 1
-    assert ClientData.from_parts(pixels.astype(np.float64), y, PARTS, "cpu", torch.float32).x.dtype == torch.float32
+    data = ClientData.from_parts(pixels.astype(np.float64), y, PARTS, "cpu", torch.float32)
+    assert data.x.dtype == torch.float32
     assert device_inputs(tokens, "cpu", torch.float64).dtype == torch.int64
     rows = torch.tensor([[0, 5], [7, 9]])
     got = img.inputs(rows)

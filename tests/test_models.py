@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedsim.errors import ConfigError
-from fedsim.models import MODELS, KINDS, StackedModel, build_model, init_params
+from fedsim.models import KINDS, MODELS, StackedModel, build_model, init_params
 from fedsim.models.recurrent import FunctionalRNN
 from tests.conftest import run_cli, small_scenario, write_scenario
 from tests.fixtures.models import TwoLayer
@@ -124,7 +124,9 @@ def test_functional_cells_equal_torch_recurrent_modules(cell, kw):
     for args in ((x,), (x, hx)):
         ref, got = mod(*args), fn(*args)
         torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-12)
-        for a, b in zip(got[1] if cell is nn.LSTM else (got[1],), ref[1] if cell is nn.LSTM else (ref[1],)):
+        pairs = zip(got[1] if cell is nn.LSTM else (got[1],), ref[1] if cell is nn.LSTM else (ref[1],),
+                    strict=True)
+        for a, b in pairs:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,10 @@ except ImportError:  # pragma: no cover - environment without the [mpi] extra
 pytestmark = pytest.mark.mpi
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or mpi4py is None, reason="needs mpiexec and mpi4py")
 
-METRICS = ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down",
-           "consensus_distance", "node_accuracy_mean")
+METRICS = ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "sim_time_s",
+           "consensus_distance", "node_accuracy_mean", "client_acc_mean", "client_acc_weighted",
+           "client_acc_worst10", "client_acc_std", "client_acc_p10", "client_acc_median", "client_acc_p90",
+           "client_loss", "clients_evaluated")
 
 
 def mpiexec(n: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -125,11 +128,11 @@ def test_cli_run_matches_multiplex(ranks, cli_cases, launches):
     res, out = launches(ranks)
     assert res.returncode == 0, res.stderr[-3000:]
     # Assert: same metrics and final model as multiplex; each rank held only its slice
-    for name, (_, body, (ref_hist, ref_fp, sizes)) in cli_cases.items():
+    for name, (_, _body, (ref_hist, ref_fp, sizes)) in cli_cases.items():
         (run,) = glob.glob(str(out / f"s-{name}-[0-9]*"))
         hist = read_metrics(run)
         assert len(hist) == len(ref_hist), name
-        for got, want in zip(hist, ref_hist):
+        for got, want in zip(hist, ref_hist, strict=True):
             for k in METRICS:
                 assert (got.get(k) is None) == (want.get(k) is None), (name, k)
                 if want.get(k) is not None:
@@ -139,8 +142,9 @@ def test_cli_run_matches_multiplex(ranks, cli_cases, launches):
         assert info["ranks"] == ranks and info["replicas_identical"], name
         bounds = [7 * r // ranks for r in range(ranks + 1)]
         assert info["clients_per_rank"] == list(np.diff(bounds)), name
-        assert info["data_rows_per_rank"] == [int(sizes[a:b].sum()) for a, b in zip(bounds, bounds[1:])], name
-        assert all(s <= c for s, c in zip(info["state_rows_per_rank"], info["clients_per_rank"])), name
+        assert info["data_rows_per_rank"] == [int(sizes[a:b].sum()) for a, b in pairwise(bounds)], name
+        used = zip(info["state_rows_per_rank"], info["clients_per_rank"], strict=True)
+        assert all(s <= c for s, c in used), name
 
 
 @needs_mpi
@@ -154,8 +158,8 @@ def test_loop_matches_in_process_for_every_strategy(ranks, launches):
     res, _ = launches(ranks)
     # Assert: every case reported ok (the script aborts the job on any mismatch or exception)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    for case in ("fedavg-stale1-masks", "two-key-gossip-ring", "ring-halo",
-                 "two-key-gossip-random"):
+    for case in ("fedavg-stale1-masks", "scaffold-uneven-work-masks", "two-key-gossip-ring",
+                 "ring-halo", "two-key-gossip-random"):
         assert f"ok {case}" in res.stdout
     for name in _registered():
         assert f"ok {name}-masks" in res.stdout or f"ok {name}-ring" in res.stdout, (name, res.stdout)
@@ -178,22 +182,19 @@ def test_bad_scenario_is_rejected_on_every_rank_with_exit_2(tmp_path):
 
 
 @needs_mpi
-def test_more_ranks_than_clients_is_a_config_error():
-    """Checked in `build`, before any communication (in-process: a 1-rank engine told it has 3)."""
-    from fedsim.config import parse_scenario
-    from fedsim.engines import ENGINES
-    from fedsim.errors import ConfigError
-    from fedsim.setup import build_setup
-
-    # Prepare
+def test_more_ranks_than_clients_is_a_config_error(tmp_path):
+    """Checked in the engine's build, before any communication: exit 2 naming data.clients."""
+    # Prepare: 2 clients on 3 ranks
     body = small_scenario(data={"clients": 2})
     body["participation"] = {"kind": "full"}
-    setup = build_setup(parse_scenario(body))
-    engine = ENGINES.build("mpi", {})
-    engine.size = 3
-    # Execute / Assert
-    with pytest.raises(ConfigError, match="more MPI ranks than clients"):
-        engine.build(setup, lambda m: None)
+    path = write_scenario(tmp_path, body)
+    # Execute
+    res = mpiexec(3, [str(BIN / "fedsim"), "run", path, "--engine", "mpi", "--quiet",
+                      "--out", str(tmp_path / "runs")], timeout=90)
+    # Assert
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "data.clients" in res.stderr and "more MPI ranks than clients" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 @needs_mpi

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import yaml
+
 from tests.conftest import ROOT, run_cli
 
 
@@ -19,9 +21,16 @@ def test_quickstart_reaches_90_percent(tmp_path, capsys):
 
 
 def test_every_shipped_scenario_validates(capsys):
-    """Every scenario file in scenarios/ and benchmarks/scenarios/ is valid as shipped."""
+    """Every scenario file in scenarios/ and benchmarks/scenarios/ is valid as shipped.
+
+    Scenarios whose data is downloaded (a Hugging Face hub id, LEAF's output) are run on
+    local stand-ins by tests/test_paper_scenarios.py instead: validating loads the data.
+    """
     files = sorted([*ROOT.glob("scenarios/**/*.yaml"), *ROOT.glob("benchmarks/scenarios/*.yaml")])
     assert len(files) > 1
     for f in files:
+        data = (yaml.safe_load(f.read_text()) or {}).get("data", {})
+        if data.get("dataset") in ("hf", "leaf") and not os.path.exists(data.get("path", "")):
+            continue
         code, _, err = run_cli(["validate", str(f)], capsys)
         assert code == 0, (f, err)

@@ -8,8 +8,14 @@ with ``@TOPOLOGIES.register("name")`` or through the ``fedsim.topologies`` entry
 """
 
 from topologies.base import TOPOLOGIES, Topology, build_topology, describe
-from topologies.mixing import (MIXING_RULES, MixingMatrix, check_mixing, mixing_matrix,
-                               neighbour_mean, spectral_gap)
+from topologies.mixing import (
+                               MIXING_RULES,
+                               MixingMatrix,
+                               check_mixing,
+                               mixing_matrix,
+                               neighbour_mean,
+                               spectral_gap,
+)
 
 __all__ = ["TOPOLOGIES", "Topology", "build_topology", "describe", "MIXING_RULES",
            "MixingMatrix", "mixing_matrix", "neighbour_mean", "check_mixing", "spectral_gap"]

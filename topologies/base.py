@@ -7,7 +7,8 @@ mixing matrices cached per distinct graph and rule. Static topologies hold one g
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -46,7 +47,7 @@ class Topology:
         self._graphs: dict[int, nx.Graph] = {}
         self._mixing: dict[tuple[int, str], MixingMatrix] = {}
         if self.static:
-            self._graphs[0] = self._checked(graph)  # type: ignore[arg-type]
+            self._graphs[0] = self._checked(graph)
 
     def __repr__(self) -> str:
         return f"Topology({self.kind!r}, n={self.n}, static={self.static})"

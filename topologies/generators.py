@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from annotated_types import Ge
 
+from fedsim.constraints import Fraction, PositiveInt, Probability
 from fedsim.errors import ConfigError
 from topologies import graphs
 from topologies.base import TOPOLOGIES, Topology
@@ -21,7 +22,6 @@ from topologies.base import TOPOLOGIES, Topology
 __all__ = ["star", "complete", "ring", "torus", "erdos_renyi", "small_world", "random_regular",
            "exponential", "edge_list", "read_edge_list"]
 
-Prob = Annotated[float, Field(ge=0, le=1)]
 
 
 @TOPOLOGIES.register("star")
@@ -49,8 +49,8 @@ def ring(*, n: int, seed: int) -> Topology:
 
 
 @TOPOLOGIES.register("torus")
-def torus(*, n: int, seed: int, rows: Annotated[int, Field(ge=1)] | None = None,
-          cols: Annotated[int, Field(ge=1)] | None = None) -> Topology:
+def torus(*, n: int, seed: int, rows: PositiveInt | None = None,
+          cols: PositiveInt | None = None) -> Topology:
     """2-D torus: periodic rows x cols grid, node r * cols + c, degree 4 (sides >= 3).
 
     Args:
@@ -61,6 +61,7 @@ def torus(*, n: int, seed: int, rows: Annotated[int, Field(ge=1)] | None = None,
         rows, cols = graphs.square_shape(n)
     elif rows is None or cols is None:
         key, side = ("rows", rows) if cols is None else ("cols", cols)
+        assert side is not None
         if n % side:
             raise ConfigError("torus side does not divide n", key=key, value=side,
                               allowed=f"a divisor of n = {n}")
@@ -84,7 +85,7 @@ def exponential(*, n: int, seed: int) -> Topology:
 
 
 @TOPOLOGIES.register("erdos_renyi")
-def erdos_renyi(*, n: int, seed: int, p: Annotated[float, Field(gt=0, le=1)]) -> Topology:
+def erdos_renyi(*, n: int, seed: int, p: Fraction) -> Topology:
     """Erdos-Renyi G(n, p), resampled with successive keyed seeds until connected.
 
     Args:
@@ -99,8 +100,8 @@ def erdos_renyi(*, n: int, seed: int, p: Annotated[float, Field(gt=0, le=1)]) ->
 
 
 @TOPOLOGIES.register("small_world")
-def small_world(*, n: int, seed: int, k: Annotated[int, Field(ge=2)] = 4,
-                p: Prob = 0.1) -> Topology:
+def small_world(*, n: int, seed: int, k: Annotated[int, Ge(2)] = 4,
+                p: Probability = 0.1) -> Topology:
     """Watts-Strogatz small world, resampled with successive keyed seeds until connected.
 
     Args:
@@ -118,7 +119,7 @@ def small_world(*, n: int, seed: int, k: Annotated[int, Field(ge=2)] = 4,
 
 
 @TOPOLOGIES.register("random_regular")
-def random_regular(*, n: int, seed: int, degree: Annotated[int, Field(ge=1)] = 4) -> Topology:
+def random_regular(*, n: int, seed: int, degree: PositiveInt = 4) -> Topology:
     """Uniform random d-regular graph, resampled with successive keyed seeds until connected.
 
     Args:

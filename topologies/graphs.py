@@ -8,7 +8,7 @@ Deterministic graphs are built from numpy edge arrays, so n = 4096 takes millise
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import networkx as nx
 import numpy as np

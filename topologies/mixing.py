@@ -216,7 +216,7 @@ def _check_support(W: MixingMatrix, G: nx.Graph) -> None:
         raise ValueError(f"W[{rows[off][k]}, {W.indices[off][k]}] != 0 but that is not an edge")
 
 
-def spectral_gap(W: MixingMatrix) -> float:
+def spectral_gap(W: MixingMatrix, method: str = "auto") -> float:
     """Spectral gap rho = 1 - max(|lambda_2(W)|, |lambda_n(W)|), eigenvalues in decreasing order.
 
     This is ChocoSGD's definition (``epfml/ChocoSGD``, ``pcode/utils/topology.py``): it uses
@@ -226,12 +226,15 @@ def spectral_gap(W: MixingMatrix) -> float:
     the graph is disconnected (or bipartite-periodic, impossible here since W_ii > 0); a single
     node has rho = 1.
 
-    Dense ``eigvalsh`` for n <= 2000; beyond, ``scipy.sparse.linalg.eigsh`` (Lanczos) on
-    W - J/n, whose cost grows with 1/rho (slow for rings of tens of thousands of nodes).
+    `method` "auto": dense ``eigvalsh`` for n <= 2000; beyond (or "sparse"),
+    ``scipy.sparse.linalg.eigsh`` (Lanczos) on W - J/n, whose cost grows with 1/rho (slow for
+    rings of tens of thousands of nodes); "dense" forces the dense path.
     """
+    if method not in ("auto", "dense", "sparse"):
+        raise ValueError(f"method must be auto, dense or sparse, got {method!r}")
     if W.n <= 1:
         return 1.0
-    if W.n <= _DENSE_EIG_MAX_N:
+    if method == "dense" or (method == "auto" and W.n <= _DENSE_EIG_MAX_N):
         lam = np.linalg.eigvalsh(W.dense())  # ascending
         return float(max(0.0, 1.0 - max(abs(lam[-2]), abs(lam[0]))))
     return _sparse_gap(W)

@@ -9,7 +9,8 @@ moves the same buffers with mpi4py. Strategies never see a Comm.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -65,6 +66,9 @@ class LocalComm:
         return Ready(self.allreduce(tree, channel))
 
     def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def allreduce_max(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
     def allgather(self, obj: Any) -> list[Any]:

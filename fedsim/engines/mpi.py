@@ -25,12 +25,13 @@ import os
 import sys
 import time
 import traceback
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
+from fedsim.checkpoint import Control, Interrupted
+from fedsim.constraints import PositiveInt
 from fedsim.engines import ENGINES
 from fedsim.engines.loop import RoundLoop
 from fedsim.errors import ConfigError
@@ -105,8 +106,8 @@ class MPIEngine:
     def prepare(self, setup: Setup) -> None:
         """Nothing to place before the rounds: each rank builds its slice in `run`."""
 
-    def run(self, setup: Setup, on_eval: OnEval,
-            progress: Progress | None = None) -> list[dict[str, Any]]:
+    def run(self, setup: Setup, on_eval: OnEval, progress: Progress | None = None,
+            control: Control | None = None) -> list[dict[str, Any]]:
         try:
             loop = self.build(setup, on_eval)
         except ConfigError:
@@ -116,9 +117,13 @@ class MPIEngine:
             raise
         try:
             t0 = time.perf_counter()
-            history = loop.run(progress)
+            if control is not None:  # rank 0 created the run folder: every rank writes into it
+                control.folder = self.world.bcast(control.folder, root=0)
+            history = loop.run(progress, control)
             self.extra = self.report(loop, time.perf_counter() - t0)
             return history
+        except (Interrupted, ConfigError):
+            raise                          # every rank stops at the same round (or checkpoint)
         except BaseException as exc:
             self.abort(exc)
             raise
@@ -157,10 +162,10 @@ class MPIEngine:
                 "data_rows": int(loop.problem.data.x.shape[0]) if hasattr(loop.problem, "data") else None,
                 "halo_rows": comm.halo_rows, "state_rows": s.store.used,
                 "digest": _tree_digest(s.server) if self.check_replicas else None}
-        everyone = comm.allgather(mine)
+        everyone: list[dict[str, Any]] = comm.allgather(mine)
         comm_s = [sum(r["times"].values()) for r in everyone]
-        share = [c / max(r["loop_s"], 1e-12) for c, r in zip(comm_s, everyone)]
-        by_kind = {k: round(max(r["times"][k] for r in everyone), 4) for k in mine["times"]}
+        share = [c / max(r["loop_s"], 1e-12) for c, r in zip(comm_s, everyone, strict=True)]
+        by_kind = {k: round(max(r["times"][k] for r in everyone), 4) for k in comm.times}
         rounds = max(loop.rounds, 1)
         out = {"ranks": self.size, "layout": "block", "threads_per_rank": self.threads,
                "clients_per_rank": [r["clients"] for r in everyone],
@@ -173,7 +178,7 @@ class MPIEngine:
                "halo_rows_per_round": [r["halo_rows"] / rounds for r in everyone]}
         if self.check_replicas:
             out["replicas_identical"] = len({r["digest"] for r in everyone}) == 1
-        return {"mpi": out}
+        return {"mpi": out, "sim": loop.clock.summary()}
 
     def summary_extra(self) -> dict[str, Any]:
         return dict(self.extra)
@@ -193,9 +198,9 @@ class MPIEngine:
 
 
 @ENGINES.register("mpi")
-def mpi(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
-        memory_mb: Annotated[int, Field(gt=0)] = 2048,
-        threads: Annotated[int, Field(gt=0)] = 1,
+def mpi(*, chunk_size: PositiveInt | None = None,
+        memory_mb: PositiveInt = 2048,
+        threads: PositiveInt = 1,
         check_replicas: bool = True) -> MPIEngine:
     """K MPI ranks (mpiexec -n K), each training a contiguous slice of the clients multiplexed.
 

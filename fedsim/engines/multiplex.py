@@ -7,11 +7,12 @@ and a local step is one batched forward/backward pass (no Python loop over clien
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
 
+from fedsim.checkpoint import Control
+from fedsim.constraints import PositiveInt
 from fedsim.engines import ENGINES
 from fedsim.engines.loop import RoundLoop
 from fedsim.setup import Setup
@@ -38,25 +39,27 @@ class MultiplexEngine:
                                          plan=self.plan, plan_block=self.plan_block)
 
     def summary_extra(self) -> dict[str, Any]:
-        """The execution plan (kind, block, per-client memory and FLOPs) for summary.json."""
-        plan = getattr(self.loop.problem, "plan", None) if self.loop is not None else None
-        return {"plan": plan.summary()} if plan is not None else {}
+        """The simulated clock and the execution plan (kind, block, memory and FLOPs per client)."""
+        if self.loop is None:
+            return {}
+        plan = getattr(self.loop.problem, "plan", None)
+        return {"sim": self.loop.clock.summary(), **({"plan": plan.summary()} if plan is not None else {})}
 
-    def run(self, setup: Setup, on_eval: OnEval,
-            progress: Progress | None = None) -> list[dict[str, Any]]:
+    def run(self, setup: Setup, on_eval: OnEval, progress: Progress | None = None,
+            control: Control | None = None) -> list[dict[str, Any]]:
         if self.loop is None:
             self.prepare(setup)
         assert self.loop is not None
         self.loop.on_eval = on_eval
-        return self.loop.run(progress)
+        return self.loop.run(progress, control)
 
 
 @ENGINES.register("multiplex")
-def multiplex(*, chunk_size: Annotated[int, Field(gt=0)] | None = None,
-              memory_mb: Annotated[int, Field(gt=0)] = 2048,
-              threads: Annotated[int, Field(gt=0)] | None = 1,
+def multiplex(*, chunk_size: PositiveInt | None = None,
+              memory_mb: PositiveInt = 2048,
+              threads: PositiveInt | None = 1,
               plan: Literal["auto", "measure", "stacked", "vmap", "loop"] = "auto",
-              plan_block: Annotated[int, Field(gt=0)] | None = None) -> MultiplexEngine:
+              plan_block: PositiveInt | None = None) -> MultiplexEngine:
     """All clients of a round as one stacked computation on one device (CPU or CUDA).
 
     Args:

@@ -54,6 +54,10 @@ class FoldedLeaf(nn.Module):
     def p(self, name: str) -> torch.Tensor | None:
         return self.run.params.get(self.prefix + name)
 
+    def w(self, name: str) -> torch.Tensor:
+        """A parameter the layer always has (its weight)."""
+        return self.run.params[self.prefix + name]
+
     def batch_dim(self, h: torch.Tensor) -> int:
         """The axis of `h` that holds the m*B folded samples (recorded by the probe)."""
         n = self.run.probe_n
@@ -70,7 +74,7 @@ class FoldedLeaf(nn.Module):
 
 class Linear(FoldedLeaf):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        m, bd, w, b = self.run.m, self.batch_dim(h), self.p("weight"), self.p("bias")
+        m, bd, w, b = self.run.m, self.batch_dim(h), self.w("weight"), self.p("bias")
         h = h.movedim(bd, 0)
         hm = h.reshape(m, -1, h.shape[-1])
         wt = w.transpose(1, 2)
@@ -84,16 +88,17 @@ class Conv(FoldedLeaf):
     def __init__(self, prefix: str, run: Run, mod: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(prefix, run)
         self.fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
-        self.args = (mod.stride, mod.padding, mod.dilation)
+        self.stride, self.padding, self.dilation = mod.stride, mod.padding, mod.dilation
         self.groups = mod.groups
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        m, w, b = self.run.m, self.p("weight"), self.p("bias")
+        m, w, b = self.run.m, self.w("weight"), self.p("bias")
         self.batch_dim(h)
         n, spatial = h.shape[0] // m, h.shape[2:]
         hb = h.reshape(m, n, -1, *spatial).transpose(0, 1).reshape(n, -1, *spatial)
         bias = b.reshape(-1) if b is not None else None
-        out = self.fn(hb, w.reshape(-1, *w.shape[2:]), bias, *self.args, groups=m * self.groups)
+        out = self.fn(hb, w.reshape(-1, *w.shape[2:]), bias, self.stride, self.padding,
+                      self.dilation, groups=m * self.groups)
         return out.view(n, m, -1, *out.shape[2:]).transpose(0, 1).reshape(m * n, -1, *out.shape[2:])
 
 
@@ -103,7 +108,7 @@ class Embedding(FoldedLeaf):
         self.padding_idx = mod.padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        m, w, bd = self.run.m, self.p("weight"), self.batch_dim(ids)
+        m, w, bd = self.run.m, self.w("weight"), self.batch_dim(ids)
         ids = ids.movedim(bd, 0)
         v = w.shape[1]
         flat = ids.reshape(m, -1) + torch.arange(m, device=ids.device).unsqueeze(1) * v
@@ -131,6 +136,7 @@ def _affine(y: torch.Tensor, m: int, w: torch.Tensor | None, b: torch.Tensor | N
     if w is not None:
         out = torch.addcmul(b.reshape(view), ym, w.reshape(view)) if b is not None else ym * w.reshape(view)
     else:
+        assert b is not None
         out = ym + b.reshape(view)
     return out.view(y.shape)
 
@@ -162,7 +168,9 @@ class Recurrent(FoldedLeaf):
 
     def __init__(self, prefix: str, run: Run, mod: nn.RNNBase) -> None:
         super().__init__(prefix, run)
-        self.mode = rnn_mode(mod)
+        mode = rnn_mode(mod)
+        assert mode is not None  # `_leaf_for` folds supported recurrent layers only
+        self.mode: str = mode
         self.names = [n for n, _ in mod.named_parameters()]
         self.layers, self.hidden = mod.num_layers, mod.hidden_size
         self.bidirectional, self.batch_first = mod.bidirectional, mod.batch_first
@@ -180,7 +188,8 @@ class Recurrent(FoldedLeaf):
         if hx is not None:
             hx = (hx,) if isinstance(hx, torch.Tensor) else tuple(hx)
             state = tuple(s.reshape(s.shape[0], m, n, -1).transpose(0, 1) for s in hx)
-        out, hs = run_rnn(self.mode, xs, {k: self.p(k) for k in self.names}, layers=self.layers,
+        weights = {k: t for k in self.names if (t := self.p(k)) is not None}
+        out, hs = run_rnn(self.mode, xs, weights, layers=self.layers,
                           hidden=self.hidden, bidirectional=self.bidirectional, hx=state)
         out = out.transpose(1, 2).reshape(m * n, *out.shape[1:2], -1).movedim(0, bd)
         hs = tuple(s.transpose(0, 1).reshape(s.shape[1], m * n, -1) for s in hs)
@@ -191,7 +200,8 @@ def _leaf_for(mod: nn.Module, prefix: str, run: Run) -> FoldedLeaf | None:
     """The folded replacement of a parameter-owning layer, or None if it has none."""
     if type(mod) is nn.Linear:
         return Linear(prefix, run)
-    if type(mod) in (nn.Conv1d, nn.Conv2d) and mod.padding_mode == "zeros":
+    if isinstance(mod, nn.Conv1d | nn.Conv2d) and type(mod) in (nn.Conv1d, nn.Conv2d) \
+            and mod.padding_mode == "zeros":
         return Conv(prefix, run, mod)
     if type(mod) is nn.Embedding:
         return Embedding(prefix, run, mod)
@@ -199,7 +209,7 @@ def _leaf_for(mod: nn.Module, prefix: str, run: Run) -> FoldedLeaf | None:
         return GroupNorm(prefix, run, mod)
     if type(mod) is nn.LayerNorm:
         return LayerNorm(prefix, run, mod)
-    if type(mod) in (nn.LSTM, nn.GRU, nn.RNN) and rnn_mode(mod) is not None:
+    if isinstance(mod, nn.RNNBase) and type(mod) in (nn.LSTM, nn.GRU, nn.RNN) and rnn_mode(mod) is not None:
         return Recurrent(prefix, run, mod)
     return None
 

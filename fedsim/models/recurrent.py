@@ -39,6 +39,7 @@ def _layer(mode: str, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     outs = []
     for g_x in steps:
         if mode == "LSTM":
+            assert c is not None  # run_rnn passes a cell state to LSTM layers
             g = _addmm(g_x, h, w_hh)
             i, f, gg, o = g.chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
@@ -76,18 +77,21 @@ def run_rnn(mode: str, x: torch.Tensor, weights: dict[str, torch.Tensor], *, lay
     zeros = x.new_zeros(*lead, layers * len(dirs), b, hidden)
     h0 = hx[0] if hx is not None else zeros
     c0 = (hx[1] if hx is not None else zeros) if mode == "LSTM" else None
-    h_n, c_n = [], []
+    h_n: list[torch.Tensor] = []
+    c_n: list[torch.Tensor] = []
     for k in range(layers):
         outs = []
         for d, sfx in enumerate(dirs):
             j = k * len(dirs) + d
-            w = [weights.get(f"{p}_l{k}{sfx}") for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            w_ih, w_hh = weights[f"weight_ih_l{k}{sfx}"], weights[f"weight_hh_l{k}{sfx}"]
+            b_ih, b_hh = weights.get(f"bias_ih_l{k}{sfx}"), weights.get(f"bias_hh_l{k}{sfx}")
             inp = x.flip(-3) if d else x
-            out, h, c = _layer(mode, inp, w[0], w[1], w[2], w[3], h0[..., j, :, :],
+            out, h, c = _layer(mode, inp, w_ih, w_hh, b_ih, b_hh, h0[..., j, :, :],
                                c0[..., j, :, :] if c0 is not None else None)
             outs.append(out.flip(-3) if d else out)
             h_n.append(h)
-            c_n.append(c)
+            if c is not None:
+                c_n.append(c)
         x = torch.cat(outs, -1) if len(outs) > 1 else outs[0]
     hs = (torch.stack(h_n, -3),)
     return x, hs + ((torch.stack(c_n, -3),) if mode == "LSTM" else ())
@@ -129,4 +133,4 @@ class FunctionalRNN(nn.Module):
         out = out.squeeze(1) if unbatched else out.transpose(0, 1) if self.batch_first else out
         if unbatched:
             hs = tuple(s.squeeze(1) for s in hs)
-        return out, hs if self.mode == "LSTM" else hs[0]
+        return out, (hs[0], hs[1]) if self.mode == "LSTM" else hs[0]

@@ -9,8 +9,8 @@ no stacked execution can reproduce per client (running statistics, global-RNG dr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ class ParamSpec:
     size: int
 
     @staticmethod
-    def of(module: nn.Module) -> "ParamSpec":
+    def of(module: nn.Module) -> ParamSpec:
         names, shapes, offsets, off = [], [], [], 0
         for name, p in module.named_parameters():
             names.append(name)
@@ -45,11 +45,12 @@ class ParamSpec:
         """Views of x [..., P] shaped as the module's parameters (leading dims kept)."""
         lead = x.shape[:-1]
         return {n: x[..., o:o + math.prod(s)].view(*lead, *s)
-                for n, s, o in zip(self.names, self.shapes, self.offsets)}
+                for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)}
 
     def segments(self) -> list[tuple[str, int, int]]:
         """(name, start, stop) of every parameter tensor in the flat vector."""
-        return [(n, o, o + math.prod(s)) for n, s, o in zip(self.names, self.shapes, self.offsets)]
+        return [(n, o, o + math.prod(s))
+                for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)]
 
 
 def init_params(module_factory: Callable[[], nn.Module], spec: ParamSpec, seed: int,

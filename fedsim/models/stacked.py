@@ -55,7 +55,8 @@ class StackedModel:
 
     def _to(self, device: torch.device) -> None:
         """Move the modules (their buffers matter: functional_call uses them) to `device`."""
-        for mod in {id(m): m for m in (self.module, self._shadow, self._vmap_module) if m is not None}.values():
+        mods = (self.module, self._shadow, self._vmap_module)
+        for mod in {id(m): m for m in mods if m is not None}.values():
             mod.to(device)
         self.device = device
 
@@ -123,6 +124,7 @@ class StackedModel:
     def _stacked(self, params: Params, inputs: torch.Tensor) -> torch.Tensor:
         m, b = inputs.shape[0], inputs.shape[1]
         self._run.params, self._run.m = params, m
+        assert self._shadow is not None  # resolve() offers "stacked" only with a folded form
         try:
             out = self._shadow(inputs.reshape(m * b, *inputs.shape[2:]))
         finally:
@@ -164,7 +166,8 @@ class StackedModel:
                 try:
                     if self._shadow is not None:
                         self._run.probe_n = 2 * b
-                        status["stacked"] = _agree(_with_grad(self._stacked, x, inputs, self.spec, ref[2]), ref)
+                        got = _with_grad(self._stacked, x, inputs, self.spec, ref[2])
+                        status["stacked"] = _agree(got, ref)
                 except AmbiguousBatch:
                     continue
                 except (NoBatchAxis, RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -240,7 +243,8 @@ def _sample_inputs(module: nn.Module, m: int, b: int, feature: tuple[int, ...], 
 
 def _vmappable(module: nn.Module) -> tuple[nn.Module, str]:
     """The module with recurrent layers swapped for `FunctionalRNN` (or itself), and a reason if not."""
-    padded = [n for n, mod in module.named_modules() if isinstance(mod, nn.Embedding) and mod.padding_idx is not None]
+    padded = [n for n, mod in module.named_modules()
+              if isinstance(mod, nn.Embedding) and mod.padding_idx is not None]
     if padded:  # vmap's batched embedding backward keeps padding_idx for client 0's table only
         return module, (f"embedding '{padded[0]}' has padding_idx, whose gradient torch.func.vmap "
                         "gets wrong for all clients but the first (torch 2.13)")

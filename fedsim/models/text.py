@@ -8,6 +8,7 @@ the sequence's class for text classification (then set `vocab` to the input voca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated
 
 import torch
@@ -31,7 +32,7 @@ def _sequence_length(name: str, input_shape: tuple[int, ...]) -> int:
 class CharRNN(nn.Module):
     """Embedding -> stacked LSTM/GRU (batch-first) -> Linear on the last position."""
 
-    def __init__(self, cell: type[nn.RNNBase], vocab: int, embed: int, hidden: int, layers: int,
+    def __init__(self, cell: Callable[..., nn.RNNBase], vocab: int, embed: int, hidden: int, layers: int,
                  num_classes: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, embed)

@@ -61,7 +61,8 @@ def train(net: Net, loader: DataLoader, epochs: int, lr: float, proximal_mu: flo
             loss = nn.functional.cross_entropy(net(xb), yb)
             if proximal_mu > 0:
                 loss = loss + proximal_mu / 2 * sum(((p - g) ** 2).sum()
-                                                    for p, g in zip(net.parameters(), global_params))
+                                                    for p, g in zip(net.parameters(), global_params,
+                                                                    strict=True))
             loss.backward()
             opt.step()
             total, count = total + loss.item() * len(yb), count + len(yb)

@@ -23,5 +23,5 @@ if __name__ == "__main__":
 
         try:
             lc.main()
-        except Exception as exc:  # any failure ends the job on every rank
+        except Exception as exc:  # noqa: BLE001 - any failure ends the job on every rank
             lc.fail(f"{type(exc).__name__}: {exc}")

@@ -33,10 +33,10 @@ def test_choco_one_round_by_hand():
     params = {"lr": 0.0, "gamma": 0.5, "compressor": {"name": "top_k", "k": 1}}
     # Execute
     x, up = _run("choco", params, problem, 1, build_topology("complete", {}, n=3, seed=0), x0)
-    # Assert: 2 neighbours each, one value (32 bits) + one index (1 bit) -> 5 bytes per message
+    # Assert: 2 neighbours each, one float64 value (64 bits) + one index (1 bit) -> 9 bytes
     want = torch.tensor([[4 / 3, -2 / 3], [1 / 3, 4 / 3], [-13 / 6, 4 / 3]], dtype=torch.float64)
     torch.testing.assert_close(x, want, rtol=0, atol=1e-12)
-    assert up == 3 * 2 * 5
+    assert up == 3 * 2 * 9
 
 
 def test_choco_with_identity_compressor_is_dsgd():
@@ -60,7 +60,7 @@ def test_choco_gossip_reaches_the_exact_average_with_fewer_bytes():
     x, up = _run("choco", {"lr": 0.0, "gamma": 0.3}, problem, 150, topo, x0)
     _, up_dense = _run("gossip", {"lr": 0.0}, problem, 1, topo, x0)
     # Assert: the mean is kept exactly, consensus at it; a message is 2 values + 2 indices,
-    # 2 * (32 + 5) bits -> 10 bytes, against 20 * 8 bytes dense (float64)
+    # 2 * (64 + 5) bits -> 18 bytes, against 20 * 8 bytes dense (float64: one byte rule)
     torch.testing.assert_close(x.mean(0), x0.mean(0), rtol=0, atol=1e-12)
     assert (x - x0.mean(0)).abs().max() < 1e-3
-    assert up * 160 == 150 * up_dense * 10
+    assert up * 160 == 150 * up_dense * 18

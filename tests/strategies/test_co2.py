@@ -1,6 +1,6 @@
 """CO2 (arXiv:2401.16265) and its no-overlap special cases Local SGD and SlowMo.
 
-Fixture (ALGORITHMS.md §8.4, shared/research/algorithm_checks/co2_quad.py): 3 workers,
+Fixture (docs/algorithms.md#co2-quadratic): 3 workers,
 f_i(x) = h_i (x - c_i)^2 / 2, h = [1, 4, 2], c = [0, 1, -1], x0 = 0, tau = 8, gamma = 0.05,
 full-batch gradients, full participation. Local SGD's fixed point is 0.1511183198 (x* = 0.2857).
 The reference loop `_reference` below is that script's `co2` function in torch.
@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from fedsim import testing
+from fedsim.registry import build_nested
 from strategies import STRATEGIES
 from strategies.co2 import co2
+from strategies.local import adamw
 
 H, C, TAU, GAMMA = [1.0, 4.0, 2.0], [0.0, 1.0, -1.0], 8, 0.05
 FIXED_POINT = 0.1511183198
@@ -54,8 +56,9 @@ def test_no_staleness_no_momentum_is_local_sgd():
     Round 1 by hand: y_i = c_i (1 - (1 - gamma h_i)^tau) from x0 = 0, x1 = mean(y_i).
     """
     # Prepare
-    x1 = sum(c * (1 - (1 - GAMMA * h) ** TAU) for h, c in zip(H, C)) / 3
-    make = lambda: co2(staleness=0, beta=0.0, outer_lr=1.0, **PLAIN)
+    x1 = sum(c * (1 - (1 - GAMMA * h) ** TAU) for h, c in zip(H, C, strict=True)) / 3
+    def make():
+        return co2(staleness=0, beta=0.0, outer_lr=1.0, **PLAIN)
     fedavg = STRATEGIES.build("fedavg", {"lr": GAMMA, "local_steps": TAU, "weighting": "uniform"})
     # Execute
     one, many = _x(make(), 1), _x(make(), 400)
@@ -71,13 +74,13 @@ def test_weighting(weighting):
     """One Local SGD round, sizes n = [1, 2, 3]: x1 = mean_i y_i (uniform) or sum_i n_i y_i / 6."""
     # Prepare
     n = [1.0, 2.0, 3.0]
-    ends = [c * (1 - (1 - GAMMA * h) ** TAU) for h, c in zip(H, C)]
+    ends = [c * (1 - (1 - GAMMA * h) ** TAU) for h, c in zip(H, C, strict=True)]
     w = [1 / 3] * 3 if weighting == "uniform" else [v / 6 for v in n]
     problem = testing.QuadraticProblem(H, C, sizes=n)
     # Execute
     x1 = _x(co2(staleness=0, beta=0.0, weighting=weighting, **PLAIN), 1, problem)
     # Assert
-    assert float(x1[0]) == pytest.approx(sum(wi * y for wi, y in zip(w, ends)), rel=1e-13)
+    assert float(x1[0]) == pytest.approx(sum(wi * y for wi, y in zip(w, ends, strict=True)), rel=1e-13)
 
 
 def test_no_staleness_with_momentum_is_slowmo():
@@ -121,7 +124,7 @@ def test_staleness_keeps_the_fixed_point_but_changes_the_path():
 
 def _mean_end(x: float) -> float:
     """Y(x) = mean_i x^{(i)}_{tau} from x: full-batch GD contracts to c_i by q_i = (1 - gamma h_i)^tau."""
-    return sum(c + (1 - GAMMA * h) ** TAU * (x - c) for h, c in zip(H, C)) / 3
+    return sum(c + (1 - GAMMA * h) ** TAU * (x - c) for h, c in zip(H, C, strict=True)) / 3
 
 
 def test_round_zero_leaves_the_model_unchanged_and_rounds_apply_the_previous_reduction():
@@ -130,7 +133,8 @@ def test_round_zero_leaves_the_model_unchanged_and_rounds_apply_the_previous_red
     x3 = x2 - (x1 - Y(x1)) = 2 Y(0) (applying round 2's own reduction would give Y(Y(0))).
     """
     # Prepare
-    make = lambda: co2(staleness=1, beta=0.0, **PLAIN)
+    def make():
+        return co2(staleness=1, beta=0.0, **PLAIN)
     # Execute
     loop1 = testing.run(make(), _problem(), 1)
     x2, x3 = _x(make(), 2), _x(make(), 3)
@@ -156,7 +160,8 @@ def test_gap_compares_the_current_model_with_the_stale_average():
     x3 = x2 - m2
     y2 = _mean_end(x2)
     x4 = x3 - (0.5 * m2 + (x2 - y2) / (1 + abs(x3 - y2)))
-    make = lambda: co2(tau=TAU, lr=GAMMA, beta=0.5, penalty="gap_elementwise", clip="none")
+    def make():
+        return co2(tau=TAU, lr=GAMMA, beta=0.5, penalty="gap_elementwise", clip="none")
     # Execute
     got3, got4 = _x(make(), 3), _x(make(), 4)
     # Assert
@@ -189,7 +194,8 @@ def test_an_empty_round_changes_nothing_but_still_advances_the_anchor():
     x2 = y0 / (1 + abs(y0))
     y2 = _mean_end(x2)
     x4 = x2 - (x2 - y2) / (1 + abs(x2 - y2))
-    make = lambda: co2(tau=TAU, lr=GAMMA, beta=0.0, penalty="gap_elementwise", clip="none")
+    def make():
+        return co2(tau=TAU, lr=GAMMA, beta=0.0, penalty="gap_elementwise", clip="none")
     part = testing.MaskParticipation(masks)
     # Execute
     got = [_x(make(), r, participation=part) for r in (2, 3, 4)]
@@ -260,8 +266,10 @@ def test_first_stale_update_by_hand(penalty, clip):
 
 
 @pytest.mark.parametrize("inner,torch_opt", [
-    ("adamw", lambda p: torch.optim.AdamW([p], lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
-    ("momentum", lambda p: torch.optim.SGD([p], lr=0.05, momentum=0.7, weight_decay=0.1)),
+    ({"name": "adamw", "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.1},
+     lambda p: torch.optim.AdamW([p], lr=0.05, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    ({"name": "momentum", "mass": 0.7, "weight_decay": 0.1},
+     lambda p: torch.optim.SGD([p], lr=0.05, momentum=0.7, weight_decay=0.1)),
 ])
 def test_inner_state_persists_across_rounds(inner, torch_opt):
     """One worker, staleness 0, beta 0, alpha 1: x_{t+1,0} is the worker's end point, so 3 rounds
@@ -274,8 +282,8 @@ def test_inner_state_persists_across_rounds(inner, torch_opt):
     for _ in range(12):
         p.grad = problem.h[0] * (p.detach() - problem.c[0])
         opt.step()
-    strat = co2(tau=4, lr=0.05, inner=inner, inner_momentum=0.7, weight_decay=0.1, adam_beta1=0.8,
-                adam_beta2=0.99, adam_eps=1e-6, staleness=0, beta=0.0, penalty="const", clip="none")
+    strat = co2(tau=4, lr=0.05, inner=build_nested("optimizers", inner), staleness=0, beta=0.0,
+                penalty="const", clip="none")
     # Execute
     x = _x(strat, 3, problem)
     # Assert
@@ -285,19 +293,9 @@ def test_inner_state_persists_across_rounds(inner, torch_opt):
 def test_inner_state_is_per_client_and_waits_while_absent():
     # Prepare
     masks = [[True, False, True], [True, True, False], [False, False, True]]
-    strat = co2(tau=TAU, lr=GAMMA, inner="adamw", staleness=1)
+    strat = co2(tau=TAU, lr=GAMMA, inner=adamw(), staleness=1)
     # Execute
     loop = testing.run(strat, _problem(), 3, participation=testing.MaskParticipation(masks))
     state = loop.state.store.gather(torch.arange(3))
     # Assert
     assert state["step"].tolist() == [2 * TAU, TAU, 2 * TAU]
-
-
-def test_small_scenario_runs(tmp_path, capsys):
-    from tests.conftest import ROOT, run_cli
-
-    # Execute
-    code, out, err = run_cli(["run", str(ROOT / "scenarios" / "co2.yaml"), "--quiet", "--out",
-                              str(tmp_path), "--set", "rounds=2", "--set", "eval.every=1"], capsys)
-    # Assert
-    assert code == 0, err

@@ -1,5 +1,5 @@
-"""Compressor contracts: selection, contraction, unbiasedness, bits, chain, keyed determinism,
-configuration errors, and the generic uplink wrapper (`compress_uplink`)."""
+"""Compressor contracts: selection, contraction, unbiasedness, encodings, chain, keyed determinism,
+configuration errors, error-feedback wrappers, and the generic uplink wrapper (`compress_uplink`)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,36 @@ import math
 import pytest
 import torch
 
+from fedsim import round as kernel
 from fedsim import testing
 from fedsim.errors import ConfigError
-from fedsim.types import RoundCtx
-from strategies.compress import build_compressor, compress_uplink, make_contractive, validate_compressor
+from fedsim.registry import build_nested
+from strategies.compress import contractive, top_k
 from strategies.fedavg import fedavg
+from strategies.feedback import ef14, ef21
+from strategies.uplink import compress_uplink
 from tests.conftest import run_cli
 
 
 def _ctx(ids, round=0, seed=0, n=100_000):
     ids = torch.as_tensor(ids, dtype=torch.int64)
-    one = torch.ones(ids.shape[0], dtype=torch.float64)
-    return RoundCtx(round=round, seed=seed, ids=ids, num_samples=one, weight=one / ids.shape[0],
-                    participants=torch.ones(n, dtype=torch.bool), total_samples=torch.ones(n),
-                    num_clients=n)
+    return kernel.make_ctx(round, seed, ids, torch.ones(n, dtype=torch.bool),
+                           torch.ones(n, dtype=torch.int64), torch.float64)
+
+
+class _Stateless:
+    """A compressor's sender half called the short way: (decoded, bits per row at v's width)."""
+
+    def __init__(self, comp):
+        self.comp, self.alpha, self.omega = comp, comp.alpha, comp.omega
+
+    def compress(self, v, ctx):
+        dec, enc, _ = self.comp.compress(v, {}, ctx)
+        return dec, enc.values * v.element_size() * 8 + enc.bits
 
 
 def _comp(**cfg):
-    return build_compressor(validate_compressor(cfg))
+    return _Stateless(build_nested("compressors", cfg))
 
 
 def _rows(m, d, seed=0):
@@ -38,10 +50,10 @@ def test_top_k_keeps_the_k_largest_and_breaks_ties_by_lowest_index():
     v = torch.tensor([[3.0, -5.0, 0.5, 4.0], [1.0, -1.0, 1.0, 1.0]], dtype=torch.float64)
     # Execute
     dec, bits = _comp(name="top_k", k=2).compress(v, _ctx([0, 1]))
-    # Assert: k * (32 + ceil(log2 4)) = 2 * 34 bits per row
+    # Assert: k * (64 + ceil(log2 4)) = 2 * 66 bits per row (float64 values)
     expect = torch.tensor([[0.0, -5.0, 0.0, 4.0], [1.0, -1.0, 0.0, 0.0]], dtype=torch.float64)
     assert torch.equal(dec, expect)
-    assert bits.tolist() == [68.0, 68.0]
+    assert bits.tolist() == [132.0, 132.0]
 
 
 @pytest.mark.parametrize("cfg", [{"name": "top_k", "ratio": 0.1}, {"name": "top_k", "k": 7}])
@@ -72,7 +84,8 @@ def test_unbiased_compressors_average_to_v_with_variance_at_most_omega(cfg):
 
 def test_contractive_form_of_rand_k_is_unscaled_rand_k_with_alpha_k_over_d():
     v = _rows(4, 10)
-    plain, contr = _comp(name="rand_k", k=3), make_contractive(_comp(name="rand_k", k=3))
+    plain = _comp(name="rand_k", k=3)
+    contr = _Stateless(contractive(build_nested("compressors", {"name": "rand_k", "k": 3})))
     a, _ = plain.compress(v, _ctx(range(4)))
     b, _ = contr.compress(v, _ctx(range(4)))
     torch.testing.assert_close(b, a * 3 / 10, rtol=0, atol=1e-15)
@@ -82,19 +95,28 @@ def test_contractive_form_of_rand_k_is_unscaled_rand_k_with_alpha_k_over_d():
 
 
 @pytest.mark.parametrize("cfg,bits", [
-    ({"name": "identity"}, 32 * 1000),
-    ({"name": "top_k", "ratio": 0.01}, 10 * (32 + 10)),
-    ({"name": "rand_k", "k": 10}, 10 * (32 + 10)),
-    ({"name": "rand_k", "k": 10, "shared_seed": True}, 10 * 32),
-    ({"name": "qsgd", "levels": 15}, 32 + 1000 * (1 + 4)),
-    ({"name": "qsgd", "levels": 16}, 32 + 1000 * (1 + 5)),
-    ({"name": "natural"}, 9 * 1000),
+    ({"name": "identity"}, 64 * 1000),
+    ({"name": "top_k", "ratio": 0.01}, 10 * (64 + 10)),
+    ({"name": "rand_k", "k": 10}, 10 * (64 + 10)),
+    ({"name": "rand_k", "k": 10, "shared_seed": True}, 10 * 64),
+    ({"name": "qsgd", "levels": 15}, 64 + 1000 * (1 + 4)),
+    ({"name": "qsgd", "levels": 16}, 64 + 1000 * (1 + 5)),
+    ({"name": "natural"}, (1 + 11) * 1000),
     ({"name": "chain", "stages": [{"name": "top_k", "k": 10}, {"name": "qsgd", "levels": 3}]},
-     10 * 10 + 32 + 10 * (1 + 2)),
+     10 * 10 + 64 + 10 * (1 + 2)),
+    ({"name": "chain", "stages": [{"name": "top_k", "k": 10}, {"name": "rand_k", "k": 4}]},
+     4 * (64 + 10)),
 ])
-def test_bits_count_a_real_encoding(cfg, bits):
+def test_encodings_count_what_a_real_encoding_sends(cfg, bits):
+    """float64 rows of d = 1000: values at 64 bits, indices at ceil(log2 1000) = 10 bits."""
     _, b = _comp(**cfg).compress(_rows(3, 1000), _ctx([4, 5, 6]))
     assert b.tolist() == [float(bits)] * 3
+
+
+def test_float32_rows_count_32_bit_values_and_8_bit_exponents():
+    v = _rows(2, 100).float()
+    assert _comp(name="top_k", k=5).compress(v, _ctx([0, 1]))[1].tolist() == [5 * (32 + 7)] * 2
+    assert _comp(name="natural").compress(v, _ctx([0, 1]))[1].tolist() == [9 * 100] * 2
 
 
 def test_chain_runs_later_stages_on_the_kept_values():
@@ -134,18 +156,29 @@ def test_draws_are_keyed_by_seed_round_client_and_not_by_chunking(name):
 
 @pytest.mark.parametrize("cfg,key", [
     ({"name": "top_k"}, "ratio"),
-    ({"name": "top_k", "ratio": 0.5, "k": 3}, "k"),
+    ({"name": "top_k", "ratio": 0.5, "k": 3}, "ratio"),
     ({"name": "top_k", "ratio": 1.5}, "ratio"),
     ({"name": "qsgd", "bits": 3}, "bits"),
     ({"name": "nope"}, "name"),
     ({"name": "chain", "stages": [{"name": "identity"}, {"name": "qsgd", "levels": 0}]}, "stages.1.levels"),
-    ({"name": "chain", "stages": [{"name": "top_k", "k": 1, "error_feedback": True}]},
-     "stages.0.error_feedback"),
+    ({"name": "ef21", "inner": {"name": "top_k", "k": 0}}, "inner.k"),
+    ({"name": "ef21"}, "inner"),
+    ({"name": "ef14", "inner": "top_k"}, "inner"),
 ])
 def test_validation_errors_name_the_key_relative_to_the_compressor(cfg, key):
     with pytest.raises(ConfigError) as err:
-        validate_compressor(cfg)
+        build_nested("compressors", cfg)
     assert err.value.key == key
+
+
+def test_compressors_describe_themselves_for_the_resolved_scenario():
+    from fedsim.registry import plain
+
+    comp = ef21(inner=top_k(ratio=0.25))
+    assert plain(comp) == {"name": "ef21", "inner": {"name": "top_k", "ratio": 0.25, "k": None},
+                           "init": "dense"}
+    again = build_nested("compressors", plain(comp))
+    assert plain(again) == plain(comp)
 
 
 def test_cli_lists_compressors(capsys):
@@ -155,20 +188,24 @@ def test_cli_lists_compressors(capsys):
                                                                "natural", "chain"}
 
 
-def test_uplink_identity_leaves_fedavg_unchanged_and_counts_32_bits_per_value():
+def test_uplink_identity_leaves_fedavg_unchanged_and_counts_the_dense_bytes():
+    # Prepare: float64 quadratics, 6 clients, P = 5
     problem = testing.heterogeneous_quadratic(num_clients=6, dim=5, seed=1)
+    # Execute
     plain = testing.run(fedavg(lr=0.1, local_steps=3), problem, rounds=5)
-    wrapped = testing.run(compress_uplink(fedavg(lr=0.1, local_steps=3), {"name": "identity"}), problem,
-                          rounds=5)
+    wrapped = testing.run(compress_uplink(fedavg(lr=0.1, local_steps=3),
+                                          build_nested("compressors", {"name": "identity"})),
+                          problem, rounds=5)
+    # Assert: same iterates, and the one byte rule: 5 rounds x 6 clients x 5 values x 8 bytes
     assert torch.equal(plain.state.server["x"], wrapped.state.server["x"])
-    assert wrapped.state.bytes.up == 5 * 6 * 5 * 4  # float32 on the wire (float64 dense here is 8)
+    assert wrapped.state.bytes.up == plain.state.bytes.up == 5 * 6 * 5 * 8
 
 
 def test_uplink_error_feedback_keeps_what_was_not_sent():
     """e_i^{t+1} = e_i^t + Delta_i - C(e_i^t + Delta_i), and sent + kept == Delta summed over rounds."""
     # Prepare: one client, two rounds, top-1 of 3 coordinates, FedAvg with one local step
     problem = testing.QuadraticProblem([[1.0, 2.0, 4.0]], [[1.0, -1.0, 0.5]])
-    strat = compress_uplink(fedavg(lr=0.1, local_steps=1), {"name": "top_k", "k": 1, "error_feedback": True})
+    strat = compress_uplink(fedavg(lr=0.1, local_steps=1), ef14(inner=top_k(k=1)))
     # Execute
     loop = testing.run(strat, problem, rounds=2)
     # Assert: hand computation
@@ -180,14 +217,40 @@ def test_uplink_error_feedback_keeps_what_was_not_sent():
     p1 = -0.1 * h * (x1 - c) + (p0 - sent0)       # (0.2, -0.16, 0.4): sends index 2
     sent1 = torch.tensor([0.0, 0.0, float(p1[2])], dtype=torch.float64)
     torch.testing.assert_close(loop.state.server["x"], x1 + sent1, rtol=0, atol=1e-15)
-    e = loop.state.store.gather(torch.tensor([0]))["uplink_ef/delta"][0]
-    torch.testing.assert_close(e, p1 - sent1, rtol=0, atol=1e-15)
+    # one float64 value + a 2-bit index per round: ceil(66 / 8) = 9 bytes
+    assert loop.state.bytes.per_round == [(9, 3 * 8)] * 2
+
+
+def test_ef21_wrapper_tracks_the_messages_on_both_sides():
+    """ef21(identity): c_i = v_i - g_i, g_i <- v_i; receiver g <- g + sum c (the reduced sum)."""
+    # Prepare
+    comp = ef21(inner=build_nested("compressors", {"name": "identity"}), init="compressed")
+    v1, v2 = _rows(2, 4), _rows(2, 4, seed=1)
+    st = comp.init(torch.zeros(2, 4, dtype=torch.float64))
+    recv = comp.init_receiver(torch.zeros(4, dtype=torch.float64))
+    # Execute
+    c1, _, st = comp.compress(v1, st, _ctx([0, 1]))
+    est1, recv = comp.receive(c1.sum(0), recv)
+    c2, _, st = comp.compress(v2, st, _ctx([0, 1], round=1))
+    est2, recv = comp.receive(c2.sum(0), recv)
+    # Assert
+    torch.testing.assert_close(c2, v2 - v1, rtol=0, atol=1e-15)
+    torch.testing.assert_close(st["g"], v2, rtol=0, atol=1e-15)
+    torch.testing.assert_close(est1, v1.sum(0), rtol=0, atol=1e-15)
+    torch.testing.assert_close(est2, v2.sum(0), rtol=0, atol=1e-14)
+
+
+def test_choco_refuses_a_stateful_compressor():
+    from strategies.choco import choco
+
+    with pytest.raises(ValueError, match="stateless"):
+        choco(compressor=ef14(inner=top_k(k=1)))
 
 
 def test_fedavg_with_top_k_uplink_runs_from_a_scenario(tmp_path, capsys):
-    from tests.conftest import read_metrics, write_scenario, small_scenario
+    from tests.conftest import read_metrics, small_scenario, write_scenario
 
-    comp = {"name": "top_k", "ratio": 0.1, "error_feedback": True}
+    comp = {"name": "ef14", "inner": {"name": "top_k", "ratio": 0.1}}
     dense = write_scenario(tmp_path, small_scenario(rounds=2), "dense.yaml")
     sparse = write_scenario(tmp_path, small_scenario(rounds=2, strategy={"compressor": comp}), "topk.yaml")
     out = []

@@ -11,16 +11,22 @@ import torch
 from fedsim import testing
 from fedsim.config import parse_scenario
 from fedsim.errors import ConfigError
-from strategies.ef21 import (compressed_gd, econtrol, ef21, ef21_w, estimate_smoothness, nonconvex_reg,
-                             theory_constants, theory_lr)
+from fedsim.objectives import estimate_smoothness, nonconvex_reg
+from strategies.compress import identity, top_k
+from strategies.ef21 import compressed_gd, econtrol, ef21, gd, theory_constants, theory_lr
+from strategies.ef21_w import ef21_w
+from strategies.feedback import ef14
+from strategies.feedback import ef21 as ef21_compressor
+from strategies.uplink import PREFIX, compress_uplink
 from tests.conftest import small_scenario
 
-IDENT = {"name": "identity"}
-TOP1 = {"name": "top_k", "k": 1}
+IDENT = identity()
+TOP1 = top_k(k=1)
+G_I = PREFIX + "grad/g"   # EF21's per-client g_i (and the server's g) under the uplink prefix
 
 
 def _paper_quadratic():
-    """ALGORITHMS.md §7.3 test 3: f_i = x^T A_i x / 2 - b_i^T x, i.e. h = diag A_i, c = b_i / h."""
+    """docs/algorithms.md#ef21-quadratic: f_i = x^T A_i x / 2 - b_i^T x, i.e. h = diag A_i, c = b_i / h."""
     h = np.array([[1.0, 3.0], [2.0, 0.5]])
     b = np.array([[1.0, -1.0], [0.0, 2.0]])
     return testing.QuadraticProblem(h, b / h)
@@ -64,12 +70,12 @@ def test_two_rounds_by_hand_with_top_1_and_bytes():
     x1 = gam * torch.tensor([0.5, 0.5], dtype=torch.float64)
     g = torch.tensor([-0.5 + 0.5 * gam, -0.5 + 0.75 * gam], dtype=torch.float64)
     torch.testing.assert_close(loop.state.server["x"], x1 - gam * g, rtol=0, atol=1e-15)
-    # up: 2 clients x 2 values x 4 bytes, then 2 x ceil((32 + 1) / 8); down: x as float64
-    assert loop.state.bytes.per_round == [(16, 32), (10, 32)]
+    # up: 2 clients x 2 float64 values, then 2 x ceil((64 + 1) / 8); down: x as float64
+    assert loop.state.bytes.per_round == [(32, 32), (18, 32)]
 
 
 def test_top_1_on_the_paper_quadratic_reaches_the_optimum():
-    # Prepare: theory step of §7.3 test 3
+    # Prepare: theory step of docs/algorithms.md#ef21-quadratic
     problem = _paper_quadratic()
     # Execute: round 0 is the init, rounds 1..3000 are the paper's iterations
     loop = testing.run(ef21(lr=0.1265012371, compressor=TOP1), problem, rounds=3001)
@@ -83,7 +89,7 @@ def test_top_1_on_the_paper_quadratic_reaches_the_optimum():
 @pytest.mark.parametrize("participation", [None, testing.bernoulli([0.3, 0.5, 0.9, 0.6], seed=4)])
 def test_ef21_w_equals_ef21_for_top_k_with_uneven_weights(participation):
     problem = testing.heterogeneous_quadratic(num_clients=4, dim=6, seed=5, sizes=[3, 1, 1, 5])
-    comp = {"name": "top_k", "k": 2}
+    comp = top_k(k=2)
     a = testing.run(ef21(lr=0.1, compressor=comp), problem, 60, participation=participation)
     b = testing.run(ef21_w(lr=0.1, compressor=comp, smoothness=[0.01, 100.0, 1.0, 7.0]), problem, 60,
                     participation=participation)
@@ -95,11 +101,11 @@ def test_server_g_is_the_mean_of_all_client_g_i_under_partial_participation():
     problem = testing.heterogeneous_quadratic(num_clients=6, dim=5, seed=6, sizes=[1, 2, 3, 1, 2, 3])
     part = testing.bernoulli([0.3] * 6, seed=2)
     # Execute
-    loop = testing.run(ef21(lr=0.1, compressor={"name": "top_k", "k": 2}), problem, 40, participation=part)
+    loop = testing.run(ef21(lr=0.1, compressor=top_k(k=2)), problem, 40, participation=part)
     # Assert: g == sum_i (n_i / n) g_i over ALL clients (stale ones included), not over responders
-    g_i = loop.state.store.gather(torch.arange(6))["g"]
+    g_i = loop.state.store.gather(torch.arange(6))[G_I]
     w = torch.as_tensor(problem.sizes / problem.sizes.sum())[:, None]
-    torch.testing.assert_close(loop.state.server["g"], (w * g_i).sum(0), rtol=0, atol=1e-13)
+    torch.testing.assert_close(loop.state.server[G_I], (w * g_i).sum(0), rtol=0, atol=1e-13)
 
 
 def test_absent_clients_keep_their_g_i():
@@ -107,7 +113,7 @@ def test_absent_clients_keep_their_g_i():
     masks = [[True, True, True], [True, False, False]]
     part = testing.MaskParticipation(masks)
     loop = testing.run(ef21(lr=0.1, compressor=TOP1), problem, 2, participation=part)
-    g = loop.state.store.gather(torch.arange(3))["g"]
+    g = loop.state.store.gather(torch.arange(3))[G_I]
     grad0 = problem.h * (0 - problem.c)  # clients 1, 2 only sent their dense round-0 gradient
     torch.testing.assert_close(g[1:], grad0[1:], rtol=0, atol=0)
     assert not torch.equal(g[0], grad0[0])
@@ -115,7 +121,7 @@ def test_absent_clients_keep_their_g_i():
 
 def test_econtrol_with_eta_zero_is_ef21_and_tracks_its_error():
     problem = testing.heterogeneous_quadratic(num_clients=4, dim=6, seed=7)
-    comp = {"name": "top_k", "k": 1}
+    comp = top_k(k=1)
     a = testing.run(ef21(lr=0.1, compressor=comp, init="compressed"), problem, 30)
     b = testing.run(econtrol(lr=0.1, compressor=comp, eta=0.0, init="compressed"), problem, 30)
     torch.testing.assert_close(b.state.server["x"], a.state.server["x"], rtol=0, atol=1e-14)
@@ -127,7 +133,7 @@ def test_ef21_sgd_uses_the_minibatch_oracle():
     problem = testing.heterogeneous_quadratic(num_clients=3, dim=4, seed=2, noise=0.5)
     loop = testing.run(ef21(lr=0.1, compressor=IDENT, stochastic=True), problem, 1)
     _, grad = problem.oracle(torch.arange(3), 0)(torch.zeros(3, 4, dtype=torch.float64), 0)
-    torch.testing.assert_close(loop.state.store.gather(torch.arange(3))["g"], grad, rtol=0, atol=0)
+    torch.testing.assert_close(loop.state.store.gather(torch.arange(3))[G_I], grad, rtol=0, atol=0)
 
 
 def test_naive_top_k_stalls_where_ef21_converges_with_a_fraction_of_the_bytes():
@@ -169,5 +175,30 @@ def test_bad_compressor_is_reported_under_strategy_compressor():
     with pytest.raises(ConfigError) as err:
         parse_scenario(small_scenario(strategy={"name": "ef21", "compressor": {"name": "top_k", "ratio": 3}}))
     assert "strategy.compressor.ratio" in str(err.value)
-    with pytest.raises(ConfigError, match="error feedback themselves"):
-        ef21(compressor={"name": "top_k", "k": 1, "error_feedback": True})
+    with pytest.raises(ValueError, match="compressor: EF21 is error feedback itself"):
+        ef21(compressor=ef14(inner=top_k(k=1)))
+
+
+@pytest.mark.parametrize("participation", [None, testing.bernoulli([0.5] * 4, seed=3)])
+def test_ef21_is_gd_with_an_ef21_uplink(participation):
+    """The registered `ef21` and `gd` + `compressor: {name: ef21, inner: ...}` are one algorithm,
+    also in rounds where nobody takes part (the receiver still steps with its g)."""
+    problem = testing.heterogeneous_quadratic(num_clients=4, dim=5, seed=8)
+    a = testing.run(ef21(lr=0.2, compressor=top_k(k=2)), problem, 30, participation=participation)
+    composed = compress_uplink(gd(lr=0.2), ef21_compressor(inner=top_k(k=2)))
+    b = testing.run(composed, problem, 30, participation=participation)
+    assert torch.equal(a.state.server["x"], b.state.server["x"])
+    assert a.state.bytes.per_round == b.state.bytes.per_round
+
+
+def test_a_round_nobody_takes_part_in_still_steps_with_g():
+    """EF21-PP: x^{t+1} = x^t - gamma g^t also when S_t is empty; naive compressed GD stays put."""
+    problem = testing.heterogeneous_quadratic(num_clients=3, dim=4, seed=2)
+    part = testing.MaskParticipation([[True, True, True], [False, False, False]])
+    one = testing.run(ef21(lr=0.1, compressor=TOP1), problem, 1, participation=part)
+    two = testing.run(ef21(lr=0.1, compressor=TOP1), problem, 2, participation=part)
+    g = one.state.server[G_I]
+    torch.testing.assert_close(two.state.server["x"], one.state.server["x"] - 0.1 * g, rtol=0, atol=0)
+    naive1 = testing.run(compressed_gd(lr=0.1, compressor=TOP1), problem, 1, participation=part)
+    naive2 = testing.run(compressed_gd(lr=0.1, compressor=TOP1), problem, 2, participation=part)
+    assert torch.equal(naive1.state.server["x"], naive2.state.server["x"])

@@ -1,4 +1,5 @@
-"""Gossip (D-SGD) and variance-corrected gossip: ALGORITHMS.md §5.4 and §6.5 fixtures.
+"""Gossip (D-SGD) and variance-corrected gossip: the fixtures of docs/algorithms.md#gossip-tests and
+#gossip-var-tests.
 
 Every run goes through the real engine loop (`fedsim.testing.run`) with a real topology, so
 the sparse mixing, the time-invariant W cache and the node metrics are exercised too.
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from fedsim import testing
-from strategies._local import local_sgd
 from strategies.gossip_var import corrected_segments, tensor_variances, variance_correct
+from strategies.local import local_sgd
 from topologies import build_topology, spectral_gap
 
 
@@ -55,7 +56,8 @@ def test_mixing_preserves_the_mean(order):
 
 
 def test_metropolis_ring8_three_steps():
-    """ALGORITHMS.md §5.4 test 5; numpy: W = MH(ring 8) (1/3 on i-1, i, i+1); x = W @ W @ W @ arange(8)."""
+    """docs/algorithms.md#gossip-tests; numpy: W = MH(ring 8) (1/3 on i-1, i, i+1);
+    x = W @ W @ W @ arange(8)."""
     # Prepare
     topo = build_topology("ring", {}, n=8, seed=0)
     x0 = torch.arange(8, dtype=torch.float64)[:, None]
@@ -82,7 +84,7 @@ def test_consensus_contracts_at_least_at_the_spectral_gap_rate():
     # Assert: ||x_T - xbar|| <= (1 - rho)^T ||x_0 - xbar||, and it does contract
     assert abs(rho - 0.195262) < 1e-6
     bound = [d0 * (1 - rho) ** (2 * t) for t in range(1, 13)]
-    assert all(d <= b * (1 + 1e-12) for d, b in zip(seen, bound)), (seen, bound)
+    assert all(d <= b * (1 + 1e-12) for d, b in zip(seen, bound, strict=True)), (seen, bound)
     assert seen[-1] < 0.1 * d0
 
 
@@ -276,18 +278,3 @@ def test_plain_gossip_shrinks_layer_variance_that_gossip_var_keeps(lr):
     ratio_vc = tensor_variances(corrected, segs).mean(0) / v0
     assert (ratio_plain < 0.2).all(), ratio_plain
     assert ((ratio_vc > 0.8) & (ratio_vc < 1.25)).all(), ratio_vc
-
-
-@pytest.mark.parametrize("name", ["gossip", "gossip-var"])
-def test_scenario_runs_from_the_cli(name, tmp_path, capsys):
-    from fedsim.cli import main
-
-    from tests.conftest import ROOT, read_metrics
-
-    code = main(["run", str(ROOT / "scenarios" / f"{name}.yaml"), "--quiet", "--out", str(tmp_path),
-                 "--set", "rounds=2", "--set", "eval.every=1"])
-    run_dir = capsys.readouterr().out.strip().splitlines()[-1]
-    metrics = read_metrics(run_dir)
-    assert code == 0 and len(metrics) == 2
-    assert {"consensus_distance", "node_accuracy_mean", "test_accuracy"} <= set(metrics[-1])
-    assert metrics[-1]["bytes_up"] > 0

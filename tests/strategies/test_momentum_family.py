@@ -1,6 +1,7 @@
 """Identities of FedAvgM, SCAFFOLD, FedAvg-M, SCAFFOLD-M and the VR variants (float64).
 
-Numbers are those of ALGORITHMS.md §1.5, §3.3, §4.6 and §10 (drift quadratic h = [1, 4],
+Numbers are those of docs/algorithms.md#client-momentum-tests and #drift-quadratic (drift
+quadratic h = [1, 4],
 c = [0, 1], lr 0.1, K = 10: FedAvg stops at 0.6041260077, x* = 0.8).
 """
 
@@ -32,7 +33,7 @@ def _noisy(n=6):
 
 def _fedavg_fixed_point(lr, k=10, h=(1.0, 4.0), c=(0.0, 1.0)):
     q = [(1 - lr * hi) ** k for hi in h]
-    return sum((1 - qi) * ci for qi, ci in zip(q, c)) / sum(1 - qi for qi in q)
+    return sum((1 - qi) * ci for qi, ci in zip(q, c, strict=True)) / sum(1 - qi for qi in q)
 
 
 class Recorder:

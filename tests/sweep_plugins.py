@@ -1,0 +1,35 @@
+"""A model for sweep tests whose forward pass fails, is interrupted or gets SIGTERM on demand
+(the scenario validates: the failure happens only once training starts)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+from torch import nn
+
+
+class Flaky(nn.Module):
+    """Logistic regression; `fail` decides its forward: never | error | interrupt | sigterm (to
+    itself) | sigint-parent | sigterm-parent (to the process that started it, then it waits to
+    be interrupted in turn)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, fail: str = "never") -> None:
+        super().__init__()
+        self.lin = nn.Linear(math.prod(input_shape), num_classes)
+        self.fail = fail
+
+    def forward(self, x):
+        if self.fail == "error":
+            raise RuntimeError("boom in forward")
+        if self.fail == "interrupt":
+            raise KeyboardInterrupt
+        if self.fail == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.fail.endswith("-parent"):
+            sig = signal.SIGINT if self.fail.startswith("sigint") else signal.SIGTERM
+            os.kill(os.getppid(), sig)
+            time.sleep(60)
+        return self.lin(x.flatten(1))
