@@ -83,8 +83,8 @@ class ClientData:
 
     def inputs(self, rows: torch.Tensor) -> torch.Tensor:
         """Model inputs [*rows.shape, *feature] of the rows `rows`, in the compute layout."""
-        flat = self.x.index_select(0, rows.reshape(-1))
-        return to_compute(flat.view(*rows.shape, *self.x.shape[1:]), self.dtype, self.normalize)
+        flat = self.x.index_select(0, rows.reshape(-1))  # [rows, *feature]: Normalize's channel axis 1
+        return to_compute(flat, self.dtype, self.normalize).view(*rows.shape, *self.x.shape[1:])
 
     def subset(self, ids: np.ndarray) -> ClientData:
         """The data of clients `ids` only (what one MPI rank or Flower node holds)."""
