@@ -112,7 +112,8 @@ class DataProblem:
         for s in range(0, n_max, step):
             pos = torch.arange(s, min(s + step, n_max), device=x.device)[None, :]
             valid = pos < sizes[:, None]
-            rows = torch.where(valid, offsets[:, None] + pos, 0)  # padding: row 0 (an empty last client starts at n)
+            # padding reads row 0 (an empty last client's offset is the row count)
+            rows = torch.where(valid, offsets[:, None] + pos, 0)
             logits = torch.cat([self.model.forward(x[j:j + plan.block], ct.inputs(rows[j:j + plan.block]),
                                                    plan.kind) for j in range(0, k, plan.block)])  # [k, b, C]
             y = ct.y[rows]
