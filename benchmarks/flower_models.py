@@ -1,4 +1,4 @@
-"""W6 (and W7/W8) as a plain Flower 1.41 FedAvg app, the way `flower_plain.py` runs W1/W2.
+"""W6 (and W7/W8) as a plain Flower FedAvg app (flwr 1.42, the pinned version), the way `flower_plain.py` runs W1/W2.
 
     python benchmarks/flower_models.py w6 [threads]   # prints one JSON line
 
@@ -11,7 +11,6 @@ partitions). in_loop_s = FedAvg.start plus the final test evaluation.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,8 +21,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+from flower_plain import cli, simulate, train_reply  # noqa: E402
 from model_workloads import load  # noqa: E402
-from workload_data import train_steps  # noqa: E402
 
 _DATA: dict[str, dict[str, Any]] = {}
 
@@ -35,9 +34,8 @@ def data(workload: str) -> dict[str, Any]:
 
 
 def make_apps():
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
-    from torch.utils.data import DataLoader, TensorDataset
 
     client_app = ClientApp()
 
@@ -46,15 +44,9 @@ def make_apps():
         cfg = msg.content["config"]
         w = data(str(cfg["workload"]))
         torch.set_num_threads(1)
-        net = w["make"]()
-        net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         i, n = int(context.node_config["partition-id"]), int(w["sizes"][0])
         x, y = torch.as_tensor(w["x"][i * n:(i + 1) * n]), torch.as_tensor(w["y"][i * n:(i + 1) * n])
-        loader = DataLoader(TensorDataset(x, y), batch_size=w["batch"], shuffle=True)
-        mean_loss = train_steps(net, loader, w["steps"], w["lr"])
-        metrics = MetricRecord({"train_loss": mean_loss, "num-examples": len(y)})
-        return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics}),
-                       reply_to=msg)
+        return train_reply(msg, w["make"](), x, y, w["batch"], w["steps"], w["lr"])
 
     return client_app
 
@@ -88,21 +80,12 @@ def make_server(workload: str, result: dict):
 
 def main(workload: str, threads: int | None) -> dict:
     import flower_models  # the importable copy of this module: Ray workers import it by name
-    from flwr.simulation import run_simulation
 
-    if threads:
-        torch.set_num_threads(threads)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.path.dirname(HERE),
-                                                             os.environ.get("PYTHONPATH")]))
     result: dict = {}
-    run_simulation(flower_models.make_server(workload, result), flower_models.make_apps(),
-                   data(workload)["clients"],
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    simulate(flower_models.make_server(workload, result), flower_models.make_apps(),
+             data(workload)["clients"], threads, [HERE, os.path.dirname(HERE)])
     return result
 
 
 if __name__ == "__main__":
-    name = sys.argv[1]
-    res = main(name, int(sys.argv[2]) if len(sys.argv) > 2 else None)
-    print(json.dumps({"impl": "flower", "workload": name, "in_loop_s": round(res["in_loop_s"], 4),
-                      "final_test_accuracy": round(res["final_test_accuracy"], 4)}))
+    cli(main)
