@@ -16,7 +16,7 @@ everything a round *means* lives here and is called by the multiplex / MPI loop
 * `server_step`: the strategy's server update (not called while the FIFO fills);
 * `row_bytes` / `broadcast_bytes`: the one byte rule;
 * `MixingOps`: the round's mixing operators ("W" and the uniform neighbour mean "mean");
-* `eval_due`, `metrics_line`, `node_metrics`: when to evaluate and the metrics line.
+* `eval_due`, `metrics_line`, `node_metrics`, `client_eval`: when to evaluate and the metrics line.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from fedsim.client_metrics import client_metrics, client_test_sums
 from fedsim.comm import weighted_sum
 from fedsim.system import Plan, RoundRecord, SystemModel
 from fedsim.types import Oracle, Participation, Pending, RoundCtx, Strategy, Topology, Tree
@@ -305,3 +306,21 @@ def node_metrics(sq_dist_sum: float, acc_sum: float | None, n: int) -> dict[str,
     return {"consensus_distance": sq_dist_sum / n,
             "node_accuracy_mean": None if acc_sum is None else acc_sum / n}
 
+
+
+def client_eval(problem: Any, models_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
+                n: int, allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Per-client test metrics (`fedsim.client_metrics.client_metrics`: mean, weighted mean,
+    worst-10 %, percentiles and spread of client accuracy, client loss) for the metrics line.
+
+    Every client is scored on its own test split with `models_of(ids)` (server strategies: the
+    server model; gossip: each node's own model). `ids` are the clients this process holds;
+    `allreduce` sums the [3, N] per-client table over processes (MPI ranks), so every engine
+    reports the same figures. {} when the data has no per-client test splits.
+    """
+    sums = client_test_sums(problem, models_of, ids, n)
+    if sums is None:
+        return {}
+    if allreduce is not None:
+        sums = allreduce(sums.reshape(-1)).reshape(3, n)
+    return client_metrics(sums[0], sums[1], sums[2])

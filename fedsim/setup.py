@@ -14,7 +14,7 @@ from fedsim.config import TOP_KEYS, Scenario
 from fedsim.data import ClientSplits, Dataset, client_splits, label_distribution, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import StackedModel, build_model, init_params
-from fedsim.oracle import ClientData
+from fedsim.oracle import ClientData, device_inputs
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem
 from fedsim.round import plan_round
@@ -49,18 +49,17 @@ class Setup:
         on the first call; later calls share it)."""
         if self._problem is None:
             ds, sc = self.dataset, self.scenario
-            x_train = ds.features(ds.x_train)
-            data = ClientData.from_parts(x_train, ds.y_train, self.parts, self.device, self.dtype)
+            data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype,
+                                         ds.normalize)
             prob = DataProblem(
-                self.model, data,
-                torch.as_tensor(ds.features(ds.x_test), dtype=self.dtype, device=self.device),
+                self.model, data, device_inputs(ds.x_test, self.device, self.dtype),
                 torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
                 self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size,
                 nonconvex_reg=sc.model.nonconvex_reg)
             if self.splits is not None and self.splits.test is not None:
-                x, y = self.splits.test_arrays(ds)
-                x = x_train if self.splits.test_from == "train" else ds.features(x)
-                prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype)
+                x, y = self.splits.test_arrays(ds)  # stored compactly, like the training rows
+                prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype,
+                                                         ds.normalize)
             self._problem = prob
         return self._problem
 

@@ -34,7 +34,9 @@ pytestmark = pytest.mark.mpi
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or mpi4py is None, reason="needs mpiexec and mpi4py")
 
 METRICS = ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "sim_time_s",
-           "consensus_distance", "node_accuracy_mean")
+           "consensus_distance", "node_accuracy_mean", "client_acc_mean", "client_acc_weighted",
+           "client_acc_worst10", "client_acc_std", "client_acc_p10", "client_acc_median", "client_acc_p90",
+           "client_loss", "clients_evaluated")
 
 
 def mpiexec(n: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:

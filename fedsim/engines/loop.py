@@ -31,9 +31,12 @@ from fedsim.work import LocalWork
 
 
 def auto_chunk(problem: Problem, memory_mb: int) -> int:
-    """Clients per stacked computation so that one chunk's working set stays within `memory_mb`."""
+    """Clients per stacked computation so that one chunk's working set stays within `memory_mb`
+    (and within the execution plan's `chunk_cap`, if it has one)."""
     per_client = problem.memory_per_client() if hasattr(problem, "memory_per_client") else 1
-    return max(1, int(memory_mb * 2**20 // max(per_client, 1)))
+    chunk = max(1, int(memory_mb * 2**20 // max(per_client, 1)))
+    cap = getattr(getattr(problem, "plan", None), "chunk_cap", None)
+    return min(chunk, cap) if cap else chunk
 
 
 @dataclass
@@ -103,9 +106,13 @@ class RoundLoop:
         """The loop of a scenario built by `fedsim.setup.build_setup`.
 
         With `memory_mb` and no `chunk_size`, the chunk size is derived from the memory bound.
+        `plan` / `plan_block` choose the execution plan (`fedsim.plan.choose_plan`).
         """
         sc = setup.scenario
         problem = setup.problem()
+        plan, plan_block = kw.pop("plan", "auto"), kw.pop("plan_block", None)
+        if hasattr(problem, "choose_plan"):
+            problem.choose_plan(plan, plan_block, memory_mb or 2048)
         if kw.get("chunk_size") is None and memory_mb:
             kw["chunk_size"] = auto_chunk(problem, memory_mb)
         return cls(setup.strategy, problem, setup.x0, rounds=sc.rounds, seed=sc.seed,
@@ -228,8 +235,17 @@ class RoundLoop:
         m = kernel.metrics_line(t, float(tl[0]), float(tl[1]), test, s.bytes, self.clock.now)
         if strat.comm == "mix":
             m.update(self._node_metrics(x))
+        owned = torch.as_tensor(self.owned, device=self.device)
+        m.update(kernel.client_eval(self.problem, self._scored_models(x), owned, self.num_clients,
+                                    self.comm.allreduce_scalars))
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
+
+    def _scored_models(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Client ids -> the models they are scored with on their own test splits."""
+        if self.strategy.comm == "reduce":
+            return lambda ids: x.expand(ids.numel(), -1)
+        return lambda ids: self.state.store.gather(ids)[self.strategy.model_key]
 
     def _node_metrics(self, avg: torch.Tensor) -> dict[str, Any]:
         ids, _ = self.node_rows()

@@ -246,6 +246,9 @@ class FlowerAdapter(FlowerStrategy):
             res = self.problem.evaluate(self.node_models)
             acc = float(res[1].double().sum()) if res is not None and res[1] is not None else None
             m.update(kernel.node_metrics(float(((self.node_models - x) ** 2).sum()), acc, self.n))
+        nodes = self.node_models if self.strategy.comm == "mix" else None
+        scored = (lambda ids: x.expand(ids.numel(), -1)) if nodes is None else (lambda ids: nodes[ids])
+        m.update(kernel.client_eval(self.problem, scored, torch.arange(self.n, device=x.device), self.n))
         m["flower_bytes_up"], m["flower_bytes_down"] = self.fed.wire[1], self.fed.wire[0]
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
