@@ -22,7 +22,7 @@ from fedsim.errors import ConfigError
 from fedsim.registry import plain, pydantic_to_config_error
 
 TOP_KEYS = ("name", "seed", "rounds", "data", "model", "topology", "participation", "strategy",
-            "work", "engine", "eval", "output", "sweep")
+            "work", "attack", "engine", "eval", "output", "sweep")
 
 
 class _Section(BaseModel):
@@ -61,6 +61,10 @@ class TopologyCfg(_PluginSection):
 
 class WorkCfg(_PluginSection):
     kind: str = "strategy"  # heterogeneous local work (fedsim.work): strategy | steps | uniform | epochs
+
+
+class AttackCfg(_PluginSection):
+    kind: str = "none"  # Byzantine clients (fedsim.attacks): none | sign_flip | scale | random
 
 
 class ParticipationCfg(_PluginSection):
@@ -104,6 +108,7 @@ class Scenario(_Section):
     topology: TopologyCfg = TopologyCfg()
     participation: ParticipationCfg = ParticipationCfg()
     work: WorkCfg = WorkCfg()
+    attack: AttackCfg = AttackCfg()
     strategy: StrategyCfg = StrategyCfg()
     engine: EngineCfg = EngineCfg()
     eval: EvalCfg = EvalCfg()
@@ -216,6 +221,7 @@ def resolve_plugins(sc: Scenario) -> Scenario:
     from fedsim.engines import ENGINES
     from fedsim.models import MODELS
     from fedsim.participation import PARTICIPATION
+    from fedsim.attacks import ATTACKS
     from fedsim.work import WORK
     from strategies import STRATEGIES
     from topologies import TOPOLOGIES
@@ -234,11 +240,12 @@ def resolve_plugins(sc: Scenario) -> Scenario:
                                             PARTICIPATION, sc.participation.kind, "participation"))
     strat = StrategyCfg(**_resolve_strategy(sc.strategy, STRATEGIES))
     work = WorkCfg(**_resolved(sc.work, {"kind": sc.work.kind}, WORK, sc.work.kind, "work"))
+    attack = AttackCfg(**_resolved(sc.attack, {"kind": sc.attack.kind}, ATTACKS, sc.attack.kind, "attack"))
     eng = EngineCfg(**_resolved(sc.engine, {"kind": sc.engine.kind, "device": sc.engine.device,
                                             "dtype": sc.engine.dtype},
                                 ENGINES, sc.engine.kind, "engine"))
     return sc.model_copy(update={"data": DataCfg(**data), "model": model, "topology": topo,
-                                 "participation": part_cfg, "strategy": strat, "work": work,
+                                 "participation": part_cfg, "strategy": strat, "work": work, "attack": attack,
                                  "engine": eng})
 
 
@@ -261,13 +268,29 @@ def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
             comp = build_nested("compressors", params.pop("compressor"))
         except ConfigError as err:
             raise err.at(prefix="strategy.compressor") from None
+    agg = _nested_aggregator(params, registry.params(cfg.name))
     try:
         out = {**head, **registry.validate(cfg.name, params)}
     except ConfigError as err:
         raise err.at(prefix="strategy") from None
     if comp is not None:
         out["compressor"] = comp
+    if agg is not None:
+        out["aggregator"] = agg
     return out
+
+
+def _nested_aggregator(params: dict[str, Any], accepted: dict[str, Any]) -> Any:
+    """Pop and build `aggregator` (robust aggregation, `fedsim.robust`) when the strategy's
+    factory does not take it itself; None without one."""
+    from fedsim.registry import build_nested
+
+    if "aggregator" not in params or "aggregator" in accepted:
+        return None
+    try:
+        return build_nested("aggregators", params.pop("aggregator"))
+    except ConfigError as err:
+        raise err.at(prefix="strategy.aggregator") from None
 
 
 def to_dict(sc: Scenario) -> dict[str, Any]:

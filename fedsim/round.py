@@ -8,11 +8,14 @@ everything a round *means* lives here and is called by the multiplex / MPI loop
 * `make_ctx`: the only constructor of a `RoundCtx` (default weights n_i / sum_S n_j);
 * `client_step`: a block's local work, its training loss and its uplink bytes;
 * `block_partial`: the block's share of the weighted sum (the strategy's weights or the default);
+* `gathered_reduce`: the reduction of a strategy with an `aggregate` (robust aggregation), from
+  the rows of every participant;
 * `Staleness`: the FIFO that hands the server update of round t the reduction of t - s;
 * `server_step`: the strategy's server update (not called while the FIFO fills);
 * `row_bytes` / `broadcast_bytes`: the one byte rule;
 * `MixingOps`: the round's mixing operators ("W" and the uniform neighbour mean "mean");
-* `eval_due`, `metrics_line`, `node_metrics`: when to evaluate and the metrics line.
+* `eval_due`, `metrics_line`, `node_metrics`, `strategy_metrics`: when to evaluate and the
+  metrics line.
 """
 
 from __future__ import annotations
@@ -102,6 +105,19 @@ def block_partial(strategy: Strategy, server: Tree, payload: Tree, ctx: RoundCtx
     """sum over the block of w_i * payload_i (the strategy's `weights`, else ctx.weight)."""
     w = strategy.weights(server, ctx) if strategy.weights else ctx.weight
     return weighted_sum(payload, w)
+
+
+def gathered_reduce(strategy: Strategy, server: Tree, rows: Tree, ctx: RoundCtx) -> Tree:
+    """`strategy.aggregate` of the round's payload rows ({} when nobody took part).
+
+    rows[k] [M, ...] hold every participant's row in ascending client id (engines gather them:
+    chunks concatenated, MPI ranks' slices allgathered in rank order, Flower replies by
+    partition id); ctx covers all M participants.
+    """
+    assert strategy.aggregate is not None, "gathered_reduce needs a strategy with an aggregate"
+    if not rows:
+        return {}
+    return strategy.aggregate(server, rows, ctx)
 
 
 class Staleness:
@@ -205,3 +221,14 @@ def node_metrics(sq_dist_sum: float, acc_sum: float | None, n: int) -> dict[str,
     return {"consensus_distance": sq_dist_sum / n,
             "node_accuracy_mean": None if acc_sum is None else acc_sum / n}
 
+
+
+def strategy_metrics(strategy: Strategy, server: Tree, ctx: RoundCtx) -> dict[str, Any]:
+    """The strategy's own entries of the metrics line (`Strategy.metrics`, {} without one).
+
+    `ctx` is the server-update ctx of the evaluated round (all its participants); values are
+    plain floats (or None) so every engine writes the same JSON.
+    """
+    if strategy.metrics is None:
+        return {}
+    return {k: None if v is None else float(v) for k, v in strategy.metrics(server, ctx).items()}

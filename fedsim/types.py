@@ -132,6 +132,14 @@ class Strategy(NamedTuple):
         variances): carried by the simulation, not counted as bytes.
       trains_locally: `local` runs local steps and honours `ctx.steps` (heterogeneous local
         work); False for one-gradient methods (gd, EF21), where a `work:` section is refused.
+      metrics: (server, ctx) -> {name: float | None}: the strategy's own entries of the metrics
+        line (DP-FedAvg's privacy spent), called at every evaluation with the server-update ctx
+        of that round (`fedsim.round.strategy_metrics`); None: none.
+      aggregate: comm="reduce": (server, rows, ctx) -> reduced, replacing the weighted sum when
+        the reduction is not one (robust aggregation, `fedsim.robust`): rows[k] [M, ...] are the
+        payload rows of EVERY participant of the round in ascending client id, ctx covers them
+        all; engines then gather rows instead of summing them (`fedsim.round.gathered_reduce`).
+        None: the weighted sum.
     """
 
     init_server: Callable[[torch.Tensor], Tree]
@@ -148,6 +156,8 @@ class Strategy(NamedTuple):
     payload: Callable[[int], dict[str, tuple[int, ...]]] = _delta_payload
     derived_keys: tuple[str, ...] = ()
     trains_locally: bool = True
+    metrics: Callable[[Tree, RoundCtx], Mapping[str, Any]] | None = None
+    aggregate: Callable[[Tree, Tree, RoundCtx], Tree] | None = None
 
 
 def no_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:

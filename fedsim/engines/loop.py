@@ -150,7 +150,10 @@ class RoundLoop:
                 self.train_loss[0] += float(out.loss.double().sum())
                 self.train_loss[1] += ids.numel()
             if strat.comm == "reduce":
-                partial = add_into(partial, kernel.block_partial(strat, s.server, out.payload, ctx))
+                if strat.aggregate is None:
+                    partial = add_into(partial, kernel.block_partial(strat, s.server, out.payload, ctx))
+                else:
+                    rows.append(out.payload)
                 up += int(out.up_bytes.sum())
             else:
                 assert degrees is not None
@@ -158,7 +161,10 @@ class RoundLoop:
                 up += int((out.up_bytes * degrees[ids]).sum())
         if strat.comm == "reduce":
             down = kernel.broadcast_bytes(strat, s.server) * mine.numel()
-            self._finish_reduce(t, partial, mask)
+            if strat.aggregate is None:
+                self._finish_reduce(t, partial, mask)
+            else:
+                self._finish_gather(t, rows, mask)
         else:
             down = up
             self._finish_mix(t, rows, mine, mask)
@@ -177,6 +183,25 @@ class RoundLoop:
         ctx = kernel.make_ctx(t, self.seed, torch.nonzero(mask).flatten(), mask, self.sizes, self.dtype,
                               self.work)
         s.server = kernel.server_step(strat, s.server, reduced, ctx)
+
+    def _finish_gather(self, t: int, rows: list[Tree], mask: torch.Tensor) -> None:
+        """A strategy with an `aggregate` (robust aggregation): every process gathers the rows
+        of all participants (its own chunks, then every rank's in rank order = ascending ids)
+        and computes the same reduction; no collective in a round nobody took part in."""
+        s, strat = self.state, self.strategy
+        ctx = kernel.make_ctx(t, self.seed, torch.nonzero(mask).flatten(), mask, self.sizes, self.dtype,
+                              self.work)
+        gathered: Tree = {}
+        if bool(mask.any()):
+            mine = {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else None
+            if self.comm.size == 1:
+                parts = [mine] if mine else []
+            else:  # pickled host copies, one object per rank
+                host = None if mine is None else {k: v.cpu() for k, v in mine.items()}
+                parts = [p for p in self.comm.allgather(host) if p]
+            gathered = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
+        reduced = kernel.gathered_reduce(strat, s.server, gathered, ctx)
+        s.server = kernel.server_step(strat, s.server, s.stale.push(Ready(reduced)), ctx)
 
     def _finish_mix(self, t: int, rows: list[Tree], mine: torch.Tensor, mask: torch.Tensor) -> None:
         s, strat = self.state, self.strategy
@@ -220,8 +245,19 @@ class RoundLoop:
         m = kernel.metrics_line(t, float(tl[0]), float(tl[1]), test, s.bytes)
         if strat.comm == "mix":
             m.update(self._node_metrics(x))
+        m.update(self._strategy_metrics(t))
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
+
+    def _strategy_metrics(self, t: int) -> dict[str, Any]:
+        """`Strategy.metrics` with the server-update ctx of round t (same on every process)."""
+        if self.strategy.metrics is None:
+            return {}
+        mask = torch.as_tensor(kernel.participants(self.strategy, self.participation, t, self.num_clients),
+                               device=self.device)
+        ctx = kernel.make_ctx(t, self.seed, torch.nonzero(mask).flatten(), mask, self.sizes, self.dtype,
+                              self.work)
+        return kernel.strategy_metrics(self.strategy, self.state.server, ctx)
 
     def _node_metrics(self, avg: torch.Tensor) -> dict[str, Any]:
         ids, _ = self.node_rows()

@@ -164,7 +164,10 @@ class FlowerAdapter(FlowerStrategy):
         ids = torch.nonzero(mask_t).flatten()
         ctx = kernel.make_ctx(t, self.setup.scenario.seed, ids, mask_t, self.sizes, self.dtype,
                               self.setup.work)
-        reduced = kernel.block_partial(self.strategy, self.server, payload, ctx) if payload else {}
+        if self.strategy.aggregate is not None:  # robust aggregation: the rows are all here
+            reduced = kernel.gathered_reduce(self.strategy, self.server, payload, ctx)
+        else:
+            reduced = kernel.block_partial(self.strategy, self.server, payload, ctx) if payload else {}
         self.server = kernel.server_step(self.strategy, self.server, self.stale.push(Ready(reduced)), ctx)
 
     def _relay(self, t: int, payload: Tree, server_round: int) -> None:
@@ -197,9 +200,20 @@ class FlowerAdapter(FlowerStrategy):
             res = self.problem.evaluate(self.node_models)
             acc = float(res[1].double().sum()) if res is not None and res[1] is not None else None
             m.update(kernel.node_metrics(float(((self.node_models - x) ** 2).sum()), acc, self.n))
+        m.update(self._strategy_metrics(t))
         m["flower_bytes_up"], m["flower_bytes_down"] = self.fed.wire[1], self.fed.wire[0]
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
+
+
+    def _strategy_metrics(self, t: int) -> dict[str, Any]:
+        """`Strategy.metrics` with the server-update ctx of round t (as the multiplex loop)."""
+        if self.strategy.metrics is None:
+            return {}
+        mask = torch.as_tensor(self._participants(t), device=self.device)
+        ctx = kernel.make_ctx(t, self.setup.scenario.seed, torch.nonzero(mask).flatten(), mask, self.sizes,
+                              self.dtype, self.setup.work)
+        return kernel.strategy_metrics(self.strategy, self.server, ctx)
 
 
 def run_adapter(grid: Grid, setup: Any, text: str, *, on_eval: OnEval | None = None,
