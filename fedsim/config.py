@@ -268,7 +268,7 @@ def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
             comp = build_nested("compressors", params.pop("compressor"))
         except ConfigError as err:
             raise err.at(prefix="strategy.compressor") from None
-    agg = _nested_aggregator(params, registry.params(cfg.name))
+    agg = _nested_aggregator(params, cfg.name, registry)
     try:
         out = {**head, **registry.validate(cfg.name, params)}
     except ConfigError as err:
@@ -280,12 +280,12 @@ def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
     return out
 
 
-def _nested_aggregator(params: dict[str, Any], accepted: dict[str, Any]) -> Any:
+def _nested_aggregator(params: dict[str, Any], name: str, registry: Any) -> Any:
     """Pop and build `aggregator` (robust aggregation, `fedsim.robust`) when the strategy's
     factory does not take it itself; None without one."""
     from fedsim.registry import build_nested
 
-    if "aggregator" not in params or "aggregator" in accepted:
+    if "aggregator" not in params or "aggregator" in registry.params(name):
         return None
     try:
         return build_nested("aggregators", params.pop("aggregator"))

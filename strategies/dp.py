@@ -87,15 +87,18 @@ def rdp_epsilon(q: float, z: float, delta: float) -> Callable[[int], float]:
     return lambda t: float(rdp.compute_epsilon(orders, t * one, delta)[0])
 
 
-def _sampling(runtime: StrategyRuntime | None) -> tuple[float, float | None]:
-    """(expected participants m, common participation rate q or None)."""
+def _sampling(runtime: StrategyRuntime | None) -> tuple[float | None, float | None]:
+    """(expected participants m, the clients' common participation rate q), None where unknown."""
     p = None if runtime is None else runtime.probabilities
     if p is None:
-        raise ValueError("noise_multiplier: DP-FedAvg needs the participation pattern's rates "
-                         "(build it through the registry, or pass runtime=StrategyRuntime(...))")
+        return None, None
     p = np.asarray(p, dtype=np.float64)
     q = float(p[0]) if np.allclose(p, p[0], rtol=0, atol=1e-12) else None
     return float(p.sum()), q
+
+
+_RATES = ("the participation pattern's rates (build the strategy through the registry, or pass "
+          "runtime=StrategyRuntime(...))")
 
 
 def _check(clip: float | None, z: float, adaptive: bool) -> None:
@@ -139,17 +142,22 @@ def dp_fedavg(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server
     """
     _check(clip, noise_multiplier, adaptive)
     m_exp, q = _sampling(runtime)
-    sigma_b = (0.05 * m_exp if noise_multiplier else 0.0) if clip_count_stddev is None else clip_count_stddev
+    if m_exp is None and (denominator == "expected" or (adaptive and clip_count_stddev is None)):
+        raise ValueError(f"denominator: 'expected' (and the default clip_count_stddev) need {_RATES}")
+    sigma_b = (0.05 * (m_exp or 0.0) if noise_multiplier else 0.0) if clip_count_stddev is None \
+        else clip_count_stddev
     z_d = value_noise(noise_multiplier, sigma_b) if adaptive else noise_multiplier
     epsilon = None
     if noise_multiplier > 0 and accountant == "rdp":
         if q is None:
             raise ValueError("accountant: needs one participation rate for every client (full, uniform, "
-                             "or bernoulli with one p), or accountant: none")
+                             f"or bernoulli with one p) from {_RATES}, or accountant: none")
         epsilon = rdp_epsilon(q, noise_multiplier, delta)
 
     def count(ctx: RoundCtx) -> float:
-        return m_exp if denominator == "expected" else float(max(ctx.num_participants, 1))
+        if denominator == "expected" and m_exp is not None:
+            return m_exp
+        return float(max(ctx.num_participants, 1))
 
     def init_server(x0: torch.Tensor) -> Tree:
         server = {"x": x0.clone()}
