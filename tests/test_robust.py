@@ -59,7 +59,8 @@ def test_the_gather_path_with_the_mean_equals_the_weighted_sum(name):
     adaptive bits, partial participation, chunks."""
     problem = testing.heterogeneous_quadratic(num_clients=7, dim=3, noise=0.1, seed=1)
     part = testing.bernoulli([0.5] * 7, seed=4)
-    params = {"noise_multiplier": 0.5, "adaptive": True, "clip_count_stddev": 1.0} if name == "dp-fedavg" else {}
+    dp = {"noise_multiplier": 0.5, "adaptive": True, "clip_count_stddev": 1.0}
+    params = dp if name == "dp-fedavg" else {}
     plain = testing.run(testing.build(name, params, problem, part), problem, 6, participation=part)
     for chunk in (None, 2):
         robust = with_aggregator(testing.build(name, params, problem, part), _agg("mean"))

@@ -58,8 +58,8 @@ def test_noise_is_keyed_reproducible_chunk_invariant_and_added_in_empty_rounds()
     params = {"clip": 0.5, "noise_multiplier": 1.0}
     a = _run(params, problem, 5, participation=part).state.server["x"]
     assert torch.equal(a, _run(params, problem, 5, participation=part).state.server["x"])
-    torch.testing.assert_close(_run(params, problem, 5, participation=part, chunk_size=1).state.server["x"], a,
-                               rtol=0, atol=1e-15)
+    chunked = _run(params, problem, 5, participation=part, chunk_size=1).state.server["x"]
+    torch.testing.assert_close(chunked, a, rtol=0, atol=1e-15)
     assert not torch.equal(a, _run(params, problem, 5, participation=part, seed=1).state.server["x"])
     nobody = testing.MaskParticipation([[0] * 6])
     nobody.probabilities = np.full(6, 0.5)               # a round of Poisson(0.5) sampling that drew nobody
@@ -87,8 +87,8 @@ def test_adaptive_clip_update_by_hand():
     nb = float(rng.normal_torch(4, rng.DP, 0, 1, 0))
     b = (float((bits - 0.5).sum()) + nb) / 5 + 0.5
     assert abs(value_noise(1.0, 1.0) - (1 - 0.25) ** -0.5) < 1e-15
-    torch.testing.assert_close(loop.state.server["clip"], torch.tensor([0.45 * math.exp(-0.2 * (b - 0.5))],
-                                                                       dtype=torch.float64), rtol=0, atol=1e-15)
+    want_clip = torch.tensor([0.45 * math.exp(-0.2 * (b - 0.5))], dtype=torch.float64)
+    torch.testing.assert_close(loop.state.server["clip"], want_clip, rtol=0, atol=1e-15)
     clipped = d * torch.clamp(0.45 / d.norm(dim=1, keepdim=True), max=1.0)
     n = rng.normal_torch(4, rng.DP, 0, 0, torch.arange(3), dtype=torch.float64)
     want = (clipped.sum(0) + value_noise(1.0, 1.0) * 0.45 * n) / 5
@@ -106,13 +106,13 @@ class _Linear:
     def oracle(self, ids, round):
         g = self.g[ids]
 
-        class O:
+        class Oracle:
             def __call__(self, x, step):
                 return (x * g).sum(-1), g.expand_as(x)
 
             def full(self, x):
                 return self(x, 0)
-        return O()
+        return Oracle()
 
     def evaluate(self, x):
         return None

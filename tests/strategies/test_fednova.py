@@ -99,13 +99,13 @@ class _Linear:
     def oracle(self, ids, round):
         g = self.g[ids]
 
-        class O:
+        class Oracle:
             def __call__(self, x, step):
                 return (x * g).sum(-1), g.expand_as(x)
 
             def full(self, x):
                 return self(x, 0)
-        return O()
+        return Oracle()
 
     def evaluate(self, x):
         return None
@@ -117,7 +117,8 @@ class _Linear:
 def test_normalised_update_of_local_momentum_is_one_gradient_step():
     """Heavy ball on a constant gradient g for tau steps moves lr ||a||_1 g, so d_i = -lr g for every
     tau_i and rho; ||a||_1 = tau for SGD."""
-    assert torch.equal(normalizer(torch.tensor([0, 3, 7]), 0.0), torch.tensor([0.0, 3.0, 7.0], dtype=torch.float64))
+    want = torch.tensor([0.0, 3.0, 7.0], dtype=torch.float64)
+    assert torch.equal(normalizer(torch.tensor([0, 3, 7]), 0.0), want)
     g = [[1.0, -2.0], [0.5, 0.0], [3.0, 1.0]]
     problem, lr = _Linear(g), 0.1
     for rho in (0.0, 0.5, 0.9):

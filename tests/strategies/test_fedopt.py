@@ -17,7 +17,8 @@ def _x(name, params, problem, rounds, **kw) -> torch.Tensor:
     return testing.final_models(testing.run(testing.build(name, params, problem), problem, rounds, **kw))
 
 
-ONE = testing.QuadraticProblem([1.0], [1.0])   # f = 1/2 (x - 1)^2; from x0 = 0, one step of lr 0.5: Delta = 0.5
+# f = 1/2 (x - 1)^2; from x0 = 0, one step of lr 0.5: Delta = 0.5
+ONE = testing.QuadraticProblem([1.0], [1.0])
 HAND = {
     # m0 = 0.1 * 0.5 = 0.05;  v0 = 0.99 * 0.1^2 + 0.01 * 0.25 = 0.0124
     "fedadam": 0.2 * 0.05 / (math.sqrt(0.0124) + 0.1),
@@ -72,7 +73,8 @@ def test_matches_the_papers_update_with_changing_participants(name):
     h, c = g.uniform(0.5, 2.0, (3, 2)), g.normal(size=(3, 2))
     masks = [[1, 1, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]]
     b1, b2 = (0.9, 0.99) if name != "fedadagrad" else (0.5, 0.0)
-    params = {"lr": 0.1, "local_steps": 3, "server_lr": 0.05, "beta1": b1, "tau": 0.02, "weighting": "uniform"}
+    params = {"lr": 0.1, "local_steps": 3, "server_lr": 0.05, "beta1": b1, "tau": 0.02,
+              "weighting": "uniform"}
     if name != "fedadagrad":
         params["beta2"] = b2
     problem = testing.QuadraticProblem(h, c, sizes=[5, 1, 3])   # uniform weighting ignores sizes
