@@ -1,7 +1,7 @@
 """Scenario files: YAML validated into typed, frozen objects with every default filled.
 
 A scenario has the top-level keys ``name, seed, rounds, data, model, topology, participation,
-strategy, work, engine, eval, output`` and ``sweep`` (read by `fedsim sweep`, see fedsim/sweep.py; a
+strategy, work, system, engine, eval, output`` and ``sweep`` (read by `fedsim sweep`, see fedsim/sweep.py; a
 single run ignores it and never writes it into config.yaml). Sections that pick a plug-in by
 ``kind``/``name``/``dataset`` take that plug-in's own keyword arguments next to it; they are
 validated against the factory's signature, so unknown keys and bad values are errors that name
@@ -18,11 +18,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedsim.config_system import SystemCfg
 from fedsim.errors import ConfigError
 from fedsim.registry import plain, pydantic_to_config_error
 
 TOP_KEYS = ("name", "seed", "rounds", "data", "model", "topology", "participation", "strategy",
-            "work", "attack", "engine", "eval", "output", "sweep")
+            "work", "system", "attack", "engine", "eval", "output", "checkpoint", "sweep")
 
 
 class _Section(BaseModel):
@@ -94,6 +95,10 @@ class EvalCfg(_Section):
     batch_size: int = Field(2048, gt=0)
 
 
+class CheckpointCfg(_Section):
+    every: int | None = Field(None, ge=0)  # rounds between checkpoints; None: a tenth; 0: at the end
+
+
 class OutputCfg(_Section):
     dir: str = "runs"
     trackers: tuple[Literal["tensorboard", "mlflow"], ...] = ()  # fedsim/trackers.py
@@ -108,11 +113,13 @@ class Scenario(_Section):
     topology: TopologyCfg = TopologyCfg()
     participation: ParticipationCfg = ParticipationCfg()
     work: WorkCfg = WorkCfg()
+    system: SystemCfg = SystemCfg()
     attack: AttackCfg = AttackCfg()
     strategy: StrategyCfg = StrategyCfg()
     engine: EngineCfg = EngineCfg()
     eval: EvalCfg = EvalCfg()
     output: OutputCfg = OutputCfg()
+    checkpoint: CheckpointCfg = CheckpointCfg()
     sweep: dict[str, Any] | None = Field(None, exclude=True)  # checked by fedsim.sweep
     source: str | None = Field(None, exclude=True)
 
@@ -217,11 +224,11 @@ def _resolved(section: _PluginSection, head: dict[str, Any], registry: Any, name
 
 def resolve_plugins(sc: Scenario) -> Scenario:
     """Validate every plug-in section against its factory and fill in the factory defaults."""
+    from fedsim.attacks import ATTACKS
     from fedsim.data import DATASETS, PARTITIONS
     from fedsim.engines import ENGINES
     from fedsim.models import MODELS
     from fedsim.participation import PARTICIPATION
-    from fedsim.attacks import ATTACKS
     from fedsim.work import WORK
     from strategies import STRATEGIES
     from topologies import TOPOLOGIES

@@ -132,9 +132,11 @@ class Strategy(NamedTuple):
         variances): carried by the simulation, not counted as bytes.
       trains_locally: `local` runs local steps and honours `ctx.steps` (heterogeneous local
         work); False for one-gradient methods (gd, EF21), where a `work:` section is refused.
+      local_steps: local steps per round (`local_steps`, `tau`), for the simulated system's
+        planning (deadlines, over-selection); None: one gradient pass.
       metrics: (server, ctx) -> {name: float | None}: the strategy's own entries of the metrics
-        line (DP-FedAvg's privacy spent), called at every evaluation with the server-update ctx
-        of that round (`fedsim.round.strategy_metrics`); None: none.
+        line (DP-FedAvg's privacy spent), called at every evaluation with a ctx of that round
+        (its selected participants) (`fedsim.round.strategy_metrics`); None: none.
       aggregate: comm="reduce": (server, rows, ctx) -> reduced, replacing the weighted sum when
         the reduction is not one (robust aggregation, `fedsim.robust`): rows[k] [M, ...] are the
         payload rows of EVERY participant of the round in ascending client id, ctx covers them
@@ -156,6 +158,7 @@ class Strategy(NamedTuple):
     payload: Callable[[int], dict[str, tuple[int, ...]]] = _delta_payload
     derived_keys: tuple[str, ...] = ()
     trains_locally: bool = True
+    local_steps: int | None = None
     metrics: Callable[[Tree, RoundCtx], Mapping[str, Any]] | None = None
     aggregate: Callable[[Tree, Tree, RoundCtx], Tree] | None = None
 
@@ -304,6 +307,8 @@ class Comm(Protocol):
 
     def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor: ...
 
+    def allreduce_max(self, values: torch.Tensor) -> torch.Tensor: ...
+
     def allgather(self, obj: Any) -> list[Any]: ...
 
     def mix(self, mixing: dict[str, torch.Tensor], payload: Tree, owned: torch.Tensor,
@@ -332,7 +337,9 @@ class Engine(Protocol):
 
     def prepare(self, setup: Any) -> None: ...
 
-    def run(self, setup: Any, on_eval: OnEval, progress: Progress | None = None
-            ) -> list[dict[str, Any]]: ...
+    def run(self, setup: Any, on_eval: OnEval, progress: Progress | None = None,
+            control: Any = None) -> list[dict[str, Any]]:
+        """Execute the rounds; `control` (`fedsim.checkpoint.Control`) checkpoints and stops."""
+        ...
 
     def summary_extra(self) -> dict[str, Any]: ...

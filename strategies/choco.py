@@ -63,4 +63,4 @@ def choco(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
 
     return Strategy(init_server=lambda x0: {}, init_clients=init_clients, local=local,
                     node_update=node_update, comm="mix", mixing={"xhat": "W"}, broadcast=(),
-                    payload=model_rows("xhat"))
+                    payload=model_rows("xhat"), local_steps=local_steps)

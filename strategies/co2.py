@@ -85,7 +85,7 @@ def outer_step_strategy(*, tau: int, lr: float, inner: LocalOptimizer, outer_lr:
 
     return Strategy(init_server=init_server, init_clients=init_clients, local=local,
                     server_update=server_update, staleness=staleness,
-                    weights=lambda server, ctx: participant_weights(weighting, ctx))
+                    weights=lambda server, ctx: participant_weights(weighting, ctx), local_steps=tau)
 
 
 @STRATEGIES.register("co2")

@@ -211,4 +211,4 @@ def dp_fedavg(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server
 
     return Strategy(init_server=init_server, init_clients=no_clients, local=local,
                     server_update=server_update, weights=weights, metrics=metrics, payload=payload,
-                    broadcast=("x", "clip") if adaptive else ("x",))
+                    broadcast=("x", "clip") if adaptive else ("x",), local_steps=local_steps)

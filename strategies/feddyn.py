@@ -79,4 +79,4 @@ def feddyn(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, alpha: Po
     return Strategy(init_server=init_server, init_clients=zero_gradients, local=local,
                     server_update=server_update,
                     weights=lambda server, ctx: participant_weights(weighting, ctx),
-                    payload=model_rows("delta"))
+                    payload=model_rows("delta"), local_steps=local_steps)

@@ -92,4 +92,5 @@ def fednova(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server_l
 
     return Strategy(init_server=init_server, init_clients=no_clients, local=local,
                     server_update=server_update,
-                    weights=lambda server, ctx: participant_weights(weighting, ctx), payload=_payload)
+                    weights=lambda server, ctx: participant_weights(weighting, ctx), payload=_payload,
+                    local_steps=local_steps)

@@ -62,7 +62,7 @@ def fedopt(rule: Rule, *, lr: float, local_steps: int, server_lr: float, beta1: 
 
     return Strategy(init_server=init_server, init_clients=no_clients,
                     local=delta_local(lr, local_steps), server_update=server_update,
-                    weights=lambda server, ctx: participant_weights(weighting, ctx))
+                    weights=lambda server, ctx: participant_weights(weighting, ctx), local_steps=local_steps)
 
 
 @STRATEGIES.register("fedadam")

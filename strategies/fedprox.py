@@ -27,15 +27,16 @@ class ProximalOracle:
     """
 
     def __init__(self, oracle: Oracle, x: torch.Tensor, mu: float) -> None:
-        self.oracle, self.x, self.mu = oracle, x, mu
+        self.oracle, self.anchor, self.mu = oracle, x, mu
 
-    def __call__(self, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, g = self.oracle(y, step)
-        return loss, g + self.mu * (y - self.x)
+    def __call__(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the local iterate y [m, P]."""
+        loss, g = self.oracle(x, step)
+        return loss, g + self.mu * (x - self.anchor)
 
-    def full(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, g = self.oracle.full(y)
-        return loss, g + self.mu * (y - self.x)
+    def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, g = self.oracle.full(x)
+        return loss, g + self.mu * (x - self.anchor)
 
 
 def proximal_local(server: Tree, oracle: Oracle, ctx: RoundCtx, lr: float, steps: int,
@@ -78,4 +79,5 @@ def fedprox(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, mu: NonN
         delta, loss = proximal_local(server, oracle, ctx, lr, local_steps, mu)
         return {"delta": delta}, clients, {"loss": loss}
 
-    return fedavg(lr=lr, local_steps=local_steps, server_lr=server_lr, weighting=weighting)._replace(local=local)
+    base = fedavg(lr=lr, local_steps=local_steps, server_lr=server_lr, weighting=weighting)
+    return base._replace(local=local)

@@ -71,4 +71,4 @@ def gossip(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
 
     return Strategy(init_server=lambda x0: {}, init_clients=init_clients, local=local,
                     node_update=node_update, comm="mix", mixing={"x": "W"}, broadcast=(),
-                    payload=model_rows("x"))
+                    payload=model_rows("x"), local_steps=local_steps)

@@ -137,4 +137,4 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
     return Strategy(init_server=lambda x0: {}, init_clients=node_models, local=local,
                     node_update=node_update, comm="mix", mixing={"x": "mean", "stats": "mean"},
                     broadcast=(), payload=lambda p: {"x": (p,), "stats": (len(segs) + 1,)},
-                    derived_keys=("stats",))
+                    derived_keys=("stats",), local_steps=local_steps)

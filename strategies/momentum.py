@@ -101,7 +101,8 @@ def client_momentum(*, lr: float, local_steps: int, beta: float, server_lr: floa
     return Strategy(init_server=init_server, init_clients=zero_controls if corrected else no_clients,
                     local=local, server_update=server_update, weights=weights,
                     broadcast=("x", "g") + extra,
-                    payload=model_rows("delta", "dc") if corrected else model_rows("delta"))
+                    payload=model_rows("delta", "dc") if corrected else model_rows("delta"),
+                    local_steps=local_steps)
 
 
 @STRATEGIES.register("fedavg-m")

@@ -93,4 +93,4 @@ def scaffold(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server_
     return Strategy(init_server=init_server, init_clients=zero_controls, local=local,
                     server_update=server_update,
                     weights=lambda server, ctx: control_weights(weighting, ctx),
-                    broadcast=("x", "c"), payload=model_rows("delta", "dc"))
+                    broadcast=("x", "c"), payload=model_rows("delta", "dc"), local_steps=local_steps)

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - environment without the [mpi] extra
 pytestmark = pytest.mark.mpi
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or mpi4py is None, reason="needs mpiexec and mpi4py")
 
-METRICS = ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down",
+METRICS = ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "sim_time_s",
            "consensus_distance", "node_accuracy_mean")
 
 

@@ -62,8 +62,8 @@ class FlowerEngine:
         if self.runtime != "ray":
             setup.problem()
 
-    def run(self, setup: Any, on_eval: OnEval,
-            progress: Progress | None = None) -> list[dict[str, Any]]:
+    def run(self, setup: Any, on_eval: OnEval, progress: Progress | None = None,
+            control: Any = None) -> list[dict[str, Any]]:
         import torch
 
         from fedsim.flower import client, grid, server
@@ -113,6 +113,7 @@ class FlowerEngine:
         if self.adapter is not None:
             out["flower_bytes_up"], out["flower_bytes_down"] = self.adapter.wire[1], self.adapter.wire[0]
             out["flower_join_s"] = round(self.adapter.join_s, 4)
+            out["sim"] = self.adapter.clock.summary()
             if self.adapter.history:  # first round to last evaluation, as the multiplex engine's
                 out["wall_s"] = self.adapter.history[-1]["wall_s"]
         return out

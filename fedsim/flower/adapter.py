@@ -31,6 +31,7 @@ from fedsim import round as kernel
 from fedsim.comm import Ready
 from fedsim.flower.federation import Federation
 from fedsim.flower.records import pack_mask, tree_to_record
+from fedsim.system import Clock, Plan, RoundRecord
 from fedsim.types import OnEval, Progress, Tree
 
 
@@ -60,6 +61,9 @@ class FlowerAdapter(FlowerStrategy):
         self.mixing = (kernel.MixingOps(setup.topology, setup.scenario.topology.mixing, self.device,
                                         self.dtype) if self.strategy.comm == "mix" else None)
         self.fed = Federation(self.n, timeout, self.device)
+        self.system = setup.system
+        self.clock = Clock()
+        self._plans: dict[int, Plan] = {}
         self.bytes = kernel.ByteCounter()
         self.train_loss = [0.0, 0.0]
         self.node_models: torch.Tensor | None = None
@@ -95,29 +99,37 @@ class FlowerAdapter(FlowerStrategy):
         self._grid = grid
         self.fed.join(grid, self.text)
         t = server_round - 1
-        mask = self._participants(t)
+        plan = self._plan(t)
+        mask = plan.mask
         down = self.strategy.broadcast if self.strategy.comm == "reduce" else ()
+        sent: dict[str, Any] = {"round": t, "participants": pack_mask(mask)}
+        steps = kernel.block_steps(plan, self.setup.work, self.strategy, t,
+                                   torch.arange(self.n, device=self.device))
+        if steps is not None:  # each node's local-step budget (work, deadline caps)
+            sent["steps"] = [int(v) for v in steps.tolist()]
         content = RecordDict({
             "arrays": tree_to_record({k: self.server[k] for k in down if k in self.server}),
-            "config": ConfigRecord({"round": t, "participants": pack_mask(mask)})})
+            "config": ConfigRecord(sent)})
         return [self.fed.message(content, MessageType.TRAIN, int(p), server_round)
                 for p in np.flatnonzero(mask)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t = server_round - 1
-        mask = self._participants(t)
+        plan = self._plan(t)
+        mask = plan.mask
         got = self.fed.collect(replies, np.flatnonzero(mask))
         for m in got.metrics:
             if "loss" in m:
                 self.train_loss[0] += float(m["loss"])
                 self.train_loss[1] += 1
         up_bytes = [int(m["up-bytes"]) for m in got.metrics]
+        self._time(t, got, up_bytes)
         clients = MetricRecord({"clients": len(got.pids)})
         if self.strategy.comm == "reduce":
             down = kernel.broadcast_bytes(self.strategy, self.server) * len(got.pids)
             self.bytes.add(sum(up_bytes), down)
-            self._reduce(t, got.arrays, mask)
+            self._reduce(t, got.arrays, plan)
             model = self.server[self.strategy.model_key]
             return tree_to_record({self.strategy.model_key: model}), clients
         assert self.mixing is not None
@@ -152,18 +164,40 @@ class FlowerAdapter(FlowerStrategy):
         return MetricRecord({k: v for k, v in m.items() if isinstance(v, (int, float))}) if m else None
 
     # ---- rounds (the kernel's rules) -------------------------------------------------------
-    def _participants(self, t: int) -> np.ndarray:
-        return kernel.participants(self.strategy, self.setup.participation, t, self.n)
+    def _plan(self, t: int) -> Plan:
+        """Round t's kept participants and step caps (computed once per round)."""
+        if self._plans.get(t) is None:
+            selected = kernel.participants(self.strategy, self.setup.participation, t, self.n)
+            self._plans = {t: kernel.plan_round(self.strategy, self.system, self.setup.work, t,
+                                                selected, self.setup.sizes, self.problem.batch_size,
+                                                self.server, self.problem.num_params)}
+        return self._plans[t]
+
+    def _time(self, t: int, got: Any, up_bytes: list[int]) -> None:
+        """The round's simulated seconds from the replies (the kernel's rules)."""
+        record = RoundRecord()
+        pids = np.asarray(got.pids, dtype=np.int64)
+        samples = np.array([float(m.get("samples", 0.0)) for m in got.metrics])
+        degrees = None
+        if self.mixing is not None:
+            self.mixing.at(t)
+            degrees = self.mixing.degrees.cpu().numpy()[pids]
+        down = kernel.broadcast_bytes(self.strategy, self.server) if self.strategy.comm == "reduce" else 0
+        kernel.record_times(record, self.system, self.strategy, t, pids, samples,
+                            np.asarray(up_bytes, dtype=np.float64), down, degrees)
+        collective = self.strategy.comm == "reduce" and self.system.cfg.network == "allreduce"
+        self.clock.advance(self.system, record.maxima(), record.sums(),
+                           overlap=self.strategy.staleness > 0, collective=collective)
 
     def _eval_due(self, t: int) -> bool:
         sc = self.setup.scenario
         return kernel.eval_due(t, sc.eval.every, sc.rounds)
 
-    def _reduce(self, t: int, payload: Tree, mask: np.ndarray) -> None:
-        mask_t = torch.as_tensor(mask, device=self.device)
+    def _reduce(self, t: int, payload: Tree, plan: Plan) -> None:
+        mask_t = torch.as_tensor(plan.mask, device=self.device)
         ids = torch.nonzero(mask_t).flatten()
-        ctx = kernel.make_ctx(t, self.setup.scenario.seed, ids, mask_t, self.sizes, self.dtype,
-                              self.setup.work)
+        steps = kernel.block_steps(plan, self.setup.work, self.strategy, t, ids)
+        ctx = kernel.make_ctx(t, self.setup.scenario.seed, ids, mask_t, self.sizes, self.dtype, steps)
         if self.strategy.aggregate is not None:  # robust aggregation: the rows are all here
             reduced = kernel.gathered_reduce(self.strategy, self.server, payload, ctx)
         else:
@@ -193,27 +227,18 @@ class FlowerAdapter(FlowerStrategy):
         else:
             x = self.server[self.strategy.model_key]
         m = kernel.metrics_line(t, self.train_loss[0], self.train_loss[1],
-                                self.problem.evaluate(x[None]), self.bytes)
+                                self.problem.evaluate(x[None]), self.bytes, self.clock.now)
         self.train_loss = [0.0, 0.0]
         if self.strategy.comm == "mix":
             assert self.node_models is not None
             res = self.problem.evaluate(self.node_models)
             acc = float(res[1].double().sum()) if res is not None and res[1] is not None else None
             m.update(kernel.node_metrics(float(((self.node_models - x) ** 2).sum()), acc, self.n))
-        m.update(self._strategy_metrics(t))
+        m.update(kernel.strategy_metrics(self.strategy, self.server, self.setup.participation, t,
+                                         self.setup.scenario.seed, self.sizes, self.dtype))
         m["flower_bytes_up"], m["flower_bytes_down"] = self.fed.wire[1], self.fed.wire[0]
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
-
-
-    def _strategy_metrics(self, t: int) -> dict[str, Any]:
-        """`Strategy.metrics` with the server-update ctx of round t (as the multiplex loop)."""
-        if self.strategy.metrics is None:
-            return {}
-        mask = torch.as_tensor(self._participants(t), device=self.device)
-        ctx = kernel.make_ctx(t, self.setup.scenario.seed, torch.nonzero(mask).flatten(), mask, self.sizes,
-                              self.dtype, self.setup.work)
-        return kernel.strategy_metrics(self.strategy, self.server, ctx)
 
 
 def run_adapter(grid: Grid, setup: Any, text: str, *, on_eval: OnEval | None = None,

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -36,6 +37,7 @@ from fedsim.flower.federation import Federation
 from fedsim.flower.grid import seeded_globals
 from fedsim.flower.plugin import build_flower_strategy, class_spec
 from fedsim.flower.records import model_record, record_model
+from fedsim.system import Clock, RoundRecord
 from fedsim.types import OnEval, Progress
 
 STRATEGY_RNG = rng.purpose_id("flower-strategy-rng")
@@ -60,6 +62,7 @@ class SeededStrategy(FlowerStrategy):
         self.server = {"x": x0}
         self.down_bytes = kernel.broadcast_bytes(self.strategy, self.server)
         self.bytes, self.train_loss = kernel.ByteCounter(), [0.0, 0.0]
+        self.clock = Clock()
         self.client_eval: dict[str, float] = {}
         self._sent = 0  # train messages of the current round
         self.history: list[dict[str, Any]] = []
@@ -93,13 +96,22 @@ class SeededStrategy(FlowerStrategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self._checked(replies)
-        up = 0
+        up, pids, samples, sent = 0, [], [], []
         for r in replies:
             m = r.content["metrics"]
             up += int(cast(int, m["up-bytes"]))
             self.train_loss[0] += float(cast(float, m["loss"]))
             self.train_loss[1] += 1
+            pids.append(self.fed.pid_of[r.metadata.src_node_id])
+            samples.append(float(cast(float, m.get("samples", 0.0))))
+            sent.append(float(cast(int, m["up-bytes"])))
         self.bytes.add(up, self.down_bytes * self._sent)
+        record = RoundRecord()
+        kernel.record_times(record, self.setup.system, self.strategy, server_round - 1,
+                            np.asarray(pids, dtype=np.int64), np.asarray(samples), np.asarray(sent),
+                            self.down_bytes)
+        self.clock.advance(self.setup.system, record.maxima(), record.sums(), overlap=False,
+                           collective=False)
         with self._seeded(server_round, AGGREGATE_TRAIN):
             arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is not None:
@@ -130,7 +142,7 @@ class SeededStrategy(FlowerStrategy):
         if kernel.eval_due(t, sc.eval.every, sc.rounds):
             x = record_model(arrays, self.spec, self.setup.device, self.setup.dtype)
             m = kernel.metrics_line(t, self.train_loss[0], self.train_loss[1],
-                                    self.problem.evaluate(x[None]), self.bytes)
+                                    self.problem.evaluate(x[None]), self.bytes, self.clock.now)
             self.train_loss = [0.0, 0.0]
             m.update(self.client_eval)
             m["flower_bytes_up"], m["flower_bytes_down"] = self.fed.wire[1], self.fed.wire[0]

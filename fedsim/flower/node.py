@@ -118,7 +118,8 @@ def scatter(b: Block, pos: np.ndarray, clients: Tree) -> None:
 # ---- local training ----------------------------------------------------------------------------
 
 def local_steps(b: Block, opts: Options, t: int, mask: torch.Tensor, server: Tree,
-                payload: Callable[[kernel.ClientStep], list[tuple[str, Any]]]) -> list[Message]:
+                payload: Callable[[kernel.ClientStep], list[tuple[str, Any]]],
+                steps: list[int] | None = None) -> list[Message]:
     """The kernel's `client_step` on every chunk of `b`; `payload(chunk output)` gives each
     row's (record key, ArrayRecord) for its reply, next to the metrics."""
     setup = b.setup
@@ -126,13 +127,15 @@ def local_steps(b: Block, opts: Options, t: int, mask: torch.Tensor, server: Tre
     out: list[Message | None] = [None] * len(b.msgs)
     for pos in b.chunks(opts):
         ids = b.ids(pos)
-        ctx = kernel.make_ctx(t, setup.scenario.seed, ids, mask, sizes, setup.dtype, setup.work)
-        step = kernel.client_step(setup.strategy, server, gather(b, pos, ids), problem.oracle(ids, t), ctx)
+        budget = None if steps is None else torch.as_tensor(steps, device=ids.device)[ids]
+        ctx = kernel.make_ctx(t, setup.scenario.seed, ids, mask, sizes, setup.dtype, budget)
+        step = kernel.client_step(setup.strategy, server, gather(b, pos, ids), problem, ctx)
         scatter(b, pos, step.clients)
         loss = None if step.loss is None else step.loss.double().tolist()
-        up = step.up_bytes.tolist()
+        up, samples = step.up_bytes.tolist(), step.samples.tolist()
         for row, ((key, rec), j) in enumerate(zip(payload(step), b.order[pos], strict=True)):
-            m: dict[str, Any] = {"num-examples": int(setup.sizes[b.pids[j]]), "up-bytes": int(up[row])}
+            m: dict[str, Any] = {"num-examples": int(setup.sizes[b.pids[j]]), "up-bytes": int(up[row]),
+                                 "samples": float(samples[row])}
             if loss is not None:
                 m["loss"] = float(loss[row])
             out[j] = Message(RecordDict({key: rec, "metrics": MetricRecord(m)}), reply_to=b.msgs[j])
@@ -152,7 +155,8 @@ def train_fedsim(b: Block, opts: Options) -> list[Message]:
 
     def payload(step: kernel.ClientStep) -> list[tuple[str, Any]]:
         return [("arrays", r) for r in rows_to_records(step.payload, int(step.up_bytes.shape[0]))]
-    return local_steps(b, opts, t, mask, server, payload)
+    steps = cast(list[int], cfg["steps"]) if "steps" in cfg else None
+    return local_steps(b, opts, t, mask, server, payload, steps)
 
 
 def _only(records: Mapping[str, Any], kind: str) -> tuple[str, Any]:
@@ -197,7 +201,7 @@ def mix(b: Block, opts: Options) -> list[Message]:
             weights = record_to_tree(b.msgs[j].content["weights"], setup.device)
             parts.append({k: weighted_sum({k: v}, weights[k])[k][None] for k, v in rows.items()})
         mixed = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        ctx = kernel.make_ctx(t, setup.scenario.seed, ids, everyone, sizes, setup.dtype, setup.work)
+        ctx = kernel.make_ctx(t, setup.scenario.seed, ids, everyone, sizes, setup.dtype)
         scatter(b, pos, setup.strategy.node_update(gather(b, pos, ids), mixed, ctx))
         for j in b.order[pos]:
             metrics = MetricRecord({"num-examples": int(setup.sizes[b.pids[j]])})

@@ -96,8 +96,8 @@ def compare(name: str, make, participation=None, topology=None, work=None) -> Ro
         testing.run(make(problem), problem, ROUNDS, x0=x0, participation=participation, topology=topology,
                     eval_every=2, on_eval=ref_hist.append, work=work)
         for a, b in zip(hist, ref_hist, strict=True):
-            for k in ("train_loss", "test_loss", "bytes_up", "bytes_down", "consensus_distance", "dp_epsilon",
-                      "dp_clip"):
+            for k in ("train_loss", "test_loss", "bytes_up", "bytes_down", "consensus_distance",
+                      "sim_time_s", "dp_epsilon", "dp_clip"):
                 if (a.get(k) is None) != (b.get(k) is None) or (
                         a.get(k) is not None and not np.isclose(a[k], b[k], rtol=1e-10, atol=1e-14)):
                     fail(f"{name}: metric {k} at round {a['round']}: {a.get(k)} != {b.get(k)}")

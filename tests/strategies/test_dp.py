@@ -14,6 +14,7 @@ from dp_accounting import rdp
 
 from fedsim import rng, testing
 from strategies.dp import clip_rows, value_noise
+from tests.strategies.linear import LinearProblem
 
 
 def _run(params, problem, rounds, **kw):
@@ -95,37 +96,12 @@ def test_adaptive_clip_update_by_hand():
     torch.testing.assert_close(loop.state.server["x"], want, rtol=0, atol=1e-15)
 
 
-class _Linear:
-    """f_i(x) = <g_i, x>: the update -lr K g_i of client i is the same every round."""
-
-    def __init__(self, g):
-        self.g = torch.as_tensor(g, dtype=torch.float64)
-        self.num_clients, self.dim = self.g.shape
-        self.sizes, self.device, self.dtype = np.ones(self.num_clients, np.int64), "cpu", torch.float64
-
-    def oracle(self, ids, round):
-        g = self.g[ids]
-
-        class Oracle:
-            def __call__(self, x, step):
-                return (x * g).sum(-1), g.expand_as(x)
-
-            def full(self, x):
-                return self(x, 0)
-        return Oracle()
-
-    def evaluate(self, x):
-        return None
-
-    def restrict(self, owned):
-        return self
-
 
 def test_adaptive_clip_tracks_the_target_quantile_of_the_update_norms():
     # Prepare: 10 clients whose update norms are 0.1, 0.2, ..., 1.0 (lr 0.1, K 1, ||g_i|| = i)
     g = torch.zeros(10, 2, dtype=torch.float64)
     g[:, 0] = torch.arange(1, 11, dtype=torch.float64)
-    problem = _Linear(g)
+    problem = LinearProblem(g)
     for quantile, lo, hi in ((0.3, 0.3, 0.4), (0.7, 0.7, 0.8)):
         # Execute (no noise: the bits are exact)
         loop = _run({"lr": 0.1, "local_steps": 1, "clip": 0.05, "adaptive": True, "target_quantile": quantile,

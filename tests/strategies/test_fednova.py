@@ -19,6 +19,7 @@ import torch
 from fedsim import testing
 from fedsim.work import WORK
 from strategies.fednova import normalizer
+from tests.strategies.linear import LinearProblem
 
 K = [1, 2, 5, 10, 3, 8]   # uneven local work of 6 clients
 
@@ -88,31 +89,6 @@ def test_small_step_limits_are_the_surrogate_optimum_and_the_true_optimum():
     assert np.abs(surrogate - star).max() > 0.05                 # and those two really differ
 
 
-class _Linear:
-    """f_i(x) = <g_i, x>: every local step sees the same gradient g_i (tests the normaliser)."""
-
-    def __init__(self, g):
-        self.g = torch.as_tensor(g, dtype=torch.float64)
-        self.num_clients, self.dim = self.g.shape
-        self.sizes, self.device, self.dtype = np.ones(self.num_clients, np.int64), "cpu", torch.float64
-
-    def oracle(self, ids, round):
-        g = self.g[ids]
-
-        class Oracle:
-            def __call__(self, x, step):
-                return (x * g).sum(-1), g.expand_as(x)
-
-            def full(self, x):
-                return self(x, 0)
-        return Oracle()
-
-    def evaluate(self, x):
-        return None
-
-    def restrict(self, owned):
-        return self
-
 
 def test_normalised_update_of_local_momentum_is_one_gradient_step():
     """Heavy ball on a constant gradient g for tau steps moves lr ||a||_1 g, so d_i = -lr g for every
@@ -120,7 +96,7 @@ def test_normalised_update_of_local_momentum_is_one_gradient_step():
     want = torch.tensor([0.0, 3.0, 7.0], dtype=torch.float64)
     assert torch.equal(normalizer(torch.tensor([0, 3, 7]), 0.0), want)
     g = [[1.0, -2.0], [0.5, 0.0], [3.0, 1.0]]
-    problem, lr = _Linear(g), 0.1
+    problem, lr = LinearProblem(g), 0.1
     for rho in (0.0, 0.5, 0.9):
         strat = testing.build("fednova", {"lr": lr, "rho": rho}, problem)
         loop = testing.run(strat, problem, 1, work=_steps([1, 4, 9]))
