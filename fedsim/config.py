@@ -1,11 +1,11 @@
 """Scenario files: YAML validated into typed, frozen objects with every default filled.
 
 A scenario has the top-level keys ``name, seed, rounds, data, model, topology, participation,
-strategy, work, system, engine, eval, output`` and ``sweep`` (read by `fedsim sweep`, see fedsim/sweep.py; a
-single run ignores it and never writes it into config.yaml). Sections that pick a plug-in by
-``kind``/``name``/``dataset`` take that plug-in's own keyword arguments next to it; they are
-validated against the factory's signature, so unknown keys and bad values are errors that name
-the file, the key path, the value and what is allowed.
+strategy, work, system, attack, engine, eval, output, checkpoint`` and ``sweep`` (read by `fedsim
+sweep`, see fedsim/sweep.py; a single run ignores it and never writes it into config.yaml).
+Sections that pick a plug-in by ``kind``/``name``/``dataset`` take that plug-in's own keyword
+arguments next to it; they are validated against the factory's signature, so unknown keys and bad
+values are errors that name the file, the key path, the value and what is allowed.
 """
 
 from __future__ import annotations
