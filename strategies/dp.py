@@ -146,7 +146,13 @@ def dp_fedavg(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server
         raise ValueError(f"denominator: 'expected' (and the default clip_count_stddev) need {_RATES}")
     sigma_b = (0.05 * (m_exp or 0.0) if noise_multiplier else 0.0) if clip_count_stddev is None \
         else clip_count_stddev
-    z_d = value_noise(noise_multiplier, sigma_b) if adaptive else noise_multiplier
+    try:
+        z_d = value_noise(noise_multiplier, sigma_b) if adaptive else noise_multiplier
+    except ValueError as exc:
+        if clip_count_stddev is not None:
+            raise
+        raise ValueError(f"{exc} (the default 0.05 m with m = {m_exp:g} expected participants); "
+                         "set clip_count_stddev") from None
     epsilon = None
     if noise_multiplier > 0 and accountant == "rdp":
         if q is None:

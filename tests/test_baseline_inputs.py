@@ -67,3 +67,14 @@ def test_krum_with_random_participation_fails_in_the_round_with_too_few(tmp_path
     assert code == 1, err
     assert "aggregator.f: Krum with f = 1 needs at least 2f + 3 = 5 participants per round" in err, err
     assert "round " in err and "Traceback" not in err
+
+
+def test_default_count_noise_too_small_names_the_default_and_the_fix(tmp_path, capsys):
+    # Prepare: 8 clients, 4 per round: the default sigma_b = 0.05 * 4 = 0.2 < z / 2 = 1
+    body = small_scenario(strategy={"name": "dp-fedavg", "noise_multiplier": 2.0, "adaptive": True})
+    # Execute
+    err = _bad(tmp_path, capsys, body)
+    # Assert
+    for needle in ("strategy.clip_count_stddev", "must exceed noise_multiplier / 2 = 1", "got 0.2",
+                   "the default 0.05 m with m = 4 expected participants", "set clip_count_stddev"):
+        assert needle in err, (needle, err)
