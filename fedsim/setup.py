@@ -100,6 +100,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _adversarial(strategy: Strategy, sc: Scenario, aggregator: Any, participation: Any) -> Strategy:
+    """The scenario's Byzantine clients (`attack:`, `fedsim.attacks`) around the strategy's uplink,
+    then its robust aggregator (`strategy.aggregator`, `fedsim.robust`), checked against the
+    participants per round where the pattern fixes them (full, uniform)."""
+    from fedsim.attacks import ATTACKS, with_attack
+    from fedsim.robust import fixed_participants, with_aggregator
+
+    with _located(sc.source, "attack"):
+        attack = ATTACKS.build(sc.attack.kind, sc.attack.params(), num_clients=sc.data.clients, seed=sc.seed)
+    try:
+        strategy = strategy if attack is None else with_attack(strategy, attack)
+    except ValueError as exc:
+        raise ConfigError(str(exc).partition(": ")[2], key="attack.kind", value=sc.attack.kind) from None
+    if aggregator is None:
+        return strategy
+    try:
+        strategy = with_aggregator(strategy, aggregator)
+    except ValueError as exc:
+        raise ConfigError(str(exc).partition(": ")[2], key="strategy.aggregator",
+                          value=aggregator.spec["name"]) from None
+    m = fixed_participants(sc.participation.kind, participation)
+    bad = None if m is None else aggregator.fits(m)
+    if bad is not None:
+        raise ConfigError(bad[1], key=f"strategy.aggregator.{bad[0]}", value=aggregator.spec.get(bad[0]))
+    return strategy
+
+
 def build_setup(sc: Scenario) -> Setup:
     """Data, partition, model, strategy, participation and topology of scenario `sc`."""
     from strategies import STRATEGIES
@@ -133,6 +160,10 @@ def build_setup(sc: Scenario) -> Setup:
                               p_nominal=getattr(participation, "p_nominal", None))
     if sc.strategy.name == "flower":  # a Flower strategy object on the server: fedsim.flower.plugin
         from fedsim.flower.plugin import client_strategy
+        if sc.attack.kind != "none":
+            raise ConfigError("attacks apply to fedsim's own server strategies", file=sc.source,
+                              key="attack.kind", value=sc.attack.kind,
+                              allowed="none with strategy.name: flower")
         with _located(sc.source, "strategy"):
             strategy = client_strategy(sc)
         cfg = sc.system
@@ -151,6 +182,8 @@ def build_setup(sc: Scenario) -> Setup:
         params = sc.strategy.params()
         uplink = None if "compressor" in STRATEGIES.params(sc.strategy.name) \
             else params.pop("compressor", None)
+        aggregator = None if "aggregator" in STRATEGIES.params(sc.strategy.name) \
+            else params.pop("aggregator", None)
         strategy = STRATEGIES.build(sc.strategy.name, params, runtime=runtime)
         if uplink is not None:
             try:
@@ -160,6 +193,7 @@ def build_setup(sc: Scenario) -> Setup:
         if strategy.comm == "mix" and sc.participation.kind != "full":
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")
+        strategy = _adversarial(strategy, sc, aggregator, participation)
     work = None
     if sc.work.kind != "strategy":
         if not strategy.trains_locally:

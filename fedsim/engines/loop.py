@@ -158,7 +158,10 @@ class RoundLoop:
                 self.train_loss[0] += float(out.loss.double().sum())
                 self.train_loss[1] += ids.numel()
             if strat.comm == "reduce":
-                partial = add_into(partial, kernel.block_partial(strat, s.server, out.payload, ctx))
+                if strat.aggregate is None:
+                    partial = add_into(partial, kernel.block_partial(strat, s.server, out.payload, ctx))
+                else:
+                    rows.append(out.payload)
                 up += int(out.up_bytes.sum())
             else:
                 assert degrees is not None
@@ -166,7 +169,10 @@ class RoundLoop:
                 up += int((out.up_bytes * degrees[ids]).sum())
         if strat.comm == "reduce":
             down = down_per * mine.numel()
-            self._finish_reduce(t, partial, mask, plan)
+            if strat.aggregate is None:
+                self._finish_reduce(t, partial, mask, plan)
+            else:
+                self._finish_gather(t, rows, mask, plan)
         else:
             down = up
             self._finish_mix(t, rows, mine, mask, plan)
@@ -185,6 +191,24 @@ class RoundLoop:
         reduced = s.stale.push(pending)
         ctx = self._ctx(t, torch.nonzero(mask).flatten(), mask, plan)
         s.server = kernel.server_step(strat, s.server, reduced, ctx)
+
+    def _finish_gather(self, t: int, rows: list[Tree], mask: torch.Tensor, plan: Plan) -> None:
+        """A strategy with an `aggregate` (robust aggregation): every process gathers the rows
+        of all participants (its own chunks, then every rank's in rank order = ascending ids)
+        and computes the same reduction; no collective in a round nobody took part in."""
+        s, strat = self.state, self.strategy
+        ctx = self._ctx(t, torch.nonzero(mask).flatten(), mask, plan)
+        gathered: Tree = {}
+        if bool(mask.any()):
+            mine = {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else None
+            if self.comm.size == 1:
+                parts = [mine] if mine else []
+            else:  # pickled host copies, one object per rank
+                host = None if mine is None else {k: v.cpu() for k, v in mine.items()}
+                parts = [p for p in self.comm.allgather(host) if p]
+            gathered = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
+        reduced = kernel.gathered_reduce(strat, s.server, gathered, ctx)
+        s.server = kernel.server_step(strat, s.server, s.stale.push(Ready(reduced)), ctx)
 
     def _finish_mix(self, t: int, rows: list[Tree], mine: torch.Tensor, mask: torch.Tensor,
                     plan: Plan) -> None:
@@ -238,6 +262,8 @@ class RoundLoop:
         owned = torch.as_tensor(self.owned, device=self.device)
         m.update(kernel.client_eval(self.problem, self._scored_models(x), owned, self.num_clients,
                                     self.comm.allreduce_scalars))
+        m.update(kernel.strategy_metrics(strat, s.server, self.participation, t, self.seed, self.sizes,
+                                         self.dtype))
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
 
