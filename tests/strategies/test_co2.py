@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -20,8 +19,15 @@ from fedsim.config import parse_scenario
 from fedsim.errors import ConfigError
 from fedsim.registry import build_nested
 from strategies import STRATEGIES
-from strategies.co2 import (ConstPenalty, ElementwiseClip, GapElementwisePenalty, GapNormPenalty, NoClip,
-                            NormClip, co2)
+from strategies.co2 import (
+    ConstPenalty,
+    ElementwiseClip,
+    GapElementwisePenalty,
+    GapNormPenalty,
+    NoClip,
+    NormClip,
+    co2,
+)
 from strategies.local import adamw
 from tests.conftest import run_cli, small_scenario, write_scenario
 
@@ -265,8 +271,8 @@ def test_first_stale_update_by_hand(penalty, clip):
     expected = {"gap_norm": d / (1 + d.norm() / math.sqrt(2)), "gap_elementwise": d / (1 + d.abs()),
                 "norm": d * min(1.0, 0.1 / float(d.norm())), "elementwise": d.clamp(-0.1, 0.1)}
     # Execute
-    strat = STRATEGIES.build("co2", {"tau": 5, "lr": 0.1, "beta": 0.5, "penalty": penalty,
-                                     "clip": {"kind": clip, **({} if clip == "none" else {"threshold": 0.1})}})
+    clip_spec = {"kind": clip, **({} if clip == "none" else {"threshold": 0.1})}
+    strat = STRATEGIES.build("co2", {"tau": 5, "lr": 0.1, "beta": 0.5, "penalty": penalty, "clip": clip_spec})
     x2 = _x(strat, 2, problem)
     # Assert
     torch.testing.assert_close(x2, -expected[penalty if clip == "none" else clip], rtol=1e-12, atol=0)

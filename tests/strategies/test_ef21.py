@@ -15,8 +15,17 @@ from fedsim.errors import ConfigError
 from fedsim.objectives import estimate_smoothness, nonconvex_reg
 from strategies import STRATEGIES
 from strategies.compress import identity, natural, qsgd, rand_k, top_k
-from strategies.ef21 import (TheoryStep, compressed_gd, econtrol, ef21, gd, smoothness_sums, theory_constants,
-                             theory_lr, theory_step)
+from strategies.ef21 import (
+    TheoryStep,
+    compressed_gd,
+    econtrol,
+    ef21,
+    gd,
+    smoothness_sums,
+    theory_constants,
+    theory_lr,
+    theory_step,
+)
 from strategies.ef21_w import ef21_w
 from strategies.feedback import ef14
 from strategies.feedback import ef21 as ef21_compressor
@@ -237,7 +246,8 @@ def _uneven(n_big=1, scale=100.0):
 def test_example_2_1_constants_and_steps():
     """L = (1, 1, 1, 100), uniform: L_AM = 25.75, L_QM = sqrt((3 + 100^2)/4) = 50.0075; at
     alpha = 0.1 (xi = 18.4868329805) the steps are 1/(L + L_AM xi) and 1/(L + L_QM xi)."""
-    L, pi = torch.tensor([1.0, 1.0, 1.0, 100.0], dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)
+    L = torch.tensor([1.0, 1.0, 1.0, 100.0], dtype=torch.float64)
+    pi = torch.full((4,), 0.25, dtype=torch.float64)
     sums = smoothness_sums(L, pi).sum(0)
     xi = theory_constants(0.1)[2]
     am = float(theory_step(TheoryStep(L=2.0), sums, pi, 0.1, "am"))
@@ -257,7 +267,8 @@ def test_theory_step_on_the_paper_quadratic_is_the_hand_computed_step():
     torch.testing.assert_close(a.state.server["x"], b.state.server["x"], rtol=0, atol=1e-11)
     # from a scenario: `lr: theory` and the mapping form
     assert STRATEGIES.validate("ef21", {"lr": "theory"})["lr"] == TheoryStep()
-    assert STRATEGIES.validate("ef21", {"lr": {"kind": "theory", "factor": 2}})["lr"] == TheoryStep(factor=2.0)
+    mapping = {"kind": "theory", "factor": 2}
+    assert STRATEGIES.validate("ef21", {"lr": mapping})["lr"] == TheoryStep(factor=2.0)
 
 
 def test_estimated_constants_reach_the_server_once():
