@@ -50,10 +50,16 @@ def cell(values: list[float | None], digits: int, n: int) -> str:
     return text + (f" ({len(got)}/{n} seeds)" if len(got) < n else "")
 
 
-def row(g: Group, args: argparse.Namespace) -> list[str]:
+def names(groups: list[Group]) -> list[str]:
+    """Each group's run name, or its distinguishing label where two groups share a name."""
+    first = [g.runs[0].name for g in groups]
+    return [n if first.count(n) == 1 else g.label for n, g in zip(first, groups, strict=True)]
+
+
+def row(g: Group, name: str, args: argparse.Namespace) -> list[str]:
     n = len(g.runs)
     keys = [value(r, args.metric, args.fallback) for r in g.runs]
-    out = [g.runs[0].name, f"{n} ({', '.join(str(s) for s in g.seeds)})"]
+    out = [name, f"{n} ({', '.join(str(s) for s in g.seeds)})"]
     out += [cell([at_round(r, k, t) for r, k in zip(g.runs, keys, strict=True)], 3, n) for t in args.at]
     out += [cell([reach(r, k, t) for r, k in zip(g.runs, keys, strict=True)], 0, n) for t in args.reach]
     for key in args.final:
@@ -63,19 +69,20 @@ def row(g: Group, args: argparse.Namespace) -> list[str]:
 
 
 def plot(groups: list[Group], args: argparse.Namespace) -> None:
+    """The metric against the round: mean over seeds and a ± std band per group."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for g in groups:
+    for g, name in zip(groups, names(groups), strict=True):
         curves = [{r["round"]: r[k] for r in run.rows if r.get(k) is not None}
                   for run, k in ((run, value(run, args.metric, args.fallback)) for run in g.runs)]
         rounds = sorted(set.intersection(*(set(c) for c in curves)))
         stats = [estimate([c[t] for c in curves]) for t in rounds]
         mean = [e.mean for e in stats]
-        ax.plot(rounds, mean, label=f"{g.runs[0].name} (n={len(g.runs)})")
+        ax.plot(rounds, mean, label=f"{name} (n={len(g.runs)})")
         if len(g.runs) > 1:
             low, high = [e.mean - e.std for e in stats], [e.mean + e.std for e in stats]
             ax.fill_between(rounds, low, high, alpha=0.2)
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
               *(f"rounds to {t:g}" for t in args.reach), *(f"final {k}" for k in args.final)]
     lines: list[Any] = [header, ["---"] * len(header)]
     groups = group_runs(expand(args.runs))
-    lines += [row(g, args) for g in groups]
+    lines += [row(g, name, args) for g, name in zip(groups, names(groups), strict=True)]
     print("\n".join("| " + " | ".join(map(str, ln)) + " |" for ln in lines))
     if args.plot:
         plot(groups, args)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 
 import matplotlib
 
@@ -20,6 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedsim.stats import Run, estimate, expand, group_runs  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from table import names  # noqa: E402  (scenarios/paper/table.py)
 
 THRESHOLDS = (1e-3, 1e-6)
 
@@ -54,10 +59,11 @@ def main() -> None:
         losses = [row["train_loss"] for row in r.rows if row.get("train_loss") is not None]
         f_star[r.seed] = min(f_star.get(r.seed, math.inf), *losses)
     groups = group_runs(runs)
+    labels = names(groups)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for g in groups:
+    for g, name in zip(groups, labels, strict=True):
         pts = gaps(g.runs[0], f_star[g.runs[0].seed])
-        ax.plot([b for b, _ in pts], [max(v, 1e-7) for _, v in pts], marker=".", label=g.runs[0].name)
+        ax.plot([b for b, _ in pts], [max(v, 1e-7) for _, v in pts], marker=".", label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("bytes sent up by all workers")
@@ -72,11 +78,11 @@ def main() -> None:
         print("| run | seeds | " + " | ".join(f"uplink bytes to f-f* <= {t:g}" for t in THRESHOLDS)
               + " | final f - f* |")
         print("|---" * (3 + len(THRESHOLDS)) + "|")
-        for g in groups:
+        for g, name in zip(groups, labels, strict=True):
             per = [gaps(r, f_star[r.seed]) for r in g.runs]
             cells = [fmt([bytes_to(p, t) for p in per], ",.0f") for t in THRESHOLDS]
             last = fmt([p[-1][1] for p in per], ".1e")
-            print(f"| {g.runs[0].name} | {len(g.runs)} | " + " | ".join(cells) + f" | {last} |")
+            print(f"| {name} | {len(g.runs)} | " + " | ".join(cells) + f" | {last} |")
 
 
 if __name__ == "__main__":
