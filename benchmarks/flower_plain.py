@@ -1,4 +1,4 @@
-"""W1 / W2 as a plain Flower 1.41 FedAvg app, written the way Flower's own examples write it.
+"""W1 / W2 as a plain Flower 1.42 FedAvg app, written the way Flower's own examples write it.
 
     python benchmarks/flower_plain.py w1 [threads]   # prints one JSON line (like baselines.py)
 

@@ -10,14 +10,16 @@ process (interpreter start, imports, data generation, runtime start-up, training
 Repeats are interleaved (r1 of everything, then r2, ...) so background load hits all alike;
 tables show medians. Measured per run:
   process s     wall time from spawn to exit (os.wait4)
-  in-loop s     fedsim: summary.json wall_s (first round to last evaluation);
+  in-loop s     fedsim: summary.json wall_s (first round to last evaluation; the Flower engine's
+                nodes joining before round 1 is set-up, reported as join s);
                 baselines / Flower / pfl: the time they print for their training loop
   RSS MB        peak RSS of the spawned process (ru_maxrss from os.wait4; for mpiexec/torchrun
                 launchers the largest single process they waited for, not the sum)
   tree MB       multi-process implementations only: peak of the summed RSS of the process tree,
                 sampled every 0.2 s (shared library pages counted once per process: an upper bound)
-Implementations (W1, W2): fedsim engines multiplex / flower (in-process grid) / mpi (2 ranks);
-floor and loop (benchmarks/baselines.py); flower = plain Flower 1.41 FedAvg app on Ray
+Implementations (W1, W2): fedsim engines multiplex / flower (in-process grid, multiplexed nodes;
+and `multiplex: false`, one ClientApp call per message) / mpi (2 ranks);
+floor and loop (benchmarks/baselines.py); flower = plain Flower 1.42 FedAvg app on Ray
 (benchmarks/flower_plain.py); W2 also pfl 0.6 in 1 and 2 processes (benchmarks/pfl_w2.py, in
 its own venv benchmarks/.venv-pfl; skipped with a note when that venv is missing).
 W3: benchmarks/engine_probe.py w3 on ring/torus x 256/4096 nodes + `fedsim run` of the 256-node
@@ -122,7 +124,7 @@ def parse_fedsim(res: dict) -> dict:
     path = res["stdout"].strip().splitlines()[-1]
     s = json.loads(Path(path, "summary.json").read_text())
     return {"in_loop_s": s["wall_s"], "test_accuracy": s["final"]["test_accuracy"],
-            "rounds": s["rounds"], "setup_s": s.get("setup_s")}
+            "rounds": s["rounds"], "setup_s": s.get("setup_s"), "join_s": s.get("flower_join_s")}
 
 
 def parse_json(res: dict) -> dict:
@@ -147,6 +149,9 @@ def plan(workloads: list[str], threads: int, quick: bool, out: str) -> list[dict
         add(w, "fedsim-multiplex", fedsim_cmd(f"{w}.yaml", threads, out), parse_fedsim)
         add(w, "fedsim-flower-inprocess",
             fedsim_cmd(f"{w}.yaml", threads, out, ["engine.kind=flower"]), parse_fedsim)
+        add(w, "fedsim-flower-per-message",
+            fedsim_cmd(f"{w}.yaml", threads, out, ["engine.kind=flower", "engine.multiplex=false"]),
+            parse_fedsim)
         add(w, "fedsim-mpi-2ranks",
             mpi_launcher(2) + fedsim_cmd(f"{w}.yaml", threads, out, ["engine.kind=mpi"]), parse_fedsim,
             tree=True)

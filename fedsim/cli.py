@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, RunInterrupted
 
 LISTABLE = ("strategies", "topologies", "datasets", "partitions", "models", "participation",
-            "engines", "compressors", "optimizers")
+            "engines", "compressors", "optimizers", "work")
 
 
 def _registry(what: str) -> Any:
@@ -35,6 +35,8 @@ def _registry(what: str) -> Any:
         from fedsim.engines import ENGINES as r
     elif what == "optimizers":
         from strategies import OPTIMIZERS as r
+    elif what == "work":
+        from fedsim.work import WORK as r
     else:
         from strategies import COMPRESSORS as r
     return r
@@ -47,6 +49,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     extra = {"engine": {"kind": args.engine}} if args.engine else None
     sc = load_scenario(args.scenario, args.set, extra=extra)
     path, summary = execute(sc, out_dir=args.out, quiet=args.quiet)
+    if path:
+        print(path)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from fedsim.config import load_scenario
+    from fedsim.run import execute
+
+    folder = os.path.normpath(args.run)
+    config = os.path.join(folder, "config.yaml")
+    if not os.path.isdir(folder) or not os.path.isfile(config):
+        raise ConfigError("not a run folder (no config.yaml)", file=folder,
+                          allowed="a folder written by `fedsim run`")
+    extra = {"engine": {"kind": args.engine}} if args.engine else None
+    sc = load_scenario(config, args.set, extra=extra)
+    path, _ = execute(sc, quiet=args.quiet, resume=folder)
     if path:
         print(path)
     return 0
@@ -183,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)
 
+    rs = sub.add_parser("resume", help="continue a run folder from its latest checkpoint "
+                        "(--set rounds=N extends a finished run)")
+    rs.add_argument("run")
+    rs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rs.add_argument("--engine", choices=("multiplex", "mpi", "flower"))
+    rs.add_argument("--quiet", action="store_true")
+    rs.set_defaults(fn=cmd_resume)
+
     v = sub.add_parser("validate", help="check a scenario (exit 0, or 2 with the reason)")
     v.add_argument("scenario")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -203,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="curves of runs and sweeps: mean and band over seeds")
     pl.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
-    pl.add_argument("--x", choices=("round", "bytes", "bytes_up", "wall", "sim"), default="round",
-                    help="wall: host seconds; sim: simulated seconds (runs with sim_time_s)")
+    pl.add_argument("--x", choices=("round", "bytes", "bytes_up", "wall", "sim", "sim_time"),
+                    default="round",
+                    help="wall: host seconds; sim_time (or sim): simulated seconds (sim_time_s)")
     pl.add_argument("--y", choices=("test_accuracy", "test_loss", "train_loss", "consensus_distance",
                                     "node_accuracy_mean"), default="test_accuracy")
     pl.add_argument("--band", choices=("std", "ci", "none"), default="std",
@@ -267,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        return stop.code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,7 @@
 """Scenario files: YAML validated into typed, frozen objects with every default filled.
 
 A scenario has the top-level keys ``name, seed, rounds, data, model, topology, participation,
-strategy, engine, eval, output`` and ``sweep`` (read by `fedsim sweep`, see fedsim/sweep.py; a
+strategy, work, system, engine, eval, output`` and ``sweep`` (read by `fedsim sweep`, see fedsim/sweep.py; a
 single run ignores it and never writes it into config.yaml). Sections that pick a plug-in by
 ``kind``/``name``/``dataset`` take that plug-in's own keyword arguments next to it; they are
 validated against the factory's signature, so unknown keys and bad values are errors that name
@@ -18,11 +18,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedsim.config_system import SystemCfg
 from fedsim.errors import ConfigError
 from fedsim.registry import plain, pydantic_to_config_error
 
 TOP_KEYS = ("name", "seed", "rounds", "data", "model", "topology", "participation", "strategy",
-            "engine", "eval", "output", "sweep")
+            "work", "system", "engine", "eval", "output", "checkpoint", "sweep")
 
 
 class _Section(BaseModel):
@@ -59,6 +60,10 @@ class TopologyCfg(_PluginSection):
     mixing: Literal["metropolis", "max_degree"] = "metropolis"
 
 
+class WorkCfg(_PluginSection):
+    kind: str = "strategy"  # heterogeneous local work (fedsim.work): strategy | steps | uniform | epochs
+
+
 class ParticipationCfg(_PluginSection):
     kind: str = "full"
 
@@ -86,6 +91,10 @@ class EvalCfg(_Section):
     batch_size: int = Field(2048, gt=0)
 
 
+class CheckpointCfg(_Section):
+    every: int | None = Field(None, ge=0)  # rounds between checkpoints; None: a tenth; 0: at the end
+
+
 class OutputCfg(_Section):
     dir: str = "runs"
     trackers: tuple[Literal["tensorboard", "mlflow"], ...] = ()  # fedsim/trackers.py
@@ -99,10 +108,13 @@ class Scenario(_Section):
     model: ModelCfg = ModelCfg()
     topology: TopologyCfg = TopologyCfg()
     participation: ParticipationCfg = ParticipationCfg()
+    work: WorkCfg = WorkCfg()
+    system: SystemCfg = SystemCfg()
     strategy: StrategyCfg = StrategyCfg()
     engine: EngineCfg = EngineCfg()
     eval: EvalCfg = EvalCfg()
     output: OutputCfg = OutputCfg()
+    checkpoint: CheckpointCfg = CheckpointCfg()
     sweep: dict[str, Any] | None = Field(None, exclude=True)  # checked by fedsim.sweep
     source: str | None = Field(None, exclude=True)
 
@@ -211,6 +223,7 @@ def resolve_plugins(sc: Scenario) -> Scenario:
     from fedsim.engines import ENGINES
     from fedsim.models import MODELS
     from fedsim.participation import PARTICIPATION
+    from fedsim.work import WORK
     from strategies import STRATEGIES
     from topologies import TOPOLOGIES
 
@@ -219,18 +232,21 @@ def resolve_plugins(sc: Scenario) -> Scenario:
                      "data.partition")
     data = _resolved(d, {"dataset": d.dataset, "clients": d.clients}, DATASETS, d.dataset, "data")
     data["partition"] = PartitionCfg(**part)
-    model = ModelCfg(**_resolved(sc.model, {"kind": sc.model.kind, "init": sc.model.init}, MODELS,
-                                 sc.model.kind, "model"))
+    model = ModelCfg(**_resolved(sc.model, {"kind": sc.model.kind, "init": sc.model.init,
+                                            "nonconvex_reg": sc.model.nonconvex_reg},
+                                 MODELS, sc.model.kind, "model"))
     topo = TopologyCfg(**_resolved(sc.topology, {"kind": sc.topology.kind, "mixing": sc.topology.mixing},
                                    TOPOLOGIES, sc.topology.kind, "topology"))
     part_cfg = ParticipationCfg(**_resolved(sc.participation, {"kind": sc.participation.kind},
                                             PARTICIPATION, sc.participation.kind, "participation"))
     strat = StrategyCfg(**_resolve_strategy(sc.strategy, STRATEGIES))
+    work = WorkCfg(**_resolved(sc.work, {"kind": sc.work.kind}, WORK, sc.work.kind, "work"))
     eng = EngineCfg(**_resolved(sc.engine, {"kind": sc.engine.kind, "device": sc.engine.device,
                                             "dtype": sc.engine.dtype},
                                 ENGINES, sc.engine.kind, "engine"))
     return sc.model_copy(update={"data": DataCfg(**data), "model": model, "topology": topo,
-                                 "participation": part_cfg, "strategy": strat, "engine": eng})
+                                 "participation": part_cfg, "strategy": strat, "work": work,
+                                 "engine": eng})
 
 
 def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
@@ -240,6 +256,12 @@ def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
 
     head = {"name": cfg.name, "batch_size": cfg.batch_size}
     params = cfg.params()
+    if cfg.name == "flower":  # a Flower strategy object on the server: fedsim.flower.plugin
+        from fedsim.flower.plugin import validate_params
+        try:
+            return {**head, **validate_params(params)}
+        except ConfigError as err:
+            raise err.at(prefix="strategy") from None
     comp = None
     if "compressor" in params and "compressor" not in registry.params(cfg.name):
         try:

@@ -31,3 +31,13 @@ class ConfigError(Exception):
         key = ".".join(p for p in (prefix, self.key) if p) or None
         return ConfigError(self.msg, file=file or self.file, key=key, value=self.value,
                            allowed=self.allowed)
+
+
+class RunInterrupted(Exception):
+    """A run stopped on a signal after checkpointing; `code` is the exit code (128 + signal).
+
+    The message says how to continue (`fedsim resume RUN_DIR`)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -18,7 +18,7 @@ from fedsim.stats import Group, estimate, expand, group_runs, read_run  # noqa: 
 
 X_AXES = {"round": "round", "bytes": "bytes communicated (up + down)",
           "bytes_up": "bytes sent up (clients to server / to neighbours)", "wall": "host seconds",
-          "sim": "simulated seconds"}
+          "sim": "simulated seconds", "sim_time": "simulated seconds"}
 LOG_Y = ("consensus_distance",)
 
 
@@ -26,7 +26,8 @@ def x_value(row: dict[str, Any], x: str) -> float | None:
     """The x of one metrics row: round, bytes (up + down), bytes_up, wall_s or sim_time_s."""
     if x == "bytes":
         return row.get("bytes_up", 0) + row.get("bytes_down", 0)
-    key = {"round": "round", "bytes_up": "bytes_up", "wall": "wall_s", "sim": "sim_time_s"}[x]
+    key = {"round": "round", "bytes_up": "bytes_up", "wall": "wall_s", "sim": "sim_time_s",
+           "sim_time": "sim_time_s"}[x]
     return row.get(key)
 
 

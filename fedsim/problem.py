@@ -25,6 +25,9 @@ class Problem(Protocol):
     sizes: np.ndarray          # [N] local dataset sizes (aggregation weights)
     device: torch.device
     dtype: torch.dtype
+    num_params: int            # P
+    batch_size: int | None     # samples of one minibatch gradient (None: the local data)
+    flops_per_sample: float    # forward + backward FLOPs of one sample (simulated compute)
 
     def oracle(self, ids: torch.Tensor, round: int) -> Oracle:
         """Gradients of clients `ids` [m] in `round`."""
@@ -48,6 +51,7 @@ class DataProblem:
     """
 
     client_test: ClientData | None = None
+    flops_per_sample: float = 0.0  # measured at set-up (`fedsim.system.flops_per_sample`)
 
     def __init__(self, model: StackedModel, data: ClientData, x_test: torch.Tensor,
                  y_test: torch.Tensor, sizes: np.ndarray, seed: int, batch_size: int | None,
@@ -55,7 +59,7 @@ class DataProblem:
         self.model, self.data, self.x_test, self.y_test = model, data, x_test, y_test
         self.sizes, self.seed, self.batch_size, self.eval_batch = sizes, seed, batch_size, eval_batch
         self.nonconvex_reg = nonconvex_reg
-        self.num_clients = len(sizes)
+        self.num_clients, self.num_params = len(sizes), model.spec.size
         self.device, self.dtype = data.x.device, data.x.dtype
 
     def oracle(self, ids: torch.Tensor, round: int) -> Oracle:
@@ -101,6 +105,7 @@ class DataProblem:
                           self.sizes, self.seed, self.batch_size, self.eval_batch, self.nonconvex_reg)
         if self.client_test is not None:
             out.client_test = self.client_test.subset(np.asarray(owned))
+        out.flops_per_sample = self.flops_per_sample
         return out
 
     def memory_per_client(self) -> int:

@@ -40,6 +40,7 @@ from fedsim.errors import ConfigError
 # kind -> (singular noun, the scenario key that chooses the plug-in)
 _NOUNS = {"strategies": ("strategy", "name"), "datasets": ("dataset", "dataset"),
           "compressors": ("compressor", "name"), "optimizers": ("optimizer", "name"),
+          "work": ("local work model", "kind"),
           "topologies": ("topology", "kind"),
           "partitions": ("partition", "kind"), "models": ("model", "kind"),
           "participation": ("participation pattern", "kind"), "engines": ("engine", "kind")}

@@ -26,6 +26,7 @@ TOPOLOGY = 6       # random graphs
 DATASET = 7        # synthetic data generators
 SYSTEM = 8         # simulated speeds, links, stragglers
 STRATEGY = 9       # randomness inside a strategy: (round, client)
+WORK = 10          # heterogeneous local work: (client[, round])
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15

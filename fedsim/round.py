@@ -5,8 +5,12 @@ everything a round *means* lives here and is called by the multiplex / MPI loop
 (`fedsim.engines.loop`) and by the Flower adapter (`fedsim.flower.adapter`, `fedsim.flower.client`):
 
 * `participants`: who takes part in round t (gossip: every node);
+* `plan_round` / `block_steps`: the simulated system's dropouts, over-selection and deadlines,
+  and each client's local-step budget (heterogeneous work, deadline caps);
 * `make_ctx`: the only constructor of a `RoundCtx` (default weights n_i / sum_S n_j);
-* `client_step`: a block's local work, its training loss and its uplink bytes;
+* `client_step`: a block's local work (through a sample-counting oracle), its training loss,
+  its uplink bytes and the samples its gradients touched;
+* `record_times`: a block's simulated compute and communication seconds (`fedsim.system`);
 * `block_partial`: the block's share of the weighted sum (the strategy's weights or the default);
 * `Staleness`: the FIFO that hands the server update of round t the reduction of t - s;
 * `server_step`: the strategy's server update (not called while the FIFO fills);
@@ -17,6 +21,8 @@ everything a round *means* lives here and is called by the multiplex / MPI loop
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -24,7 +30,9 @@ import numpy as np
 import torch
 
 from fedsim.comm import weighted_sum
+from fedsim.system import Plan, RoundRecord, SystemModel
 from fedsim.types import Oracle, Participation, Pending, RoundCtx, Strategy, Topology, Tree
+from fedsim.work import LocalWork, budget_tensor
 
 # ---- who, and with which weights -------------------------------------------------------------
 
@@ -37,18 +45,51 @@ def participants(strategy: Strategy, participation: Participation | None, t: int
     return np.asarray(participation.mask(t), dtype=bool)
 
 
+def plan_round(strategy: Strategy, system: SystemModel, work: LocalWork | None, t: int,
+               mask: np.ndarray, sizes: np.ndarray, batch_size: int | None, server: Tree,
+               num_params: int) -> Plan:
+    """Round t's kept participants and local-step caps (the same on every process).
+
+    Planned local steps are the work budget, else the strategy's `local_steps` (1 for one-pass
+    gradient methods); a step touches a minibatch (or the local data); the download is the
+    broadcast, the planned upload the dense payload.
+    """
+    if strategy.comm == "mix":
+        return Plan(mask, None)
+    n = len(sizes)
+    steps = work.steps(t, np.arange(n)) if work is not None else None
+    if steps is None:
+        steps = np.full(n, strategy.local_steps or 1, dtype=np.int64)
+    step_samples = np.full(n, float(batch_size)) if batch_size else sizes.astype(np.float64)
+    return system.plan(t, mask, steps, step_samples, broadcast_bytes(strategy, server),
+                       dense_row_bytes(strategy, server, num_params))
+
+
+def block_steps(plan: Plan, work: LocalWork | None, strategy: Strategy, t: int,
+                ids: torch.Tensor) -> torch.Tensor | None:
+    """[m] local steps of a block: the work budget capped by the deadline (None: neither)."""
+    budget = budget_tensor(work, t, ids)
+    if plan.caps is None:
+        return budget
+    caps = torch.as_tensor(plan.caps, device=ids.device)[ids]
+    nominal = budget if budget is not None else torch.full_like(caps, strategy.local_steps or 1)
+    return torch.minimum(nominal, caps)
+
+
 def make_ctx(t: int, seed: int, ids: torch.Tensor, participants: torch.Tensor,
-             sizes: torch.Tensor, dtype: torch.dtype) -> RoundCtx:
+             sizes: torch.Tensor, dtype: torch.dtype, steps: torch.Tensor | None = None) -> RoundCtx:
     """The `RoundCtx` of clients `ids` [m] in round t.
 
     Args:
       participants: [N] bool mask of the round; sizes: [N] local dataset sizes (on the device
-        of `ids`); dtype: of the default weights (the model's).
+        of `ids`); dtype: of the default weights (the model's); steps: [m] local-step budgets
+        (`block_steps`; None: every strategy's own local steps).
     """
     n_i = sizes[ids]
     denom = sizes[participants].sum().to(dtype).clamp_min(1)
     return RoundCtx(round=t, seed=seed, ids=ids, num_samples=n_i, weight=n_i.to(dtype) / denom,
-                    participants=participants, total_samples=sizes, num_clients=int(sizes.shape[0]))
+                    participants=participants, total_samples=sizes, num_clients=int(sizes.shape[0]),
+                    steps=steps)
 
 
 # ---- the one byte rule -----------------------------------------------------------------------
@@ -77,22 +118,81 @@ def broadcast_bytes(strategy: Strategy, server: Tree) -> int:
     return sum(server[k].numel() * server[k].element_size() for k in strategy.broadcast if k in server)
 
 
+def dense_row_bytes(strategy: Strategy, server: Tree, num_params: int) -> float:
+    """Bytes of one dense payload row (the declared payload at the model's width)."""
+    width = next(iter(server.values())).element_size() if server else 4
+    spec = strategy.payload(num_params)
+    return float(sum(math.prod(s) for k, s in spec.items() if k not in strategy.derived_keys) * width)
+
+
 # ---- one block of clients --------------------------------------------------------------------
 
+class CountingOracle:
+    """The problem's gradients for a block, counting the samples each row's gradients touch.
+
+    A minibatch gradient touches the minibatch of rows still within their local-step budget
+    (`ctx.steps`), a full gradient the row's local data; `progress` runs before every gradient
+    (MPI lets reductions in flight progress).
+    """
+
+    def __init__(self, grads: Oracle, ctx: RoundCtx, batch_size: int | None,
+                 progress: Callable[[], None] | None = None) -> None:
+        self.grads, self.steps, self.progress = grads, ctx.steps, progress
+        self.sizes = ctx.num_samples.double()
+        self.batch = self.sizes if batch_size is None else torch.full_like(self.sizes, float(batch_size))
+        self.samples = torch.zeros_like(self.sizes)
+
+    def __call__(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.progress is not None:
+            self.progress()
+        live = self.batch if self.steps is None else torch.where(self.steps > step, self.batch, 0.0)
+        self.samples = self.samples + live
+        return self.grads(x, step)
+
+    def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.progress is not None:
+            self.progress()
+        self.samples = self.samples + self.sizes
+        return self.grads.full(x)
+
+
 class ClientStep(NamedTuple):
-    """A block's local work: payload [m, ...], new client state, loss [m] or None, bytes up [m]."""
+    """A block's local work: payload [m, ...], new client state, loss [m] or None, bytes up [m],
+    and the samples [m] its gradients touched (simulated compute)."""
 
     payload: Tree
     clients: Tree
     loss: torch.Tensor | None
     up_bytes: torch.Tensor
+    samples: torch.Tensor
 
 
-def client_step(strategy: Strategy, server: Tree, clients: Tree, oracle: Oracle,
-                ctx: RoundCtx) -> ClientStep:
-    """Run `strategy.local` on one block and count what it sends."""
+def client_step(strategy: Strategy, server: Tree, clients: Tree, problem: Any, ctx: RoundCtx,
+                progress: Callable[[], None] | None = None) -> ClientStep:
+    """Run `strategy.local` on one block with `problem`'s gradients and count what it did."""
+    oracle = CountingOracle(problem.oracle(ctx.ids, ctx.round), ctx, getattr(problem, "batch_size", None),
+                            progress)
     payload, clients, info = strategy.local(server, clients, oracle, ctx)
-    return ClientStep(payload, clients, info.get("loss"), row_bytes(strategy, payload, info))
+    return ClientStep(payload, clients, info.get("loss"), row_bytes(strategy, payload, info),
+                      oracle.samples)
+
+
+def record_times(record: RoundRecord, system: SystemModel, strategy: Strategy, t: int,
+                 ids: np.ndarray, samples: np.ndarray, up_bytes: np.ndarray, down_bytes: float,
+                 degrees: np.ndarray | None = None) -> None:
+    """Add a block's simulated seconds to the round's record (`fedsim.system`).
+
+    Star: download + compute + upload per client; all-reduce networks: compute only (the
+    collective is timed once per round); gossip: compute + the parallel sends to neighbours.
+    """
+    compute = system.compute_seconds(t, ids, samples)
+    if strategy.comm == "mix":
+        comm = system.exchange_seconds(ids, up_bytes, degrees if degrees is not None else np.ones(len(ids)))
+    elif system.cfg.network == "allreduce":
+        comm = np.zeros(len(ids))
+    else:
+        comm = system.down_seconds(ids, down_bytes) + system.up_seconds(ids, up_bytes)
+    record.add(compute, comm, up_bytes)
 
 
 def block_partial(strategy: Strategy, server: Tree, payload: Tree, ctx: RoundCtx) -> Tree:
@@ -183,8 +283,9 @@ def eval_due(t: int, every: int, rounds: int) -> bool:
 
 
 def metrics_line(t: int, loss_sum: float, loss_count: float, test: Any,
-                 counter: ByteCounter) -> dict[str, Any]:
-    """The metrics line every engine writes: round, train/test loss and accuracy, bytes.
+                 counter: ByteCounter, sim_time: float) -> dict[str, Any]:
+    """The metrics line every engine writes: round, train/test loss and accuracy, bytes and
+    the simulated seconds since the start (`sim_time_s`).
 
     `loss_sum` / `loss_count` are over the participants since the last evaluation; `test` is
     `problem.evaluate(x[None])` of the evaluated model, or None (not evaluated here).
@@ -193,7 +294,7 @@ def metrics_line(t: int, loss_sum: float, loss_count: float, test: Any,
             "train_loss": loss_sum / loss_count if loss_count > 0 else None,
             "test_loss": float(test[0][0]) if test else None,
             "test_accuracy": float(test[1][0]) if test and test[1] is not None else None,
-            "bytes_up": counter.up, "bytes_down": counter.down}
+            "bytes_up": counter.up, "bytes_down": counter.down, "sim_time_s": sim_time}
 
 
 def node_metrics(sq_dist_sum: float, acc_sum: float | None, n: int) -> dict[str, Any]:

@@ -17,7 +17,10 @@ from fedsim.models import StackedModel, build_model, init_params
 from fedsim.oracle import ClientData
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem
+from fedsim.round import plan_round
+from fedsim.system import SystemModel, flops_per_sample
 from fedsim.types import Strategy, StrategyRuntime
+from fedsim.work import WORK, LocalWork
 
 
 @dataclass
@@ -37,6 +40,8 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     splits: ClientSplits | None = None  # each client's own test split (per-client metrics)
+    work: LocalWork | None = None       # heterogeneous local work (None: strategies' own steps)
+    system: SystemModel | None = None   # the simulated system (speeds, links, stragglers)
     _problem: DataProblem | None = field(default=None, init=False, repr=False, compare=False)
 
     def problem(self) -> DataProblem:
@@ -127,6 +132,22 @@ def build_setup(sc: Scenario) -> Setup:
                               num_samples=sizes, seed=sc.seed,
                               probabilities=getattr(participation, "probabilities", None),
                               p_nominal=getattr(participation, "p_nominal", None))
+    if sc.strategy.name == "flower":  # a Flower strategy object on the server: fedsim.flower.plugin
+        from fedsim.flower.plugin import client_strategy
+        with _located(sc.source, "strategy"):
+            strategy = client_strategy(sc)
+        cfg = sc.system
+        for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
+                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star")):
+            if on:
+                raise ConfigError("a Flower strategy samples its clients itself: fedsim's straggler "
+                                  "model does not apply", file=sc.source, key=f"system.{key}",
+                                  value=getattr(cfg, key), allowed="the default")
+        if sc.work.kind != "strategy":
+            raise ConfigError("a Flower strategy sets its clients' local work itself", file=sc.source,
+                              key="work.kind", value=sc.work.kind, allowed="strategy")
+        return Setup(sc, ds, parts, sizes, model, make, x0, strategy, participation, topology,
+                     device, dtype, splits, None, build_system(sc, strategy, n, make, ds, parts, dtype))
     with _located(sc.source, "strategy"):
         params = sc.strategy.params()
         uplink = None if "compressor" in STRATEGIES.params(sc.strategy.name) \
@@ -140,5 +161,47 @@ def build_setup(sc: Scenario) -> Setup:
         if strategy.comm == "mix" and sc.participation.kind != "full":
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")
+    work = None
+    if sc.work.kind != "strategy":
+        if not strategy.trains_locally:
+            raise ConfigError(f"{sc.strategy.name} takes one gradient per round: local work does not apply",
+                              key="work.kind", value=sc.work.kind, allowed="strategy")
+        with _located(sc.source, "work"):
+            work = WORK.build(sc.work.kind, sc.work.params(), num_clients=n, seed=sc.seed, sizes=sizes,
+                              batch_size=sc.strategy.batch_size)
+    system = build_system(sc, strategy, n, make, ds, parts, dtype)
+    if sc.system.deadline is not None and strategy.comm == "reduce":
+        server = strategy.init_server(x0)
+        plan = plan_round(strategy, system, work, 0, np.ones(n, dtype=bool), sizes,
+                          sc.strategy.batch_size, server, model.spec.size)
+        if not plan.mask.any():
+            raise ConfigError("no client can finish a round within the deadline", file=sc.source,
+                              key="system.deadline.seconds", value=sc.system.deadline.seconds,
+                              allowed="a deadline some client meets (see system.speed, uplink, downlink)")
     return Setup(sc, ds, parts, sizes, model, make, x0, strategy, participation, topology,
-                 device, dtype, splits)
+                 device, dtype, splits, work, system)
+
+
+def build_system(sc: Scenario, strategy: Strategy, n: int, make: Any, ds: Dataset,
+                 parts: list[np.ndarray], dtype: torch.dtype) -> SystemModel:
+    """The simulated system of the scenario; FLOPs per sample measured on one training batch."""
+    cfg = sc.system
+    if strategy.comm == "mix":
+        for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
+                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star")):
+            if on:
+                raise ConfigError("gossip nodes all take part every round: stragglers and "
+                                  "all-reduce networks apply to server strategies",
+                                  key=f"system.{key}", value=getattr(cfg, key), allowed="the default")
+    fps = 0.0
+    if cfg.speed_unit == "flops":
+        rows = np.concatenate(parts)[: max(1, sc.strategy.batch_size or 32)] if parts else np.zeros(0, int)
+        if rows.size:
+            x = torch.as_tensor(ds.features(ds.x_train[rows]))
+            x = x.to(dtype) if x.is_floating_point() else x
+            fps = flops_per_sample(make().to(dtype), x, torch.as_tensor(ds.y_train[rows], dtype=torch.int64))
+    try:
+        return SystemModel(cfg, n, sc.seed, fps)
+    except ValueError as exc:  # a per-client list of the wrong length
+        key, _, msg = str(exc).partition(": ")
+        raise ConfigError(msg, file=sc.source, key=key) from None

@@ -66,6 +66,23 @@ class ClientStore:
         self.row_of[new] = torch.arange(self.used, need, device=self.row_of.device)
         self.used = need
 
+    def rows(self) -> tuple[torch.Tensor, Tree]:
+        """(ids [used] of the clients with state, in row order; their state rows) for checkpoints."""
+        ids = torch.full((self.used,), -1, dtype=torch.int64, device=self.row_of.device)
+        seen = torch.nonzero(self.row_of >= 0).flatten()
+        ids[self.row_of[seen]] = seen
+        return ids.cpu(), {k: v[: self.used].detach().cpu() for k, v in self.buffers.items()}
+
+    def load(self, ids: torch.Tensor, rows: Tree) -> None:
+        """Replace the state by rows of clients `ids` (from `rows`; state of others is fresh)."""
+        dev = self.row_of.device
+        self.row_of.fill_(-1)
+        self.row_of[ids.to(dev)] = torch.arange(ids.numel(), device=dev)
+        self.used = int(ids.numel())
+        self.buffers = {k: v.to(dev).clone() for k, v in rows.items()}
+        if self.used:
+            self.stateless = not rows
+
     def nbytes(self) -> int:
         """Bytes of per-client state actually held (allocated rows only)."""
         return sum(v[: self.used].numel() * v.element_size() for v in self.buffers.values())

@@ -72,6 +72,9 @@ class QuadraticProblem:
         if self.h.dim() == 1:
             self.h, self.c = self.h[:, None], self.c[:, None]
         self.num_clients, self.dim = self.h.shape
+        self.num_params = self.dim
+        self.batch_size: int | None = None  # a "minibatch" is the client's whole (exact) objective
+        self.flops_per_sample = 0.0
         self.sizes = np.ones(self.num_clients, np.int64) if sizes is None else np.asarray(sizes, np.int64)
         self.noise, self.seed = noise, seed
         self.device, self.dtype = self.h.device, dtype
@@ -147,7 +150,8 @@ def bernoulli(p: Any, seed: int = 0) -> Any:
 def run(strategy: Strategy, problem: Any, rounds: int, *, x0: Any = None, seed: int = 0,
         participation: Any = None, topology: Any = None, chunk_size: int | None = None,
         eval_every: int | None = None, x0_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        on_eval: Callable[[dict], None] | None = None) -> RoundLoop:
+        on_eval: Callable[[dict], None] | None = None, work: Any = None,
+        system: Any = None) -> RoundLoop:
     """Run `strategy` on `problem` through the real engine loop; returns the finished loop.
 
     The final model is `loop.state.server["x"]` (server strategies) or the client rows
@@ -157,7 +161,8 @@ def run(strategy: Strategy, problem: Any, rounds: int, *, x0: Any = None, seed: 
         x0 = torch.zeros(problem.dim, dtype=problem.dtype, device=problem.device)
     loop = RoundLoop(strategy, problem, torch.as_tensor(x0), rounds=rounds, seed=seed,
                      participation=participation, topology=topology, chunk_size=chunk_size,
-                     eval_every=eval_every or rounds, x0_of=x0_of, on_eval=on_eval)
+                     eval_every=eval_every or rounds, x0_of=x0_of, on_eval=on_eval, work=work,
+                     system=system)
     loop.run()
     return loop
 

@@ -43,6 +43,9 @@ class RoundCtx:
       participants: [N] bool, who takes part this round (all blocks see the same mask).
       total_samples: [N] local dataset sizes of every client.
       num_clients: N.
+      steps: [m] int64 local steps each client of the block takes this round when the
+        scenario sets heterogeneous local work (`fedsim.work`), else None (the strategy's own
+        count). Strategies pass it to `strategies.local.run_local` as the budget.
     """
 
     round: int
@@ -53,6 +56,7 @@ class RoundCtx:
     participants: torch.Tensor
     total_samples: torch.Tensor
     num_clients: int
+    steps: torch.Tensor | None = None
 
     @property
     def m(self) -> int:
@@ -126,6 +130,10 @@ class Strategy(NamedTuple):
         `fedsim.testing.check_strategy`). Compressors use it to size their state.
       derived_keys: payload keys a real receiver computes from the others (gossip-var's
         variances): carried by the simulation, not counted as bytes.
+      trains_locally: `local` runs local steps and honours `ctx.steps` (heterogeneous local
+        work); False for one-gradient methods (gd, EF21), where a `work:` section is refused.
+      local_steps: local steps per round (`local_steps`, `tau`), for the simulated system's
+        planning (deadlines, over-selection); None: one gradient pass.
     """
 
     init_server: Callable[[torch.Tensor], Tree]
@@ -141,6 +149,8 @@ class Strategy(NamedTuple):
     model_key: str = "x"
     payload: Callable[[int], dict[str, tuple[int, ...]]] = _delta_payload
     derived_keys: tuple[str, ...] = ()
+    trains_locally: bool = True
+    local_steps: int | None = None
 
 
 def no_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
@@ -287,6 +297,8 @@ class Comm(Protocol):
 
     def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor: ...
 
+    def allreduce_max(self, values: torch.Tensor) -> torch.Tensor: ...
+
     def allgather(self, obj: Any) -> list[Any]: ...
 
     def mix(self, mixing: dict[str, torch.Tensor], payload: Tree, owned: torch.Tensor,
@@ -315,7 +327,9 @@ class Engine(Protocol):
 
     def prepare(self, setup: Any) -> None: ...
 
-    def run(self, setup: Any, on_eval: OnEval, progress: Progress | None = None
-            ) -> list[dict[str, Any]]: ...
+    def run(self, setup: Any, on_eval: OnEval, progress: Progress | None = None,
+            control: Any = None) -> list[dict[str, Any]]:
+        """Execute the rounds; `control` (`fedsim.checkpoint.Control`) checkpoints and stops."""
+        ...
 
     def summary_extra(self) -> dict[str, Any]: ...

@@ -51,7 +51,7 @@ def choco(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
         return {"x": x, "xhat": torch.zeros_like(x)}
 
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        y, loss = local_sgd(clients["x"], oracle, local_steps, lr)
+        y, loss = local_sgd(clients["x"], oracle, local_steps, lr, budget=ctx.steps)
         q, enc, _ = comp.compress(y - clients["xhat"], {}, ctx, ())
         xhat = clients["xhat"] + q
         return {"xhat": xhat}, {"x": y, "xhat": xhat}, {"loss": loss, "sent_values": enc.values,
@@ -63,4 +63,4 @@ def choco(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
 
     return Strategy(init_server=lambda x0: {}, init_clients=init_clients, local=local,
                     node_update=node_update, comm="mix", mixing={"xhat": "W"}, broadcast=(),
-                    payload=model_rows("xhat"))
+                    payload=model_rows("xhat"), local_steps=local_steps)

@@ -119,7 +119,7 @@ def outer_step_strategy(*, tau: int, lr: float, inner: LocalOptimizer, outer_lr:
 
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         x = broadcast_rows(server["x"], ctx.m)
-        run = run_local(x, oracle, tau, lr, inner, state=clients)
+        run = run_local(x, oracle, tau, lr, inner, state=clients, budget=ctx.steps)
         return {"delta": run.y - x}, run.state, {"loss": run.loss}
 
     def init_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
@@ -140,7 +140,7 @@ def outer_step_strategy(*, tau: int, lr: float, inner: LocalOptimizer, outer_lr:
 
     return Strategy(init_server=init_server, init_clients=init_clients, local=local,
                     server_update=server_update, staleness=staleness,
-                    weights=lambda server, ctx: participant_weights(weighting, ctx))
+                    weights=lambda server, ctx: participant_weights(weighting, ctx), local_steps=tau)
 
 
 @STRATEGIES.register("co2")

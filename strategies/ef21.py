@@ -224,7 +224,8 @@ def ef21_family(*, lr: float | TheoryStep, compressor: Compressor, smoothness: S
     shapes = {"c": None, "Ls": (4,)} if sends_l else {"c": None}
     return Strategy(init_server=init_server, init_clients=init_clients, local=local,
                     server_update=server_update, weights=weights,
-                    payload=lambda p: {k: (p,) if v is None else v for k, v in shapes.items()})
+                    payload=lambda p: {k: (p,) if v is None else v for k, v in shapes.items()},
+                    trains_locally=False)
 
 
 @STRATEGIES.register("gd")
@@ -248,7 +249,7 @@ def gd(*, lr: PositiveFloat = 0.2, stochastic: bool = False, weighting: Weightin
     return Strategy(init_server=lambda x0: {"x": x0.clone()}, init_clients=no_clients,
                     local=local, server_update=server_update,
                     weights=lambda server, ctx: fixed_weights(weighting, ctx),
-                    payload=model_rows("grad"))
+                    payload=model_rows("grad"), trains_locally=False)
 
 
 TOP_K = top_k(ratio=0.1)
@@ -319,5 +320,6 @@ def compressed_gd(*, lr: PositiveFloat = 0.5, compressor: Compressor = TOP_K,
 
     require_stateless(compressor, "compressor", "use error_feedback: true for EF14")
     step = Strategy(init_server=lambda x0: {"x": x0.clone()}, init_clients=no_clients,
-                    local=local, server_update=server_update, payload=model_rows("step"))
+                    local=local, server_update=server_update, payload=model_rows("step"),
+                    trains_locally=False)
     return compress_uplink(step, ef14(inner=compressor) if error_feedback else compressor)

@@ -62,7 +62,7 @@ def _reweighted(lr: float, local_steps: int, server_lr: float, weights: Weights,
         return out
 
     return Strategy(init_server=init_server, init_clients=no_clients, local=local,
-                    server_update=server_update, weights=weights)
+                    server_update=server_update, weights=weights, local_steps=local_steps)
 
 
 def _num_clients(runtime: StrategyRuntime | None, name: str) -> int:

@@ -55,4 +55,4 @@ def fedavg(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server_lr
     return Strategy(init_server=init_server, init_clients=no_clients,
                     local=delta_local(lr, local_steps),
                     server_update=server_update,
-                    weights=lambda server, ctx: participant_weights(weighting, ctx))
+                    weights=lambda server, ctx: participant_weights(weighting, ctx), local_steps=local_steps)

@@ -57,4 +57,4 @@ def fedavgm(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server_l
     return Strategy(init_server=init_server, init_clients=no_clients,
                     local=delta_local(lr, local_steps),
                     server_update=server_update,
-                    weights=lambda server, ctx: participant_weights(weighting, ctx))
+                    weights=lambda server, ctx: participant_weights(weighting, ctx), local_steps=local_steps)

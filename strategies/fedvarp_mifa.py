@@ -47,7 +47,7 @@ def _table_strategy(lr: float, local_steps: int,
 
     return Strategy(init_server=init_server, init_clients=init_clients, local=local,
                     server_update=apply, weights=lambda server, ctx: over_all(ctx),
-                    payload=model_rows("dy"))
+                    payload=model_rows("dy"), local_steps=local_steps)
 
 
 @STRATEGIES.register("fedvarp")

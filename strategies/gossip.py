@@ -53,7 +53,7 @@ def gossip(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
     """
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         x = clients["x"]
-        y, loss = local_sgd(x, oracle, local_steps, lr)
+        y, loss = local_sgd(x, oracle, local_steps, lr, budget=ctx.steps)
         if order == "atc":
             return {"x": y}, clients, {"loss": loss}
         return {"x": x}, {"x": x, "step": y - x}, {"loss": loss}
@@ -71,4 +71,4 @@ def gossip(*, lr: NonNegativeFloat = 0.1, local_steps: PositiveInt = 1,
 
     return Strategy(init_server=lambda x0: {}, init_clients=init_clients, local=local,
                     node_update=node_update, comm="mix", mixing={"x": "W"}, broadcast=(),
-                    payload=model_rows("x"))
+                    payload=model_rows("x"), local_steps=local_steps)

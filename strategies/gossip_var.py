@@ -138,7 +138,7 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
 
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         state = {k: v for k, v in clients.items() if k != "x"}
-        run = run_local(clients["x"], oracle, local_steps, lr, optimizer, state=state)
+        run = run_local(clients["x"], oracle, local_steps, lr, optimizer, state=state, budget=ctx.steps)
         var = tensor_variances(run.y, segs, unbiased)
         stats = torch.cat([var, torch.ones_like(var[:, :1])], dim=1)
         return {"x": run.y, "stats": stats}, {**run.state, "x": run.y}, {"loss": run.loss}
@@ -153,4 +153,4 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
     return Strategy(init_server=lambda x0: {}, init_clients=init_clients, local=local,
                     node_update=node_update, comm="mix", mixing={"x": "mean", "stats": "mean"},
                     broadcast=(), payload=lambda p: {"x": (p,), "stats": (len(segs) + 1,)},
-                    derived_keys=("stats",))
+                    derived_keys=("stats",), local_steps=local_steps)

@@ -93,9 +93,14 @@ class LocalRun(NamedTuple):
     grad_sum: torch.Tensor | None
 
 
+def _rows(mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[m] bool -> broadcastable against v [m, ...]."""
+    return mask.view(-1, *([1] * (v.dim() - 1)))
+
+
 def run_local(x: torch.Tensor, oracle: Oracle, steps: int, lr: float, opt: LocalOptimizer | None = None,
               state: Tree | None = None, direction: Direction | None = None,
-              track_grads: bool = False) -> LocalRun:
+              track_grads: bool = False, budget: torch.Tensor | None = None) -> LocalRun:
     """`steps` optimizer steps on every client row at once.
 
     Args:
@@ -104,25 +109,39 @@ def run_local(x: torch.Tensor, oracle: Oracle, steps: int, lr: float, opt: Local
       state: its state rows (None: fresh). direction: maps (stochastic gradient [m, P], step k)
         to what the optimizer steps along (SCAFFOLD: g - c_i + c; FedAvg-M: beta g + (1-beta) g_s).
       track_grads: also return the sum of the raw gradients (SCAFFOLD-M's control variate).
+      budget: [m] int64 local steps per row (`ctx.steps`: heterogeneous local work), replacing
+        K; a row stops, rows and optimizer state unchanged, after its budget. The mean loss
+        and the gradient sum run over the row's own steps.
     """
     opt = opt or _SGD
     state = opt.init(x) if state is None else state
     y = x
     loss_sum = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     grad_sum = torch.zeros_like(x) if track_grads else None
-    for k in range(steps):
+    total = steps if budget is None else (int(budget.max()) if budget.numel() else 0)
+    for k in range(total):
         loss, g = oracle(y, k)
-        loss_sum += loss.double()
-        if grad_sum is not None:
-            grad_sum = grad_sum + g
-        y, state = opt.update(y, g if direction is None else direction(g, k), state, lr)
-    return LocalRun(y, state, loss_sum / max(steps, 1), grad_sum)
+        d = g if direction is None else direction(g, k)
+        if budget is None:
+            loss_sum += loss.double()
+            grad_sum = None if grad_sum is None else grad_sum + g
+            y, state = opt.update(y, d, state, lr)
+            continue
+        live = k < budget
+        loss_sum += torch.where(live, loss.double(), 0.0)
+        grad_sum = None if grad_sum is None else grad_sum + torch.where(_rows(live, g), g, 0.0)
+        y_new, new = opt.update(y, d, state, lr)
+        y = torch.where(_rows(live, y), y_new, y)
+        state = {key: torch.where(_rows(live, v), v, state[key]) for key, v in new.items()}
+    done = float(max(steps, 1)) if budget is None else budget.clamp_min(1).double()
+    return LocalRun(y, state, loss_sum / done, grad_sum)
 
 
 def local_sgd(x: torch.Tensor, oracle: Oracle, steps: int, lr: float,
-              direction: Direction | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain local SGD: (y [m, P] after `steps` steps, mean training loss [m])."""
-    run = run_local(x, oracle, steps, lr, direction=direction)
+              direction: Direction | None = None, budget: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain local SGD: (y [m, P] after `steps` steps (or `budget` per row), mean loss [m])."""
+    run = run_local(x, oracle, steps, lr, direction=direction, budget=budget)
     return run.y, run.loss
 
 
@@ -130,7 +149,7 @@ def local_delta(server: Tree, oracle: Oracle, ctx: RoundCtx, lr: float,
                 steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """FedAvg's local training from the server model: (Delta = y - x [m, P], mean loss [m])."""
     x = broadcast_rows(server["x"], ctx.m)
-    y, loss = local_sgd(x, oracle, steps, lr)
+    y, loss = local_sgd(x, oracle, steps, lr, budget=ctx.steps)
     return y - x, loss
 
 

@@ -62,6 +62,30 @@ class _Recording:
         return self.oracle.full(x)
 
 
+def _mean_gradient(grad_sum: torch.Tensor, local_steps: int, c: torch.Tensor,
+                   ctx: RoundCtx) -> torch.Tensor:
+    """(1/K_i) sum_k g_i(y_k; xi_k) [m, P]: K_i = local_steps, or the row's budget under a `work:`
+    section (a client that took no step keeps its c_i)."""
+    if ctx.steps is None:
+        return grad_sum / local_steps
+    k_i = ctx.steps.to(grad_sum.dtype)[:, None]
+    return torch.where(k_i > 0, grad_sum / k_i.clamp_min(1), c)
+
+
+def _trajectory(seen: _Recording, y: torch.Tensor, clients: Tree, ctx: RoundCtx) -> torch.Tensor:
+    """The points [m, K, P] of this round's first K gradient calls, K = the stored trajectory's
+    length; under a `work:` budget a shorter run is padded with its final point, steps beyond K
+    are not stored (later steps reuse the last point) and a client that took no step keeps its
+    old trajectory."""
+    old = clients["traj"]
+    k = old.shape[1]
+    points = (seen.points + [y] * k)[:k]
+    out = torch.stack(points, dim=1)
+    if ctx.steps is None:
+        return out
+    return torch.where((ctx.steps > 0).view(-1, 1, 1), out, old)
+
+
 def client_momentum(*, lr: float, local_steps: int, beta: float, server_lr: float, weighting: str,
                     corrected: bool, vr: Correction | None, g0: str = "zero") -> Strategy:
     """The shared builder: `corrected` adds SCAFFOLD control variates, `vr` the STORM term.
@@ -110,15 +134,16 @@ def client_momentum(*, lr: float, local_steps: int, beta: float, server_lr: floa
         def direction(g: torch.Tensor, k: int) -> torch.Tensor:
             if vr is None:
                 return beta * (g + shift) + anchor
-            z = x_prev if x_prev is not None else clients["traj"][:, k]
+            z = x_prev if x_prev is not None else clients["traj"][:, min(k, local_steps - 1)]
             g_prev = oracle(z, k)[1]  # same step => same minibatch xi_k, at the previous point
             return (g + shift) - (1 - beta) * (g_prev + shift) + anchor
 
-        run = run_local(x, seen, local_steps, lr, direction=direction, track_grads=corrected)
+        run = run_local(x, seen, local_steps, lr, direction=direction, track_grads=corrected,
+                        budget=ctx.steps)
         payload = {"delta": run.y - x}
-        new = {"traj": torch.stack(seen.points, dim=1)} if isinstance(seen, _Recording) else {}
+        new = {"traj": _trajectory(seen, run.y, clients, ctx)} if isinstance(seen, _Recording) else {}
         if run.grad_sum is not None:
-            c_new = run.grad_sum / local_steps  # mean raw gradient: SCAFFOLD-M's c_i+
+            c_new = _mean_gradient(run.grad_sum, local_steps, clients["c"], ctx)  # SCAFFOLD-M's c_i+
             payload["dc"] = c_new - clients["c"]
             new["c"] = c_new
         return payload, {**clients, **new}, {"loss": run.loss}
@@ -143,7 +168,8 @@ def client_momentum(*, lr: float, local_steps: int, beta: float, server_lr: floa
                     init_clients=init_clients if corrected or traj else no_clients,
                     local=local, server_update=server_update, weights=weights,
                     broadcast=("x", "g") + extra,
-                    payload=model_rows("delta", "dc") if corrected else model_rows("delta"))
+                    payload=model_rows("delta", "dc") if corrected else model_rows("delta"),
+                    local_steps=local_steps)
 
 
 @STRATEGIES.register("fedavg-m")

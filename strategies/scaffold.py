@@ -72,11 +72,16 @@ def scaffold(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server_
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
         x = broadcast_rows(server["x"], ctx.m)
         shift = server["c"] - clients["c"]
-        y, loss = local_sgd(x, oracle, local_steps, lr, direction=lambda g, k: g + shift)
+        y, loss = local_sgd(x, oracle, local_steps, lr, direction=lambda g, k: g + shift,
+                            budget=ctx.steps)
         if variate == "I":
             c_new = oracle.full(x)[1]
-        else:
+        elif ctx.steps is None:
             c_new = clients["c"] - server["c"] + (x - y) / (local_steps * lr)
+        else:  # K_i steps each; a client that took none keeps its c_i
+            k_i = ctx.steps.to(x.dtype)[:, None]
+            c_new = torch.where(k_i > 0, clients["c"] - server["c"] + (x - y) / (k_i.clamp_min(1) * lr),
+                                clients["c"])
         return {"delta": y - x, "dc": c_new - clients["c"]}, {"c": c_new}, {"loss": loss}
 
     def server_update(server: Tree, reduced: Tree, ctx: RoundCtx) -> Tree:
@@ -88,4 +93,4 @@ def scaffold(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10, server_
     return Strategy(init_server=init_server, init_clients=zero_controls, local=local,
                     server_update=server_update,
                     weights=lambda server, ctx: control_weights(weighting, ctx),
-                    broadcast=("x", "c"), payload=model_rows("delta", "dc"))
+                    broadcast=("x", "c"), payload=model_rows("delta", "dc"), local_steps=local_steps)

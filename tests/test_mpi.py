@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - environment without the [mpi] extra
 pytestmark = pytest.mark.mpi
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or mpi4py is None, reason="needs mpiexec and mpi4py")
 
-METRICS = ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down",
+METRICS = ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "sim_time_s",
            "consensus_distance", "node_accuracy_mean")
 
 
@@ -156,8 +156,8 @@ def test_loop_matches_in_process_for_every_strategy(ranks, launches):
     res, _ = launches(ranks)
     # Assert: every case reported ok (the script aborts the job on any mismatch or exception)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    for case in ("fedavg-stale1-masks", "two-key-gossip-ring", "ring-halo",
-                 "two-key-gossip-random"):
+    for case in ("fedavg-stale1-masks", "scaffold-uneven-work-masks", "two-key-gossip-ring",
+                 "ring-halo", "two-key-gossip-random"):
         assert f"ok {case}" in res.stdout
     for name in _registered():
         assert f"ok {name}-masks" in res.stdout or f"ok {name}-ring" in res.stdout, (name, res.stdout)

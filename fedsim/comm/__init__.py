@@ -68,6 +68,9 @@ class LocalComm:
     def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
+    def allreduce_max(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
     def allgather(self, obj: Any) -> list[Any]:
         return [obj]
 

@@ -251,15 +251,23 @@ class MPIComm:
         for p in self._inflight:
             p.test()
 
-    def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
+    def _allreduce_float64(self, values: torch.Tensor, op: str) -> torch.Tensor:
         from mpi4py import MPI
 
         t0 = time.perf_counter()
         buf = values.detach().to("cpu", torch.float64).contiguous().numpy()
         out = np.empty_like(buf)
-        self.comm.Allreduce(buf, out, op=MPI.SUM)
+        self.comm.Allreduce(buf, out, op=getattr(MPI, op))
         self.times["scalars"] += time.perf_counter() - t0
         return torch.from_numpy(out).to(values.dtype)
+
+    def allreduce_scalars(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (float64 on the wire)."""
+        return self._allreduce_float64(values, "SUM")
+
+    def allreduce_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over ranks (float64 on the wire)."""
+        return self._allreduce_float64(values, "MAX")
 
     def allgather(self, obj: Any) -> list[Any]:
         """Small Python objects from every rank (end-of-run statistics)."""

@@ -10,6 +10,7 @@ order, never the algorithm.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,12 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim import checkpoint as ckpt
 from fedsim import round as kernel
 from fedsim.comm import LocalComm, Ready, add_into
+from fedsim.config_system import SystemCfg
 from fedsim.problem import Problem
 from fedsim.setup import Setup
 from fedsim.store import ClientStore
-from fedsim.types import Comm, OnEval, Oracle, Participation, Progress, Strategy, Topology, Tree
+from fedsim.system import Clock, Plan, RoundRecord, SystemModel
+from fedsim.types import Comm, OnEval, Participation, Progress, RoundCtx, Strategy, Topology, Tree
+from fedsim.work import LocalWork
 
 
 def auto_chunk(problem: Problem, memory_mb: int) -> int:
@@ -43,21 +48,6 @@ class LoopState:
     round: int = 0
 
 
-class _Progressing:
-    """An oracle that lets reductions in flight progress before every gradient."""
-
-    def __init__(self, oracle: Oracle, progress: Callable[[], None]) -> None:
-        self._oracle, self._progress = oracle, progress
-
-    def __call__(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self._progress()
-        return self._oracle(x, step)
-
-    def full(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._progress()
-        return self._oracle.full(x)
-
-
 class RoundLoop:
     """Runs the rounds of one strategy on one problem for the clients this process owns.
 
@@ -71,6 +61,8 @@ class RoundLoop:
       owned: client ids this process trains (default: all).
       chunk_size: max clients per stacked computation (None: all at once).
       on_eval: called with the metrics line after each evaluation.
+      work: heterogeneous local work (None: the strategy's own local steps).
+      system: the simulated system (speeds, links, stragglers; None: the default profile).
 
     Rank 0 of `comm` evaluates the global model on the test set; every rank takes part in the
     collectives of an evaluation (train loss, bytes, gossip metrics).
@@ -81,10 +73,11 @@ class RoundLoop:
                  topology: Topology | None = None, mixing_rule: str = "metropolis",
                  eval_every: int = 1, x0_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  comm: Comm | None = None, owned: np.ndarray | None = None,
-                 chunk_size: int | None = None, on_eval: OnEval | None = None) -> None:
+                 chunk_size: int | None = None, on_eval: OnEval | None = None,
+                 work: LocalWork | None = None, system: SystemModel | None = None) -> None:
         n = problem.num_clients
         self.strategy, self.rounds, self.seed, self.eval_every = strategy, rounds, seed, eval_every
-        self.participation, self.topology = participation, topology
+        self.participation, self.topology, self.work = participation, topology, work
         self.comm: Comm = comm or LocalComm()
         self.owned = np.arange(n) if owned is None else np.asarray(owned)
         self.problem = problem.restrict(self.owned)
@@ -92,6 +85,9 @@ class RoundLoop:
         self.chunk = chunk_size or n
         self.on_eval = on_eval or (lambda m: None)
         self.sizes = torch.as_tensor(problem.sizes, device=self.device)
+        self.sizes_np = np.asarray(problem.sizes)
+        self.system = system or SystemModel(SystemCfg(), n, seed, problem.flops_per_sample)
+        self.clock = Clock()
         self.mixing = (kernel.MixingOps(topology, mixing_rule, self.device, self.dtype)
                        if strategy.comm == "mix" and topology is not None else None)
         x0 = x0.to(self.device, self.dtype)
@@ -100,6 +96,7 @@ class RoundLoop:
         self.t0 = time.perf_counter()
         self.train_loss = [0.0, 0.0]
         self._round_bytes: list[tuple[int, int]] = []
+        self._round_times: list[RoundRecord] = []
         self.stale_tail: list[Tree] = []
 
     @classmethod
@@ -115,21 +112,22 @@ class RoundLoop:
         return cls(setup.strategy, problem, setup.x0, rounds=sc.rounds, seed=sc.seed,
                    participation=setup.participation, topology=setup.topology,
                    mixing_rule=sc.topology.mixing, eval_every=sc.eval.every,
-                   x0_of=setup.initial_models, **kw)
+                   x0_of=setup.initial_models, work=setup.work, system=setup.system, **kw)
 
     def _chunks(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [ids[c:c + self.chunk] for c in range(0, ids.numel(), self.chunk)]
 
-    def _oracle(self, ids: torch.Tensor, t: int) -> Oracle:
-        oracle = self.problem.oracle(ids, t)
-        if self.strategy.staleness and self.comm.size > 1:
-            return _Progressing(oracle, self.comm.progress)
-        return oracle
+    def _ctx(self, t: int, ids: torch.Tensor, mask: torch.Tensor, plan: Plan) -> RoundCtx:
+        steps = kernel.block_steps(plan, self.work, self.strategy, t, ids)
+        return kernel.make_ctx(t, self.seed, ids, mask, self.sizes, self.dtype, steps)
 
     # ---- one round -----------------------------------------------------------------------
     def step(self, t: int) -> None:
         s, strat = self.state, self.strategy
-        mask_np = kernel.participants(strat, self.participation, t, self.num_clients)
+        selected = kernel.participants(strat, self.participation, t, self.num_clients)
+        plan = kernel.plan_round(strat, self.system, self.work, t, selected, self.sizes_np,
+                                 self.problem.batch_size, s.server, self.problem.num_params)
+        mask_np = plan.mask
         mask = torch.as_tensor(mask_np, device=self.device)
         mine = torch.as_tensor(self.owned[mask_np[self.owned]], device=self.device)
         degrees = None
@@ -139,10 +137,17 @@ class RoundLoop:
         partial: Tree | None = None
         rows: list[Tree] = []
         up = 0
+        times = RoundRecord()
+        down_per = kernel.broadcast_bytes(strat, s.server) if strat.comm == "reduce" else 0
+        progress = self.comm.progress if strat.staleness and self.comm.size > 1 else None
         for ids in self._chunks(mine):
-            ctx = kernel.make_ctx(t, self.seed, ids, mask, self.sizes, self.dtype)
-            out = kernel.client_step(strat, s.server, s.store.gather(ids), self._oracle(ids, t), ctx)
+            ctx = self._ctx(t, ids, mask, plan)
+            out = kernel.client_step(strat, s.server, s.store.gather(ids), self.problem, ctx, progress)
             s.store.scatter(ids, out.clients)
+            ids_np = ids.cpu().numpy()
+            kernel.record_times(times, self.system, strat, t, ids_np, out.samples.cpu().numpy(),
+                                out.up_bytes.cpu().numpy(), down_per,
+                                None if degrees is None else degrees[ids].cpu().numpy())
             if out.loss is not None:
                 self.train_loss[0] += float(out.loss.double().sum())
                 self.train_loss[1] += ids.numel()
@@ -154,15 +159,16 @@ class RoundLoop:
                 rows.append(out.payload)
                 up += int((out.up_bytes * degrees[ids]).sum())
         if strat.comm == "reduce":
-            down = kernel.broadcast_bytes(strat, s.server) * mine.numel()
-            self._finish_reduce(t, partial, mask)
+            down = down_per * mine.numel()
+            self._finish_reduce(t, partial, mask, plan)
         else:
             down = up
-            self._finish_mix(t, rows, mine, mask)
+            self._finish_mix(t, rows, mine, mask, plan)
         self._round_bytes.append((up, down))
+        self._round_times.append(times)
         s.round = t + 1
 
-    def _finish_reduce(self, t: int, partial: Tree | None, mask: torch.Tensor) -> None:
+    def _finish_reduce(self, t: int, partial: Tree | None, mask: torch.Tensor, plan: Plan) -> None:
         s, strat = self.state, self.strategy
         if not bool(mask.any()):                # nobody took part anywhere: no collective
             pending: Any = Ready({})
@@ -171,29 +177,36 @@ class RoundLoop:
         else:
             pending = Ready(self.comm.allreduce(partial, channel="reduce"))
         reduced = s.stale.push(pending)
-        ctx = kernel.make_ctx(t, self.seed, torch.nonzero(mask).flatten(), mask, self.sizes, self.dtype)
+        ctx = self._ctx(t, torch.nonzero(mask).flatten(), mask, plan)
         s.server = kernel.server_step(strat, s.server, reduced, ctx)
 
-    def _finish_mix(self, t: int, rows: list[Tree], mine: torch.Tensor, mask: torch.Tensor) -> None:
+    def _finish_mix(self, t: int, rows: list[Tree], mine: torch.Tensor, mask: torch.Tensor,
+                    plan: Plan) -> None:
         s, strat = self.state, self.strategy
         assert self.mixing is not None and strat.node_update is not None
         payload = {k: torch.cat([p[k] for p in rows]) for k in rows[0]}
         mixed = self.comm.mix(self.mixing.at(t), payload, mine, dict(strat.mixing))
         for c, ids in enumerate(self._chunks(mine)):
             part = {k: v[c * self.chunk:c * self.chunk + ids.numel()] for k, v in mixed.items()}
-            ctx = kernel.make_ctx(t, self.seed, ids, mask, self.sizes, self.dtype)
-            s.store.scatter(ids, strat.node_update(s.store.gather(ids), part, ctx))
+            s.store.scatter(ids, strat.node_update(s.store.gather(ids), part, self._ctx(t, ids, mask, plan)))
 
-    def flush_bytes(self) -> None:
-        """Add the byte counts of the rounds since the last flush, summed over processes
-        (one small collective per evaluation, so a round has no blocking sync but its own)."""
+    def flush(self) -> None:
+        """Add the byte counts and simulated times of the rounds since the last flush, combined
+        over processes (a sum and a max collective per evaluation, so a round has no blocking
+        sync but its own reduction)."""
         if not self._round_bytes:
             return
-        local = torch.tensor(self._round_bytes, dtype=torch.float64).reshape(-1)
-        total = self.comm.allreduce_scalars(local).reshape(-1, 2)
-        for up, down in total.tolist():
-            self.state.bytes.add(int(up), int(down))
-        self._round_bytes = []
+        sums = torch.tensor([[*b, *r.sums()] for b, r in zip(self._round_bytes, self._round_times,
+                                                               strict=True)], dtype=torch.float64)
+        maxima = torch.tensor([r.maxima() for r in self._round_times], dtype=torch.float64)
+        sums = self.comm.allreduce_scalars(sums.reshape(-1)).reshape(-1, 4)
+        maxima = self.comm.allreduce_max(maxima.reshape(-1)).reshape(-1, 4)
+        collective = self.strategy.comm == "reduce" and self.system.cfg.network == "allreduce"
+        for row, mx in zip(sums.tolist(), maxima.tolist(), strict=True):
+            self.state.bytes.add(int(row[0]), int(row[1]))
+            self.clock.advance(self.system, mx, row[2:], overlap=self.strategy.staleness > 0,
+                               collective=collective)
+        self._round_bytes, self._round_times = [], []
 
     # ---- evaluation ----------------------------------------------------------------------
     def node_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +217,7 @@ class RoundLoop:
     def evaluate(self, t: int) -> dict[str, Any]:
         """The metrics line of round t (collectives on every process; rank 0 tests the model)."""
         s, strat = self.state, self.strategy
-        self.flush_bytes()
+        self.flush()
         tl = self.comm.allreduce_scalars(torch.tensor(self.train_loss, dtype=torch.float64))
         self.train_loss = [0.0, 0.0]
         if strat.comm == "reduce":
@@ -213,7 +226,7 @@ class RoundLoop:
             _, rows = self.node_rows()
             x = self.comm.allreduce({"x": rows.sum(0)})["x"] / self.num_clients
         test = self.problem.evaluate(x[None]) if self.comm.rank == 0 else None
-        m = kernel.metrics_line(t, float(tl[0]), float(tl[1]), test, s.bytes)
+        m = kernel.metrics_line(t, float(tl[0]), float(tl[1]), test, s.bytes, self.clock.now)
         if strat.comm == "mix":
             m.update(self._node_metrics(x))
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
@@ -233,10 +246,17 @@ class RoundLoop:
         acc = float(tot[1]) if float(tot[2]) > 0 else None
         return kernel.node_metrics(float(tot[0]), acc, self.num_clients)
 
-    def run(self, progress: Progress | None = None) -> list[dict[str, Any]]:
-        """Rounds `state.round` .. `rounds`; returns the metrics lines. Ends with `finish`."""
-        if self.state.round == 0:
-            self.t0 = time.perf_counter()  # metrics' wall_s counts rounds, not construction
+    def run(self, progress: Progress | None = None, control: ckpt.Control | None = None
+            ) -> list[dict[str, Any]]:
+        """Rounds `state.round` .. `rounds`; returns the metrics lines. Ends with `finish`.
+
+        With `control`: starts from its checkpoint (if any), checkpoints every `control.every`
+        rounds and at the end, and on a stop signal finishes the round, checkpoints and raises
+        `fedsim.checkpoint.Interrupted` (every process stops at the same round).
+        """
+        if control is not None and control.resume is not None:
+            self.restore(control.resume, control.digest)
+        self.t0 = time.perf_counter()  # metrics' wall_s counts rounds, not construction
         history = []
         for t in range(self.state.round, self.rounds):
             self.step(t)
@@ -247,10 +267,71 @@ class RoundLoop:
                 self.on_eval(m)
             if progress:
                 progress(t, m)
+            if control is not None:
+                signum = self._stop_signal(control)
+                if signum or (control.due(t, self.rounds) and t + 1 < self.rounds):
+                    self.save(control)
+                if signum:
+                    raise ckpt.Interrupted(signum, t + 1)
         self.finish()
+        if control is not None:
+            self.save(control)
         return history
+
+    def _stop_signal(self, control: ckpt.Control) -> int:
+        """The stop signal any process received (agreed on by every process)."""
+        if self.comm.size == 1:
+            return int(control.signal())
+        return int(self.comm.allreduce_max(torch.tensor([float(control.signal())]))[0])
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save(self, control: ckpt.Control) -> None:
+        """Checkpoint before round `state.round` (a collective: every process writes its part)."""
+        s, comm = self.state, self.comm
+        self.flush()
+        stale = [p.wait() for p in s.stale.queue] + self.stale_tail
+        s.stale.queue, self.stale_tail = [Ready(tree) for tree in stale], []
+        ids, rows = s.store.rows()
+        ckpt.write_part(control.folder, s.round, f"clients-{comm.rank:05d}.pt",
+                        {"ids": ids, "rows": rows, "train_loss": list(self.train_loss),
+                         "rank": comm.rank, "ranks": comm.size})
+        comm.allgather(None)  # every part is written
+        if comm.rank == 0:
+            ckpt.write_part(control.folder, s.round, "state.pt", {
+                "format": ckpt.FORMAT, "version": ckpt.VERSION, "digest": control.digest,
+                "round": s.round, "lines": int(control.lines()),
+                "server": {k: v.detach().cpu() for k, v in s.server.items()},
+                "stale": [{k: v.detach().cpu() for k, v in tree.items()} for tree in stale],
+                "bytes": {"up": s.bytes.up, "down": s.bytes.down,
+                          "per_round": [list(r) for r in s.bytes.per_round]},
+                "clock": dataclasses.asdict(self.clock)})
+            ckpt.commit(control.folder, s.round)
+        comm.allgather(None)  # published before anyone goes on (or exits)
+
+    def restore(self, path: str, digest: str) -> None:
+        """Continue from checkpoint `path`: this process takes the rows of the clients it owns."""
+        s, dev = self.state, self.device
+        state = ckpt.read(path, digest)
+        parts = ckpt.client_parts(path)
+        s.round = int(state["round"])
+        s.server = {k: v.to(dev) for k, v in state["server"].items()}
+        s.stale.queue = [Ready({k: v.to(dev) for k, v in tree.items()}) for tree in state["stale"]]
+        s.bytes = kernel.ByteCounter(int(state["bytes"]["up"]), int(state["bytes"]["down"]),
+                                     [(int(a), int(b)) for a, b in state["bytes"]["per_round"]])
+        self.clock = Clock(**state["clock"])
+        ids = torch.cat([p["ids"] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+        keys = list(parts[0]["rows"]) if parts else []
+        rows = {k: torch.cat([p["rows"][k] for p in parts]) for k in keys}
+        mine = torch.as_tensor(np.isin(ids.numpy(), self.owned))
+        s.store.load(ids[mine], {k: v[mine] for k, v in rows.items()})
+        same_layout = len(parts) == self.comm.size and all(p["ranks"] == self.comm.size for p in parts)
+        if same_layout:
+            self.train_loss = list(parts[self.comm.rank]["train_loss"])
+        else:  # the totals are what an evaluation reduces: rank 0 holds them
+            total = [sum(p["train_loss"][j] for p in parts) for j in (0, 1)]
+            self.train_loss = total if self.comm.rank == 0 else [0.0, 0.0]
 
     def finish(self) -> None:
         """Complete what is in flight: the stale tail of reductions and the byte counts."""
         self.stale_tail = self.state.stale.drain()
-        self.flush_bytes()
+        self.flush()

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsim.checkpoint import Control, Interrupted
 from fedsim.constraints import PositiveInt
 from fedsim.engines import ENGINES
 from fedsim.engines.loop import RoundLoop
@@ -105,8 +106,8 @@ class MPIEngine:
     def prepare(self, setup: Setup) -> None:
         """Nothing to place before the rounds: each rank builds its slice in `run`."""
 
-    def run(self, setup: Setup, on_eval: OnEval,
-            progress: Progress | None = None) -> list[dict[str, Any]]:
+    def run(self, setup: Setup, on_eval: OnEval, progress: Progress | None = None,
+            control: Control | None = None) -> list[dict[str, Any]]:
         try:
             loop = self.build(setup, on_eval)
         except ConfigError:
@@ -116,9 +117,13 @@ class MPIEngine:
             raise
         try:
             t0 = time.perf_counter()
-            history = loop.run(progress)
+            if control is not None:  # rank 0 created the run folder: every rank writes into it
+                control.folder = self.world.bcast(control.folder, root=0)
+            history = loop.run(progress, control)
             self.extra = self.report(loop, time.perf_counter() - t0)
             return history
+        except (Interrupted, ConfigError):
+            raise                          # every rank stops at the same round (or checkpoint)
         except BaseException as exc:
             self.abort(exc)
             raise
@@ -173,7 +178,7 @@ class MPIEngine:
                "halo_rows_per_round": [r["halo_rows"] / rounds for r in everyone]}
         if self.check_replicas:
             out["replicas_identical"] = len({r["digest"] for r in everyone}) == 1
-        return {"mpi": out}
+        return {"mpi": out, "sim": loop.clock.summary()}
 
     def summary_extra(self) -> dict[str, Any]:
         return dict(self.extra)

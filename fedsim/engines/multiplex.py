@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fedsim.checkpoint import Control
 from fedsim.constraints import PositiveInt
 from fedsim.engines import ENGINES
 from fedsim.engines.loop import RoundLoop
@@ -34,16 +35,16 @@ class MultiplexEngine:
             torch.set_num_threads(self.threads)
         self.loop = RoundLoop.from_setup(setup, memory_mb=self.memory_mb, chunk_size=self.chunk_size)
 
-    def run(self, setup: Setup, on_eval: OnEval,
-            progress: Progress | None = None) -> list[dict[str, Any]]:
+    def run(self, setup: Setup, on_eval: OnEval, progress: Progress | None = None,
+            control: Control | None = None) -> list[dict[str, Any]]:
         if self.loop is None:
             self.prepare(setup)
         assert self.loop is not None
         self.loop.on_eval = on_eval
-        return self.loop.run(progress)
+        return self.loop.run(progress, control)
 
     def summary_extra(self) -> dict[str, Any]:
-        return {}
+        return {"sim": self.loop.clock.summary()} if self.loop is not None else {}
 
 
 @ENGINES.register("multiplex")

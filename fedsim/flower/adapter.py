@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,11 +29,10 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedsim import round as kernel
 from fedsim.comm import Ready
-from fedsim.flower.records import message_bytes, pack_mask, record_to_tree, tree_to_record
+from fedsim.flower.federation import Federation
+from fedsim.flower.records import pack_mask, tree_to_record
+from fedsim.system import Clock, Plan, RoundRecord
 from fedsim.types import OnEval, Progress, Tree
-
-Reply = tuple[int, Tree, Any]
-"""(partition id, arrays of the reply as a Tree, its metrics record)."""
 
 
 class FlowerAdapter(FlowerStrategy):
@@ -61,71 +60,95 @@ class FlowerAdapter(FlowerStrategy):
         self.stale = kernel.Staleness(self.strategy.staleness)
         self.mixing = (kernel.MixingOps(setup.topology, setup.scenario.topology.mixing, self.device,
                                         self.dtype) if self.strategy.comm == "mix" else None)
-        self.node_of: dict[int, int] = {}
-        self.pid_of: dict[int, int] = {}
-        self.bytes, self.wire = kernel.ByteCounter(), [0, 0]
+        self.fed = Federation(self.n, timeout, self.device)
+        self.system = setup.system
+        self.clock = Clock()
+        self._plans: dict[int, Plan] = {}
+        self.bytes = kernel.ByteCounter()
         self.train_loss = [0.0, 0.0]
         self.node_models: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []
         self._grid: Grid | None = None
         self.t0 = time.perf_counter()
+        self.join_s = 0.0
+
+    def join(self, grid: Grid) -> None:
+        """The nodes join (set-up, as the multiplex engine's data placement): the metrics'
+        `wall_s` counts from the first round; `join_s` is the time the join took."""
+        t = time.perf_counter()
+        self.fed.join(grid, self.text)
+        self.t0 = time.perf_counter()
+        self.join_s = self.t0 - t
+
+    @property
+    def wire(self) -> list[int]:
+        """[bytes down, bytes up] of every message Flower moved (records' `count_bytes()`)."""
+        return self.fed.wire
 
     # ---- Flower Strategy API ---------------------------------------------------------------
     def summary(self) -> None:
-        from logging import INFO
-
-        from flwr.supercore import log
+        import logging
 
         sc = self.setup.scenario
-        log(INFO, "\t├── fedsim strategy %s (comm=%s) on %d clients, %d rounds",
-            sc.strategy.name, self.strategy.comm, self.n, sc.rounds)
+        logging.getLogger("flwr").info("\t├── fedsim strategy %s (comm=%s) on %d clients, %d "
+                                       "rounds", sc.strategy.name, self.strategy.comm, self.n,
+                                       sc.rounds)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._grid = grid
-        self._join(grid)
+        self.fed.join(grid, self.text)
         t = server_round - 1
-        mask = self._participants(t)
+        plan = self._plan(t)
+        mask = plan.mask
         down = self.strategy.broadcast if self.strategy.comm == "reduce" else ()
+        sent: dict[str, Any] = {"round": t, "participants": pack_mask(mask)}
+        steps = kernel.block_steps(plan, self.setup.work, self.strategy, t,
+                                   torch.arange(self.n, device=self.device))
+        if steps is not None:  # each node's local-step budget (work, deadline caps)
+            sent["steps"] = [int(v) for v in steps.tolist()]
         content = RecordDict({
             "arrays": tree_to_record({k: self.server[k] for k in down if k in self.server}),
-            "config": ConfigRecord({"round": t, "participants": pack_mask(mask)})})
-        return [self._message(content, MessageType.TRAIN, int(p), server_round)
+            "config": ConfigRecord(sent)})
+        return [self.fed.message(content, MessageType.TRAIN, int(p), server_round)
                 for p in np.flatnonzero(mask)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t = server_round - 1
-        mask = self._participants(t)
-        rows = self._collect(replies, np.flatnonzero(mask))
-        payload = {k: torch.cat([r[1][k] for r in rows]) for k in (rows[0][1] if rows else {})}
-        for _, _, m in rows:
+        plan = self._plan(t)
+        mask = plan.mask
+        got = self.fed.collect(replies, np.flatnonzero(mask))
+        for m in got.metrics:
             if "loss" in m:
                 self.train_loss[0] += float(m["loss"])
                 self.train_loss[1] += 1
-        up_bytes = [int(m["up-bytes"]) for _, _, m in rows]
+        up_bytes = [int(m["up-bytes"]) for m in got.metrics]
+        self._time(t, got, up_bytes)
+        clients = MetricRecord({"clients": len(got.pids)})
         if self.strategy.comm == "reduce":
-            self.bytes.add(sum(up_bytes), kernel.broadcast_bytes(self.strategy, self.server) * len(rows))
-            self._reduce(t, payload, mask)
+            down = kernel.broadcast_bytes(self.strategy, self.server) * len(got.pids)
+            self.bytes.add(sum(up_bytes), down)
+            self._reduce(t, got.arrays, plan)
             model = self.server[self.strategy.model_key]
-            return tree_to_record({self.strategy.model_key: model}), MetricRecord({"clients": len(rows)})
+            return tree_to_record({self.strategy.model_key: model}), clients
         assert self.mixing is not None
         self.mixing.at(t)
-        up = sum(u * int(self.mixing.degrees[r[0]]) for u, r in zip(up_bytes, rows, strict=True))
+        up = sum(u * int(self.mixing.degrees[p]) for u, p in zip(up_bytes, got.pids, strict=True))
         self.bytes.add(up, up)
-        self._relay(t, payload, server_round)
-        return None, MetricRecord({"clients": len(rows)})
+        self._relay(t, got.arrays, server_round)
+        return None, clients
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         if self.strategy.comm == "reduce" or not self._eval_due(server_round - 1):
             return []
         content = RecordDict({"config": ConfigRecord({"round": server_round - 1})})
-        return [self._message(content, MessageType.EVALUATE, p, server_round) for p in range(self.n)]
+        return [self.fed.message(content, MessageType.EVALUATE, p, server_round) for p in range(self.n)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if self.strategy.comm == "mix" and self._eval_due(server_round - 1):
-            self.node_models = torch.cat([r[1]["x"] for r in self._collect(replies, np.arange(self.n))])
+            self.node_models = self.fed.collect(replies, np.arange(self.n)).arrays["x"]
         return None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -141,17 +164,40 @@ class FlowerAdapter(FlowerStrategy):
         return MetricRecord({k: v for k, v in m.items() if isinstance(v, (int, float))}) if m else None
 
     # ---- rounds (the kernel's rules) -------------------------------------------------------
-    def _participants(self, t: int) -> np.ndarray:
-        return kernel.participants(self.strategy, self.setup.participation, t, self.n)
+    def _plan(self, t: int) -> Plan:
+        """Round t's kept participants and step caps (computed once per round)."""
+        if self._plans.get(t) is None:
+            selected = kernel.participants(self.strategy, self.setup.participation, t, self.n)
+            self._plans = {t: kernel.plan_round(self.strategy, self.system, self.setup.work, t,
+                                                selected, self.setup.sizes, self.problem.batch_size,
+                                                self.server, self.problem.num_params)}
+        return self._plans[t]
+
+    def _time(self, t: int, got: Any, up_bytes: list[int]) -> None:
+        """The round's simulated seconds from the replies (the kernel's rules)."""
+        record = RoundRecord()
+        pids = np.asarray(got.pids, dtype=np.int64)
+        samples = np.array([float(m.get("samples", 0.0)) for m in got.metrics])
+        degrees = None
+        if self.mixing is not None:
+            self.mixing.at(t)
+            degrees = self.mixing.degrees.cpu().numpy()[pids]
+        down = kernel.broadcast_bytes(self.strategy, self.server) if self.strategy.comm == "reduce" else 0
+        kernel.record_times(record, self.system, self.strategy, t, pids, samples,
+                            np.asarray(up_bytes, dtype=np.float64), down, degrees)
+        collective = self.strategy.comm == "reduce" and self.system.cfg.network == "allreduce"
+        self.clock.advance(self.system, record.maxima(), record.sums(),
+                           overlap=self.strategy.staleness > 0, collective=collective)
 
     def _eval_due(self, t: int) -> bool:
         sc = self.setup.scenario
         return kernel.eval_due(t, sc.eval.every, sc.rounds)
 
-    def _reduce(self, t: int, payload: Tree, mask: np.ndarray) -> None:
-        mask_t = torch.as_tensor(mask, device=self.device)
+    def _reduce(self, t: int, payload: Tree, plan: Plan) -> None:
+        mask_t = torch.as_tensor(plan.mask, device=self.device)
         ids = torch.nonzero(mask_t).flatten()
-        ctx = kernel.make_ctx(t, self.setup.scenario.seed, ids, mask_t, self.sizes, self.dtype)
+        steps = kernel.block_steps(plan, self.setup.work, self.strategy, t, ids)
+        ctx = kernel.make_ctx(t, self.setup.scenario.seed, ids, mask_t, self.sizes, self.dtype, steps)
         reduced = kernel.block_partial(self.strategy, self.server, payload, ctx) if payload else {}
         self.server = kernel.server_step(self.strategy, self.server, self.stale.push(Ready(reduced)), ctx)
 
@@ -168,8 +214,8 @@ class FlowerAdapter(FlowerStrategy):
                 rows[k], weights[k] = v[col[crow[p]:crow[p + 1]]], val[crow[p]:crow[p + 1]]
             content = RecordDict({"arrays": tree_to_record(rows), "weights": tree_to_record(weights),
                                   "config": ConfigRecord({"round": t})})
-            msgs.append(self._message(content, "train.mix", p, server_round))
-        self._collect(self._grid.send_and_receive(msgs, timeout=self.timeout), np.arange(self.n))
+            msgs.append(self.fed.message(content, "train.mix", p, server_round))
+        self.fed.collect(self._grid.send_and_receive(msgs, timeout=self.timeout), np.arange(self.n))
 
     def _metrics(self, t: int) -> dict[str, Any]:
         if self.strategy.comm == "mix":
@@ -178,74 +224,23 @@ class FlowerAdapter(FlowerStrategy):
         else:
             x = self.server[self.strategy.model_key]
         m = kernel.metrics_line(t, self.train_loss[0], self.train_loss[1],
-                                self.problem.evaluate(x[None]), self.bytes)
+                                self.problem.evaluate(x[None]), self.bytes, self.clock.now)
         self.train_loss = [0.0, 0.0]
         if self.strategy.comm == "mix":
             assert self.node_models is not None
             res = self.problem.evaluate(self.node_models)
             acc = float(res[1].double().sum()) if res is not None and res[1] is not None else None
             m.update(kernel.node_metrics(float(((self.node_models - x) ** 2).sum()), acc, self.n))
-        m["flower_bytes_up"], m["flower_bytes_down"] = self.wire[1], self.wire[0]
+        m["flower_bytes_up"], m["flower_bytes_down"] = self.fed.wire[1], self.fed.wire[0]
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
-
-    # ---- messaging -------------------------------------------------------------------------
-    def _message(self, content: RecordDict, mtype: str, pid: int, server_round: int) -> Message:
-        msg = Message(content=content, dst_node_id=self.node_of[pid], message_type=mtype,
-                      group_id=str(server_round))
-        self.wire[0] += message_bytes(msg)
-        return msg
-
-    def _collect(self, replies: Iterable[Message], expected: np.ndarray) -> list[Reply]:
-        """(partition id, arrays as a Tree, metrics) of each reply, by partition id; errors raise."""
-        out: list[Reply] = []
-        for r in replies:
-            self.wire[1] += message_bytes(r)
-            if r.has_error():
-                raise RuntimeError(f"Flower node {r.metadata.src_node_id} failed: {r.error.reason}")
-            c = r.content
-            arrays = record_to_tree(c["arrays"], self.device) if "arrays" in c else {}
-            out.append((self.pid_of[r.metadata.src_node_id], arrays, c.get("metrics", {})))
-        out.sort(key=lambda r: r[0])
-        got = [r[0] for r in out]
-        if got != [int(p) for p in expected]:
-            missing = sorted(set(int(p) for p in expected) - set(got))
-            raise RuntimeError(f"no reply from partitions {missing[:10]} (timeout {self.timeout}s)")
-        return out
-
-    def _join(self, grid: Grid) -> None:
-        """Wait for all nodes, send them the scenario, and map partition ids to node ids."""
-        if self.node_of:
-            return
-        deadline = time.time() + self.timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.n:
-            if time.time() > deadline:
-                raise RuntimeError(f"{len(nodes)} of {self.n} Flower nodes registered "
-                                   f"after {self.timeout}s")
-            time.sleep(0.05)
-        if len(nodes) != self.n:
-            raise RuntimeError(f"the federation has {len(nodes)} nodes but the scenario has "
-                               f"{self.n} clients: run it with {self.n} SuperNodes")
-        content = RecordDict({"config": ConfigRecord({"scenario": self.text})})
-        msgs = [Message(content=content, dst_node_id=nid, message_type=MessageType.QUERY)
-                for nid in nodes]
-        self.wire[0] += sum(message_bytes(m) for m in msgs)
-        for r in grid.send_and_receive(msgs, timeout=self.timeout):
-            self.wire[1] += message_bytes(r)
-            if r.has_error():
-                raise RuntimeError(f"Flower node {r.metadata.src_node_id} could not join: "
-                                   f"{r.error.reason}")
-            pid = int(cast(int, r.content["config"]["partition-id"]))
-            self.node_of[pid], self.pid_of[r.metadata.src_node_id] = r.metadata.src_node_id, pid
-        if sorted(self.node_of) != list(range(self.n)):
-            raise RuntimeError(f"partition ids of the nodes are {sorted(self.node_of)[:10]}..., "
-                               f"expected 0..{self.n - 1}")
 
 
 def run_adapter(grid: Grid, setup: Any, text: str, *, on_eval: OnEval | None = None,
                 progress: Progress | None = None, timeout: float = 3600.0) -> FlowerAdapter:
     """Run scenario `setup` on `grid` with `FlowerAdapter.start`; returns the finished adapter."""
     adapter = FlowerAdapter(setup, text, on_eval=on_eval, progress=progress, timeout=timeout)
+    adapter.join(grid)
     key = adapter.strategy.model_key
     start = {key: adapter.server[key]} if key in adapter.server else {}
     adapter.start(grid=grid, initial_arrays=tree_to_record(start), num_rounds=setup.scenario.rounds,

@@ -1,54 +1,56 @@
-"""The ClientApp of a fedsim strategy: one Flower node = one client (m = 1) on its own partition.
+"""The ClientApp of a fedsim scenario: a Flower node = one client on its own partition.
 
-Messages (all built by `fedsim.flower.adapter.FlowerAdapter`):
+Messages (built by `fedsim.flower.adapter.FlowerAdapter`, or by a Flower strategy object for
+`strategy: {name: flower}`, see `fedsim.flower.node`):
   query          join: config["scenario"] (the resolved scenario YAML). The node builds the
                  scenario (cached per process), resets its strategy state, and replies with its
                  `partition-id` (from `context.node_config`, as Flower's simulation sets it).
-  train          arrays: the server keys of `strategy.broadcast`; config: round, participants.
-                 The node runs the kernel's `client_step` (the strategy's `local`) on its
-                 partition with `problem.oracle(ids=[partition_id], round)` (the same keyed
-                 minibatches as the multiplex engine) and replies arrays = payload row,
+  train          fedsim strategies: arrays = the server keys of `strategy.broadcast`, config =
+                 round, participants; the node runs the kernel's `client_step` on its partition
+                 (the multiplex engine's keyed minibatches) and replies arrays = payload row,
                  metrics = loss, num-examples, up-bytes (the kernel's byte rule).
-                 Per-client state (SCAFFOLD c_i, EF21 g_i, momentum) stays in
-                 `context.state["fedsim.client"]`, as on a real device.
+                 Flower strategies: Flower's train message; local SGD, reply = the trained model.
   train.mix      (comm="mix") arrays: the payload rows of this node's in-neighbours; weights:
                  their mixing weights. The node mixes locally and runs `strategy.node_update`.
-  evaluate       (comm="mix") the node replies with its model row for central evaluation.
+  evaluate       (comm="mix") the node's model row for central evaluation; (Flower strategies)
+                 the model on the node's own data.
+
+`FedsimClientApp.handle_batch` answers many nodes' messages in one call (fedsim's grids use it
+to multiplex a round's local training); Flower's runtimes call the app once per message.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
+from flwr.app import ConfigRecord, Message
+from flwr.clientapp import ClientApp
 
-from fedsim import round as kernel
-from fedsim.comm import weighted_sum
-from fedsim.flower.records import record_to_tree, tree_to_record, unpack_mask
-from fedsim.types import RoundCtx, Tree
+from fedsim.flower import node
+from fedsim.flower.node import RUN_KEY, STATE_KEY, Options
+from fedsim.types import Tree
 
-STATE_KEY = "fedsim.client"
-RUN_KEY = "fedsim.run"
+__all__ = ["FedsimClientApp", "NodeScenario", "STATE_KEY", "built", "make_client_app",
+           "register_setup", "scenario_text"]
 
 
 @dataclass
 class NodeScenario:
-    """A scenario built in this process, and each node's view of its own data."""
+    """A scenario built in this process (shared by every node of the process)."""
 
     setup: Any
     text: str
-    own: dict[int, Any] = field(default_factory=dict)
     server0: Tree | None = None
 
-    def node_problem(self, pid: int) -> Any:
-        """The problem restricted to client `pid`'s data (what the device holds)."""
-        if pid not in self.own:
-            self.own[pid] = self.setup.problem().restrict(np.array([pid]))
-        return self.own[pid]
+    @property
+    def flower_strategy(self) -> bool:
+        """Whether a Flower strategy object drives the clients (`strategy.name: flower`)."""
+        return self.setup.scenario.strategy.name == "flower"
 
     def gossip_server(self) -> Tree:
         """comm="mix": the constant shared tree `init_server(x0)`, computed on the node (no server)."""
@@ -88,109 +90,116 @@ def built(text: str) -> NodeScenario:
     return _BUILT[k]
 
 
-def _ctx(setup: Any, t: int, pid: int, mask: np.ndarray) -> RoundCtx:
-    """The kernel's RoundCtx of client `pid` alone (m = 1) in round t."""
-    ids = torch.tensor([pid], device=setup.device)
-    return kernel.make_ctx(t, setup.scenario.seed, ids, torch.as_tensor(mask, device=setup.device),
-                           torch.as_tensor(setup.sizes, device=setup.device), setup.dtype)
+def join(msgs: Sequence[Message], contexts: Sequence[Any], opts: Options) -> list[Message]:
+    """Build the scenario, check each node's partition, reset the nodes' strategy state."""
+    out = []
+    for msg, context in zip(msgs, contexts, strict=True):
+        text = str(msg.content["config"]["scenario"])
+        sc = built(text)
+        pid, n = int(context.node_config["partition-id"]), sc.setup.num_clients
+        parts = int(context.node_config.get("num-partitions", n))
+        if parts != n or not 0 <= pid < n:
+            raise ValueError(f"node partition-id {pid} of num-partitions {parts} does not fit "
+                             f"the scenario's {n} clients (run the federation with {n} nodes)")
+        context.state[RUN_KEY] = ConfigRecord({"scenario": text})
+        if STATE_KEY in context.state:
+            del context.state[STATE_KEY]
+        out.append(node.join_reply(msg, pid))
+    return out
 
 
-# ---- node-side work (plain functions of a Message and a Context) -------------------------------
-
-def _node(context: Any) -> tuple[NodeScenario, int]:
-    if RUN_KEY not in context.state:
+def _joined(contexts: Sequence[Any]) -> NodeScenario:
+    """The one scenario the nodes of `contexts` have joined (RuntimeError otherwise)."""
+    if any(RUN_KEY not in c.state for c in contexts):
         raise RuntimeError("fedsim node received work before joining (no query message)")
-    return built(str(context.state[RUN_KEY]["scenario"])), int(context.node_config["partition-id"])
+    text = str(contexts[0].state[RUN_KEY]["scenario"])
+    if any(str(c.state[RUN_KEY]["scenario"]) != text for c in contexts[1:]):
+        raise RuntimeError("the nodes of one push joined different scenarios")
+    return built(text)
 
 
-def _load_state(context: Any, sc: NodeScenario, ids: torch.Tensor) -> Tree:
-    if STATE_KEY in context.state:
-        return record_to_tree(context.state[STATE_KEY], sc.setup.device)
-    return sc.setup.strategy.init_clients(sc.setup.initial_models(ids), ids)
+def _by_content(msgs: Sequence[Message], contexts: Sequence[Any], opts: Options,
+                work: Callable[[node.Block, Options], list[Message]]) -> list[Message]:
+    """Run `work` once per group of messages that share one content (one round's broadcast)."""
+    groups: dict[int, list[int]] = {}
+    for j, m in enumerate(msgs):
+        groups.setdefault(id(m.content), []).append(j)
+    out: list[Message | None] = [None] * len(msgs)
+    for idx in groups.values():
+        ctxs = [contexts[j] for j in idx]
+        replies = work(node.block(_joined(ctxs), [msgs[j] for j in idx], ctxs), opts)
+        for j, r in zip(idx, replies, strict=True):
+            out[j] = r
+    return out  # type: ignore[return-value]
 
 
-def _reply(msg: Any, **records: Any) -> Any:
-    from flwr.app import Message, RecordDict
-
-    return Message(RecordDict(records), reply_to=msg)
-
-
-def join(msg: Any, context: Any) -> Any:
-    """Build the scenario, check the partition, reset this node's strategy state."""
-    from flwr.app import ConfigRecord
-
-    text = str(msg.content["config"]["scenario"])
-    sc = built(text)
-    pid, n = int(context.node_config["partition-id"]), sc.setup.num_clients
-    parts = int(context.node_config.get("num-partitions", n))
-    if parts != n or not 0 <= pid < n:
-        raise ValueError(f"node partition-id {pid} of num-partitions {parts} does not fit the "
-                         f"scenario's {n} clients (run the federation with {n} nodes)")
-    context.state[RUN_KEY] = ConfigRecord({"scenario": text})
-    if STATE_KEY in context.state:
-        del context.state[STATE_KEY]
-    return _reply(msg, config=ConfigRecord({"partition-id": pid}))
+def train(msgs: Sequence[Message], contexts: Sequence[Any], opts: Options) -> list[Message]:
+    """One round of local training for each node (see `fedsim.flower.node`)."""
+    def work(b: node.Block, o: Options) -> list[Message]:
+        return node.train_flower(b, o) if b.scenario.flower_strategy else node.train_fedsim(b, o)
+    return _by_content(msgs, contexts, opts, work)
 
 
-def train(msg: Any, context: Any) -> Any:
-    """One round of `strategy.local` for this node (m = 1)."""
-    from flwr.app import MetricRecord
-
-    sc, pid = _node(context)
-    setup, strat = sc.setup, sc.setup.strategy
-    cfg = msg.content["config"]
-    t = int(cfg["round"])
-    ctx = _ctx(setup, t, pid, unpack_mask(cfg["participants"], setup.num_clients))
-    server = (record_to_tree(msg.content["arrays"], setup.device) if strat.comm == "reduce"
-              else sc.gossip_server())
-    clients = _load_state(context, sc, ctx.ids)
-    out = kernel.client_step(strat, server, clients, sc.node_problem(pid).oracle(ctx.ids, t), ctx)
-    context.state[STATE_KEY] = tree_to_record(out.clients)
-    metrics: dict[str, Any] = {"num-examples": int(setup.sizes[pid]),
-                               "up-bytes": int(out.up_bytes.sum())}
-    if out.loss is not None:
-        metrics["loss"] = float(out.loss.double().sum())
-    return _reply(msg, arrays=tree_to_record(out.payload), metrics=MetricRecord(metrics))
+def mix(msgs: Sequence[Message], contexts: Sequence[Any], opts: Options) -> list[Message]:
+    """comm="mix": neighbour combination and `strategy.node_update` for each node."""
+    return node.mix(node.block(_joined(contexts), msgs, contexts), opts)
 
 
-def mix(msg: Any, context: Any) -> Any:
-    """comm="mix": combine the neighbours' rows with their weights, then `strategy.node_update`."""
-    from flwr.app import MetricRecord
-
-    sc, pid = _node(context)
-    setup = sc.setup
-    rows = record_to_tree(msg.content["arrays"], setup.device)
-    weights = record_to_tree(msg.content["weights"], setup.device)
-    mixed = {k: weighted_sum({k: v}, weights[k])[k][None] for k, v in rows.items()}
-    ctx = _ctx(setup, int(msg.content["config"]["round"]), pid, np.ones(setup.num_clients, bool))
-    clients = setup.strategy.node_update(_load_state(context, sc, ctx.ids), mixed, ctx)
-    context.state[STATE_KEY] = tree_to_record(clients)
-    return _reply(msg, metrics=MetricRecord({"num-examples": int(setup.sizes[pid])}))
+def evaluate(msgs: Sequence[Message], contexts: Sequence[Any], opts: Options) -> list[Message]:
+    """Gossip: each node's model row; Flower strategies: the model on each node's data."""
+    def work(b: node.Block, o: Options) -> list[Message]:
+        return node.evaluate_flower(b, o) if b.scenario.flower_strategy else node.model_rows(b, o)
+    return _by_content(msgs, contexts, opts, work)
 
 
-def model(msg: Any, context: Any) -> Any:
-    """comm="mix": this node's model row (for the server's central evaluation)."""
-    sc, pid = _node(context)
-    ids = torch.tensor([pid], device=sc.setup.device)
-    row = _load_state(context, sc, ids)[sc.setup.strategy.model_key]
-    return _reply(msg, arrays=tree_to_record({"x": row}))
+HANDLERS = {"query": join, "train": train, "train.mix": mix, "evaluate": evaluate}
 
 
-def make_client_app(threads: int | None = None) -> Any:
-    """The fedsim ClientApp (`threads`: torch intra-op threads in this process, None = keep)."""
-    from flwr.clientapp import ClientApp
+class FedsimClientApp(ClientApp):
+    """fedsim's ClientApp. Flower calls it once per message; fedsim's grids call
+    `handle_batch` with every message of a push for their nodes (multiplexed training).
 
-    app = ClientApp()
+    Args:
+      threads: torch intra-op threads in this process (None: keep).
+      chunk_size, memory_mb: clients per stacked computation (as the multiplex engine's).
+    """
 
-    def wrap(fn: Any) -> Any:
-        def handler(msg: Any, context: Any) -> Any:
-            if threads:
-                torch.set_num_threads(threads)
-            return fn(msg, context)
+    def __init__(self, threads: int | None = None, chunk_size: int | None = None,
+                 memory_mb: int = 2048) -> None:
+        super().__init__()
+        self.threads, self.opts = threads, Options(chunk_size, memory_mb)
+        for kind, fn in HANDLERS.items():
+            category, _, action = kind.partition(".")
+            register = getattr(self, "evaluate" if category == "evaluate" else category)
+            (register(action) if action else register())(self._single(fn))
+
+    def _single(self, fn: Callable[..., list[Message]]) -> Callable[[Message, Any], Message]:
+        def handler(msg: Message, context: Any) -> Message:
+            self._threads()
+            return fn([msg], [context], self.opts)[0]
         return handler
 
-    app.query()(wrap(join))
-    app.train()(wrap(train))
-    app.train("mix")(wrap(mix))
-    app.evaluate()(wrap(model))
-    return app
+    def _threads(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def handle_batch(self, msgs: Sequence[Message], contexts: Sequence[Any]) -> list[Message]:
+        """One reply per message (same order); messages of one kind are handled together."""
+        self._threads()
+        kinds: dict[str, list[int]] = {}
+        for j, m in enumerate(msgs):
+            kinds.setdefault(m.metadata.message_type, []).append(j)
+        out: list[Message | None] = [None] * len(msgs)
+        for kind, idx in kinds.items():
+            if kind not in HANDLERS:
+                raise ValueError(f"fedsim's ClientApp has no handler for message type {kind!r}")
+            replies = HANDLERS[kind]([msgs[j] for j in idx], [contexts[j] for j in idx], self.opts)
+            for j, r in zip(idx, replies, strict=True):
+                out[j] = r
+        return out  # type: ignore[return-value]
+
+
+def make_client_app(threads: int | None = None, chunk_size: int | None = None,
+                    memory_mb: int = 2048) -> FedsimClientApp:
+    """The fedsim ClientApp (see `FedsimClientApp`)."""
+    return FedsimClientApp(threads, chunk_size, memory_mb)

@@ -2,7 +2,8 @@
 
 DIR/
   pyproject.toml         [tool.flwr.app.components] serverapp / clientapp, [tool.flwr.app.config]
-                         (scenario path, output dir), federation hint (num-supernodes = clients)
+                         (scenario path, output dir: both relative to DIR, so the folder can be
+                         moved or copied anywhere), federation hint (num-supernodes = clients)
   scenario.yaml          the fully resolved scenario (overrides applied, defaults filled)
   fedsim_app/server_app.py, client_app.py   thin modules calling into fedsim
   README.md              how to run it: `flwr run DIR` (simulation), SuperLink + SuperNodes
@@ -18,6 +19,7 @@ import re
 from typing import Any
 
 from fedsim.errors import ConfigError
+from fedsim.flower.internals import FLOWER_VERSION
 
 SERVER = '''"""ServerApp: the fedsim scenario `scenario.yaml` driven by Flower's Strategy.start."""
 
@@ -43,7 +45,7 @@ build-backend = "hatchling.build"
 name = "{name}"
 version = "1.0.0"
 description = "fedsim scenario '{scenario}' ({strategy}, {clients} clients) as a Flower app"
-dependencies = ["flwr[simulation]==1.41.*"]  # fedsim: installed where the apps run (see README)
+dependencies = ["flwr[simulation]=={flwr}.*"]  # fedsim: installed where the apps run (see README)
 
 [tool.hatch.build.targets.wheel]
 packages = ["."]
@@ -56,8 +58,8 @@ serverapp = "fedsim_app.server_app:app"
 clientapp = "fedsim_app.client_app:app"
 
 [tool.flwr.app.config]
-scenario = "scenario.yaml"
-output-dir = "{output}"
+scenario = "scenario.yaml"   # relative paths: to the app folder
+output-dir = "runs"          # fedsim run folders; flwr run --run-config "output-dir='/abs/path'"
 
 # Run with as many SuperNodes as the scenario has clients, e.g.
 #   flwr run . --federation-config "num-supernodes={clients}" --stream
@@ -67,19 +69,34 @@ num-supernodes = {clients}
 
 README = '''# {name}: fedsim scenario `{scenario}` as a Flower app
 
-Strategy `{strategy}` on {clients} clients, {rounds} rounds. Needs `fedsim` and `flwr==1.41.*`.
+Strategy `{strategy}` on {clients} clients, {rounds} rounds. Needs `fedsim` and `flwr=={flwr}.*`.
+Relative paths in `[tool.flwr.app.config]` are resolved against this folder, wherever it is.
 
 Simulation (Flower's local SuperLink, Ray backend):
 
     flwr run . --federation-config "num-supernodes={clients}" --stream
 
-Deployment (one SuperNode per client; partition-id = the client index):
+Deployment (one SuperNode per client; partition-id = the client index). Flower 1.42 serves
+the Fleet, Control and Runtime APIs of a SuperLink on one HTTP port (`--host`, `--port`, default
+127.0.0.1:8000); each SuperNode has its own `--port` for its ClientApp processes:
 
-    flower-superlink --insecure
-    flower-supernode --insecure --superlink 127.0.0.1:9092 --clientappio-api-address 127.0.0.1:9094 \\
+    flower-superlink --insecure --port 8000
+    flower-supernode --insecure --superlink 127.0.0.1:8000 --port 9094 \\
         --node-config "partition-id=0 num-partitions={clients}"
-    ... (one per client, each with its own --clientappio-api-address port)
-    flwr run . <your-connection> --stream
+    ... (one per client, each with its own --port)
+    flwr run . <your-connection> --stream --run-config "output-dir='/where/to/write/runs'"
+
+with `<your-connection>` a SuperLink connection in `$FLWR_HOME/config.toml`, e.g.
+
+    [superlink.mine]
+    address = "127.0.0.1:8000"
+    insecure = true
+
+Without network access add `--disable-runtime-dependency-installation` to the SuperLink (by
+default it installs the app's dependencies with `uv sync`).
+
+Under `flwr run` the ServerApp runs from the copy of this app that the SuperLink installed
+(under `$FLWR_HOME`), so give `output-dir` as an absolute path there.
 
 Metrics (the keys of `fedsim run`'s metrics.jsonl) go to `output-dir` (a fedsim run folder)
 and to the ServerApp log. Gossip strategies relay neighbours' payloads through the SuperLink.
@@ -103,7 +120,7 @@ def export_flower(scenario_path: str, out_dir: str, overrides: list[str] | None 
     name = re.sub(r"[^a-z0-9-]+", "-", f"fedsim-{sc.name}".lower()).strip("-")
     fields: dict[str, Any] = dict(name=name, scenario=sc.name, strategy=sc.strategy.name,
                                   clients=sc.data.clients, rounds=sc.rounds,
-                                  output=os.path.abspath(os.path.join(out_dir, "runs")))
+                                  flwr=FLOWER_VERSION)
     files = {"pyproject.toml": PYPROJECT.format(**fields), "README.md": README.format(**fields),
              "scenario.yaml": yaml.safe_dump(to_dict(sc), sort_keys=False),
              "fedsim_app/__init__.py": "", "fedsim_app/server_app.py": SERVER,

@@ -5,7 +5,8 @@
 
 - inprocess: `InProcessGrid` (Ray-free, deterministic, counts bytes; see `fedsim.flower.grid`).
 - mpi: `MpiGrid` across `mpiexec` ranks (call `run_app` on every rank).
-- ray: Flower's own simulation (`run_simulation`), for comparison; not reproducible.
+- ray: Flower's own simulation (`flwr.simulation.run_simulation`, deprecated by Flower 1.42 in
+  favour of `flwr run` but still its Python API), for comparison; not reproducible.
 The nodes get `node_config = {"partition-id": i, "num-partitions": N}` as in Flower's simulation.
 """
 
@@ -14,10 +15,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from flwr.clientapp import ClientApp
 
 from fedsim.errors import ConfigError
 
@@ -94,44 +96,42 @@ def run_app(server_app: Any, client_app: Any, num_nodes: int, *, runtime: str = 
 
 def _run_ray(server_app: Any, client_app: Any, num_nodes: int, run_config: dict | None,
              client_resources: dict | None) -> None:
-    """Flower's simulation. With a run_config, the nodes read it from a generated app directory
-    (Flower's `run_simulation` takes none; `flwr run` does the same through `_run_simulation`)."""
+    """Flower's simulation (`flwr.simulation.run_simulation`). It takes no run_config, so with
+    one the apps are wrapped (`with_run_config`) to see it in `context.run_config`."""
+    from flwr.simulation import run_simulation
+
     backend = {"client_resources": client_resources or {"num_cpus": 1, "num_gpus": 0.0}}
-    if not run_config:
-        from flwr.simulation import run_simulation
-
-        run_simulation(server_app, client_app, num_nodes, backend_config=backend)
-        return
-    from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.telemetry import EventType
-
-    from fedsim.flower.identity import set_task_identity
-
-    with tempfile.TemporaryDirectory() as app_dir:
-        with open(os.path.join(app_dir, "pyproject.toml"), "w") as fh:
-            fh.write(_pyproject_for(run_config))
-        run = Run.create_empty(run_id=int(time.time_ns() % (1 << 62)))
-        run.primary_task_id, run.federation_id = 1, NOOP_FEDERATION_ID
-        set_task_identity(run.run_id)
-        context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                          run_config=dict(run_config))
-        _run_simulation(num_supernodes=num_nodes, client_app=client_app, server_app=server_app,
-                        backend_config=backend, app_dir=app_dir, run=run,
-                        server_app_context=context,
-                        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
+    if run_config:
+        server_app, client_app = with_run_config(server_app, client_app, run_config)
+    run_simulation(server_app, client_app, num_nodes, backend_config=backend)
 
 
-def _pyproject_for(run_config: dict) -> str:
-    """A minimal Flower app pyproject whose `[tool.flwr.app.config]` is `run_config`."""
-    import json
+def with_run_config(server_app: Any, client_app: Any, run_config: dict) -> tuple[Any, Any]:
+    """A ServerApp and a ClientApp that run the given ones with `run_config` added to their
+    Context's `run_config` (what `flwr run --run-config` does through the app's pyproject)."""
+    from flwr.serverapp import ServerApp
 
-    lines = ['[project]', 'name = "flower-run"', 'version = "0.0.0"', '',
-             '[tool.flwr.app.config]']
-    lines += [f'"{k}" = {json.dumps(v)}' for k, v in run_config.items()]
-    return "\n".join(lines) + "\n"
+    cfg = dict(run_config)
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Any, context: Any) -> None:
+        context.run_config = {**context.run_config, **cfg}
+        server_app(grid=grid, context=context)
+
+    return server, ConfiguredClientApp(client_app, cfg)
+
+
+class ConfiguredClientApp(ClientApp):
+    """A ClientApp that calls `app` with `run_config` merged into each node's Context."""
+
+    def __init__(self, app: Any, run_config: dict) -> None:
+        super().__init__()
+        self.app, self.run_config = app, dict(run_config)
+
+    def __call__(self, message: Any, context: Any) -> Any:
+        context.run_config = {**context.run_config, **self.run_config}
+        return self.app(message, context)
 
 
 def parse_run_config(items: list[str] | None) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""The ServerApp of a fedsim scenario: the adapter strategy driven by Flower's `Strategy.start`."""
+"""The ServerApp of a fedsim scenario, driven by Flower's `Strategy.start`: the adapter
+(`fedsim.flower.adapter`) for fedsim strategies, the scenario's own Flower strategy object
+(`fedsim.flower.driver`) for `strategy.name: flower`."""
 
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ def make_server_app(setup: Any = None, text: str | None = None, *,
     """A Flower `ServerApp` running a fedsim scenario.
 
     With `setup` (and its `text`) the app runs that built scenario (fedsim's Flower engine).
-    Without, it reads `context.run_config["scenario"]` (a YAML path, relative to
-    `app_dir`) and writes the run folder under
-    `run_config["output-dir"]` (an exported app under `flwr run` or a SuperLink).
+    Without, it reads `context.run_config["scenario"]` (a YAML path) and writes the run
+    folder under `run_config["output-dir"]` (an exported app under `flwr run` or a SuperLink);
+    relative paths are relative to `app_dir`, the app's folder.
     The finished adapter is appended to `done` (if given).
     """
     from flwr.serverapp import ServerApp
@@ -27,11 +29,9 @@ def make_server_app(setup: Any = None, text: str | None = None, *,
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        from fedsim.flower.adapter import run_adapter
-
         if setup is not None:
-            adapter = run_adapter(grid, setup, text or scenario_text(setup.scenario),
-                                  on_eval=on_eval, progress=progress, timeout=timeout)
+            adapter = run_scenario(grid, setup, text or scenario_text(setup.scenario),
+                                   on_eval=on_eval, progress=progress, timeout=timeout)
         else:
             adapter = _run_from_config(grid, dict(context.run_config), app_dir, timeout)
         if done is not None:
@@ -40,25 +40,36 @@ def make_server_app(setup: Any = None, text: str | None = None, *,
     return app
 
 
+def run_scenario(grid: Any, setup: Any, text: str, **kw: Any) -> Any:
+    """Run a built scenario on `grid`: `run_adapter` or, for a Flower strategy object,
+    `run_flower_strategy` (same keyword arguments); returns the finished strategy."""
+    if setup.scenario.strategy.name == "flower":
+        from fedsim.flower.driver import run_flower_strategy
+
+        return run_flower_strategy(grid, setup, text, **kw)
+    from fedsim.flower.adapter import run_adapter
+
+    return run_adapter(grid, setup, text, **kw)
+
+
 def _run_from_config(grid: Any, cfg: dict[str, Any], app_dir: str | None, timeout: float) -> Any:
     from fedsim.config import load_scenario
-    from fedsim.flower.adapter import run_adapter
     from fedsim.run import RunWriter, summarize
     from fedsim.setup import build_setup
 
-    path = str(cfg["scenario"])
-    if not os.path.isabs(path) and app_dir:
-        path = os.path.join(app_dir, path)
-    sc = load_scenario(path)
+    def located(path: str) -> str:  # the app's config paths are relative to the app folder
+        return os.path.join(app_dir, path) if path and app_dir and not os.path.isabs(path) else path
+
+    sc = load_scenario(located(str(cfg["scenario"])))
     setup = build_setup(sc)
-    out = str(cfg.get("output-dir", "") or "")
+    out = located(str(cfg.get("output-dir", "") or ""))
     writer = RunWriter(sc, out) if out else None
 
     def log(m: dict[str, Any]) -> None:
         if writer is not None:
             writer.log(m)
         _log_metrics(m)
-    adapter = run_adapter(grid, setup, scenario_text(sc), on_eval=log, timeout=timeout)
+    adapter = run_scenario(grid, setup, scenario_text(sc), on_eval=log, timeout=timeout)
     if writer is not None:
         extra = {"engine": "flower (exported app)", "params": setup.model.spec.size}
         path = writer.close(summarize(sc, writer.history, adapter.history[-1]["wall_s"], extra), True)
@@ -67,8 +78,6 @@ def _run_from_config(grid: Any, cfg: dict[str, Any], app_dir: str | None, timeou
 
 
 def _log_metrics(m: dict) -> None:
-    from logging import INFO
+    import logging
 
-    from flwr.supercore import log
-
-    log(INFO, "fedsim %s", m)
+    logging.getLogger("flwr").info("fedsim %s", m)  # Flower's logger: shown in the ServerApp log

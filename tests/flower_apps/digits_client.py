@@ -1,4 +1,4 @@
-"""ClientApp of the digits app (quickstart-pytorch style, Flower 1.41 Message API)."""
+"""ClientApp of the digits app (quickstart-pytorch style, Flower 1.42 Message API)."""
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp

@@ -24,6 +24,7 @@ from fedsim.comm.mpi import MPIComm
 from fedsim.engines.loop import RoundLoop
 from fedsim.engines.mpi import model_fingerprint
 from fedsim.types import Strategy
+from fedsim.work import WORK
 from strategies import STRATEGIES
 from topologies import Topology
 
@@ -68,16 +69,16 @@ def fail(msg: str) -> None:
     WORLD.Abort(1)
 
 
-def compare(name: str, make, participation=None, topology=None) -> RoundLoop:
+def compare(name: str, make, participation=None, topology=None, work=None) -> RoundLoop:
     problem = testing.heterogeneous_quadratic(N, DIM, seed=1)
     x0 = torch.linspace(-1, 1, DIM, dtype=torch.float64)
     ref = testing.run(make(problem), problem, ROUNDS, x0=x0, participation=participation,
-                      topology=topology, eval_every=2)
+                      topology=topology, eval_every=2, work=work)
     comm = MPIComm(WORLD.Dup(), N)
     hist = []
     loop = RoundLoop(make(problem), problem, x0, rounds=ROUNDS, seed=0, participation=participation,
-                        topology=topology, comm=comm, owned=comm.owned(), eval_every=2,
-                        on_eval=hist.append, chunk_size=2)
+                     topology=topology, comm=comm, owned=comm.owned(), eval_every=2,
+                     on_eval=hist.append, chunk_size=2, work=work)
     loop.run()
     mine = torch.as_tensor(comm.owned())
     if loop.strategy.comm == "reduce":
@@ -90,9 +91,10 @@ def compare(name: str, make, participation=None, topology=None) -> RoundLoop:
     if WORLD.rank == 0:
         ref_hist = []
         testing.run(make(problem), problem, ROUNDS, x0=x0, participation=participation, topology=topology,
-                    eval_every=2, on_eval=ref_hist.append)
+                    eval_every=2, on_eval=ref_hist.append, work=work)
         for a, b in zip(hist, ref_hist, strict=True):
-            for k in ("train_loss", "test_loss", "bytes_up", "bytes_down", "consensus_distance"):
+            for k in ("train_loss", "test_loss", "bytes_up", "bytes_down", "consensus_distance",
+                      "sim_time_s"):
                 if (a.get(k) is None) != (b.get(k) is None) or (
                         a.get(k) is not None and not np.isclose(a[k], b[k], rtol=1e-10, atol=1e-14)):
                     fail(f"{name}: metric {k} at round {a['round']}: {a.get(k)} != {b.get(k)}")
@@ -108,6 +110,9 @@ def main() -> None:
     def stale(p):
         return testing.build("fedavg", {"lr": 0.1, "local_steps": 3})._replace(staleness=1)
     compare("fedavg-stale1-masks", stale, part)
+    uneven = WORK.build("uniform", {"low": 0, "high": 6}, num_clients=N, seed=0, sizes=np.ones(N),
+                        batch_size=None)
+    compare("scaffold-uneven-work-masks", lambda p: testing.build("scaffold", {}, p), part, work=uneven)
     ring = graph_topology(nx.cycle_graph(N))
     loop = compare("two-key-gossip-ring", lambda p: two_key_gossip(), topology=ring)
     want_halo = 0 if WORLD.size == 1 else 2  # a ring slice reads one row from each side

@@ -1,0 +1,159 @@
+"""Checkpoints of a run: everything that changes from round to round, written atomically.
+
+A checkpoint is a folder ``<run>/checkpoint/round-<t>/`` holding ``state.pt`` (the round to run
+next, the server state, the stale reductions still to apply, byte and time counters, the training
+loss accumulated since the last evaluation, and how many metrics lines were written) and one
+``clients-<r>.pt`` per process (the per-client state rows of the clients it holds, with their
+ids). Every stream of randomness is keyed by (seed, purpose, id, round), so no RNG state is saved:
+a run resumed at round t is the uninterrupted run from round t. ``<run>/checkpoint/latest``
+names the newest complete checkpoint; it is replaced (write + rename) only once every file of the
+new one is in place, so a kill while writing leaves the previous checkpoint valid.
+
+Files are read with ``torch.load(weights_only=True)`` (tensors and plain containers only), and a
+checkpoint written by another scenario, or not by fedsim, is refused with the file and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+
+from fedsim.errors import ConfigError
+
+FORMAT, VERSION = "fedsim-checkpoint", 1
+FOLDER, LATEST = "checkpoint", "latest"
+# scenario keys that may change between an interrupted run and its resumption
+_FREE = ("rounds", "checkpoint", "output", "engine", "name")
+
+
+def digest(scenario: dict[str, Any]) -> str:
+    """A fingerprint of everything in a resolved scenario that shapes its trajectory."""
+    kept = {k: v for k, v in scenario.items() if k not in _FREE}
+    kept["engine.dtype"] = (scenario.get("engine") or {}).get("dtype")
+    return hashlib.sha256(yaml.safe_dump(kept, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def every(rounds: int, configured: int | None) -> int:
+    """Rounds between checkpoints: the configured number (0: only at the end), else a tenth."""
+    if configured is not None:
+        return configured
+    return max(1, rounds // 10)
+
+
+@dataclass
+class Control:
+    """What a run's round loop needs to checkpoint and to stop cleanly.
+
+    Attributes:
+      folder: the run folder (checkpoints go to its ``checkpoint/``).
+      every: rounds between checkpoints (0: only at the end).
+      digest: the scenario fingerprint written into each checkpoint.
+      lines: returns the number of metrics lines written so far.
+      signal: returns the number of a stop signal received (0: none).
+      resume: a checkpoint folder to start from (None: round 0).
+    """
+
+    folder: str
+    every: int
+    digest: str
+    lines: Any
+    signal: Any
+    resume: str | None = None
+
+    def due(self, t: int, rounds: int) -> bool:
+        return t + 1 == rounds or (self.every > 0 and (t + 1) % self.every == 0)
+
+
+class Interrupted(Exception):
+    """The run stopped at a round boundary on a signal, after writing a checkpoint."""
+
+    def __init__(self, signum: int, round: int) -> None:
+        super().__init__(f"signal {signum} at round {round}")
+        self.signum, self.round = signum, round
+
+
+def staging(folder: str, round: int) -> str:
+    return os.path.join(folder, FOLDER, f"round-{round:08d}.tmp")
+
+
+def write_part(folder: str, round: int, name: str, payload: dict[str, Any]) -> None:
+    """One file of the checkpoint of `round` (every process writes its own clients part)."""
+    path = staging(folder, round)
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, f".{name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, os.path.join(path, name))
+
+
+def commit(folder: str, round: int) -> str:
+    """Publish the staged checkpoint of `round` (after every part was written) and drop older ones."""
+    base = os.path.join(folder, FOLDER)
+    final = os.path.join(base, f"round-{round:08d}")
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(staging(folder, round), final)
+    tmp = os.path.join(base, f".{LATEST}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(os.path.basename(final) + "\n")
+    os.replace(tmp, os.path.join(base, LATEST))
+    for entry in os.listdir(base):
+        if entry.startswith("round-") and entry != os.path.basename(final):
+            shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+    return final
+
+
+def latest(folder: str) -> str:
+    """The newest complete checkpoint of run folder `folder` (ConfigError when there is none)."""
+    pointer = os.path.join(folder, FOLDER, LATEST)
+    if not os.path.isfile(pointer):
+        raise ConfigError("no checkpoint in this run folder (was it written by `fedsim run` "
+                          "with checkpoints?)", file=pointer)
+    with open(pointer, encoding="utf-8") as fh:
+        name = fh.read().strip()
+    path = os.path.join(folder, FOLDER, name)
+    if not name.startswith("round-") or not os.path.isfile(os.path.join(path, "state.pt")):
+        raise ConfigError(f"the checkpoint pointer names {name!r}, which is not a complete "
+                          "checkpoint", file=pointer)
+    return path
+
+
+def read(path: str, expect_digest: str) -> dict[str, Any]:
+    """state.pt of checkpoint `path`, checked (ConfigError naming the file and why)."""
+    file = os.path.join(path, "state.pt")
+    state = _load(file)
+    if state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise ConfigError(f"not a fedsim checkpoint (format {state.get('format')!r}, version "
+                          f"{state.get('version')!r}; expected {FORMAT!r} version {VERSION})", file=file)
+    if state.get("digest") != expect_digest:
+        raise ConfigError("the checkpoint was written by a different scenario (only rounds, "
+                          "checkpoint, output, engine and name may change on resume)", file=file,
+                          value=state.get("digest"), allowed=expect_digest)
+    return state
+
+
+def client_parts(path: str) -> list[dict[str, Any]]:
+    """Every process's client rows of checkpoint `path`."""
+    names = sorted(n for n in os.listdir(path) if n.startswith("clients-") and n.endswith(".pt"))
+    return [_load(os.path.join(path, n)) for n in names]
+
+
+def _load(file: str) -> dict[str, Any]:
+    try:
+        out = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError("checkpoint file is missing", file=file) from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: truncated, not a torch file, pickled code
+        raise ConfigError(f"cannot read the checkpoint: {type(exc).__name__}: {exc}", file=file) from None
+    if not isinstance(out, dict):
+        raise ConfigError("not a fedsim checkpoint (not a mapping)", file=file)
+    return out
+
+
+__all__ = ["digest", "every", "Control", "Interrupted", "write_part", "commit", "latest", "read",
+           "client_parts", "FORMAT", "VERSION"]

@@ -1,0 +1,84 @@
+"""The scenario's ``system:`` section: device speeds, links, collectives and stragglers.
+
+Every quantity that can differ between clients is a number (the same for all), a list of N
+numbers, or a distribution drawn once per client, keyed by (seed, SYSTEM, quantity, client):
+``{kind: lognormal, median: 1e10, sigma: 0.5}`` or ``{kind: uniform, low: 1e9, high: 1e10}``.
+Units: seconds, bits per second, FLOP/s (or samples/s with ``speed_unit: samples``). The
+defaults are the documented profile every run uses when the section is absent.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LognormalCfg(_Frozen):
+    """exp(N(log median, sigma^2)) per client: heavy-tailed device speeds."""
+
+    kind: Literal["lognormal"]
+    median: float = Field(gt=0)
+    sigma: float = Field(ge=0)
+
+
+class UniformCfg(_Frozen):
+    """Uniform on [low, high] per client."""
+
+    kind: Literal["uniform"]
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformCfg:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+Positive = PosFloat | list[PosFloat] | LognormalCfg | UniformCfg
+"""A per-client positive quantity: one number, N numbers, or a keyed distribution."""
+NonNegative = NonNegFloat | list[NonNegFloat] | LognormalCfg | UniformCfg
+"""A per-client quantity >= 0 (latencies)."""
+
+
+class LinkCfg(_Frozen):
+    bandwidth: Positive = 1.0e7   # bits/s
+    latency: NonNegative = 0.05   # seconds
+
+
+class CollectiveCfg(_Frozen):
+    bandwidth: float = Field(1.0e10, gt=0)  # bits/s per worker link (data-parallel cluster)
+    latency: float = Field(1.0e-5, ge=0)    # seconds per message
+    algorithm: Literal["ring", "tree"] = "ring"
+
+
+class DeadlineCfg(_Frozen):
+    seconds: float = Field(gt=0)
+    policy: Literal["drop", "partial"] = "drop"  # drop late clients, or cap their local steps
+
+
+class SystemCfg(_Frozen):
+    speed: Positive = 1.0e10                      # FLOP/s per client (or samples/s, speed_unit)
+    speed_unit: Literal["flops", "samples"] = "flops"
+    jitter: float = Field(0.0, ge=0)              # lognormal sigma of a per-round speed factor
+    uplink: LinkCfg = LinkCfg(bandwidth=1.0e7, latency=0.05)
+    downlink: LinkCfg = LinkCfg(bandwidth=5.0e7, latency=0.05)
+    edges: LinkCfg = LinkCfg(bandwidth=1.0e8, latency=0.005)  # gossip links (every edge)
+    network: Literal["star", "allreduce"] = "star"  # allreduce: data-parallel workers (CO2)
+    collective: CollectiveCfg = CollectiveCfg()
+    server_time: float = Field(0.0, ge=0)         # seconds of the server's update
+    deadline: DeadlineCfg | None = None
+    dropout: float = Field(0.0, ge=0, lt=1)       # probability a selected client fails a round
+    over_selection: float = Field(1.0, ge=1)      # keep the 1/f fastest of the selected clients
+
+
+__all__ = ["SystemCfg", "LinkCfg", "CollectiveCfg", "DeadlineCfg", "LognormalCfg", "UniformCfg",
+           "Positive", "NonNegative"]
