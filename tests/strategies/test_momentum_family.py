@@ -7,6 +7,7 @@ c = [0, 1], lr 0.1, K = 10: FedAvg stops at 0.6041260077, x* = 0.8).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -329,3 +330,42 @@ def test_the_vr_reconstructions_say_so_in_fedsim_list(name, capsys):
     assert main(["list", "strategies"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(name + " "))
     assert "RECONSTRUCTION" in line and "not retrievable" in line
+
+
+def _budgets(steps):
+    from fedsim.work import WORK
+    n = len(steps)
+    return WORK.build("steps", {"steps": steps}, num_clients=n, seed=0, sizes=[1] * n, batch_size=None)
+
+
+class _SkipOnce:
+    """A `fedsim.work.LocalWork`: K steps for everyone, none for `client` in `round`."""
+
+    def __init__(self, k, client, round):
+        self.k, self.client, self.round = k, client, round
+
+    def steps(self, round, ids):
+        return np.where((np.asarray(ids) == self.client) & (round == self.round), 0, self.k)
+
+
+@pytest.mark.parametrize("name", ["fedavg-m-vr", "scaffold-m-vr"])
+def test_prev_trajectory_under_work_budgets(name):
+    """`work:` budgets: K_i = K everywhere is the plain run bit for bit; a client that takes no
+    step keeps its stored trajectory; budgets beyond K run (later steps reuse the last point)."""
+    problem, params = _noisy(), {"correction": "prev_trajectory", "local_steps": 4}
+    n = problem.num_clients
+    plain = _run(name, params, problem, 3)
+    same = _run(name, params, problem, 3, work=_budgets([4] * n))
+    torch.testing.assert_close(same.state.server["x"], plain.state.server["x"], rtol=0, atol=0)
+    ids = torch.arange(n)
+    before = _run(name, params, problem, 2).state.store.gather(ids)["traj"]
+    idle = _run(name, params, problem, 2, work=_SkipOnce(4, client=n - 1, round=1))
+    kept = idle.state.store.gather(ids)["traj"]
+    first = _run(name, params, problem, 1).state.store.gather(ids)["traj"]
+    torch.testing.assert_close(kept[:-1], before[:-1], rtol=0, atol=0)
+    torch.testing.assert_close(kept[-1], first[-1], rtol=0, atol=0)   # still its round-0 path
+    assert not torch.equal(kept[-1], before[-1])
+    longer = _run(name, params, problem, 3, work=_budgets([7] * n))
+    assert torch.isfinite(longer.state.server["x"]).all()
+    assert not torch.equal(longer.state.server["x"], plain.state.server["x"])
+    assert first.shape == kept.shape == (n, 4, problem.dim)
