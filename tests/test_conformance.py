@@ -101,11 +101,12 @@ FIXED_POINTS: dict[str, tuple[Callable[[testing.QuadraticProblem], np.ndarray], 
     # name: (closed form with the strategy's defaults, rounds)
     "fedavg": (_fedavg(0.05, 10), 400),
     "fedavgm": (_fedavg(0.05, 10), 400),
-    "fedau": (_fedavg(0.05, 10), 400),           # full participation: every interval is 1
-    "fedavg-all": (_fedavg(0.05, 10), 400),
-    "known-prob": (_fedavg(0.05, 10), 400),      # p_i = 1
-    "fedvarp": (_fedavg(0.05, 10), 400),
-    "mifa": (_fedavg(0.05, 10), 400),
+    # the FedAU family defaults to the reference code's lr 0.1, 5 local steps
+    "fedau": (_fedavg(0.1, 5), 400),             # full participation: every interval is 1
+    "fedavg-all": (_fedavg(0.1, 5), 400),
+    "known-prob": (_fedavg(0.1, 5), 400),        # p_i = 1
+    "fedvarp": (_fedavg(0.1, 5), 400),
+    "mifa": (_fedavg(0.1, 5), 400),
     "fedavg-m": (_fedavg(0.05 * 0.5, 10), 400),  # FedAvg-M(lr, beta) stops where FedAvg(lr beta) does
     "fedavg-m-vr": (_fedavg(0.05, 10), 400),     # the reconstruction's fixed point is FedAvg(lr)'s
     "scaffold": (_optimum, 400),
@@ -113,7 +114,7 @@ FIXED_POINTS: dict[str, tuple[Callable[[testing.QuadraticProblem], np.ndarray], 
     "scaffold-m-vr": (_optimum, 400),
     "gd": (_optimum, 600),
     "ef21": (_optimum, 1500),
-    "ef21-w": (_optimum, 1500),
+    "ef21-w": (_optimum, 1500),                  # its theory step, from estimated L_i
     "econtrol": (_optimum, 1500),
     "co2": (_fedavg(0.05, 8), 600),              # outer momentum, staleness: same fixed point
     "slowmo": (_fedavg(0.05, 8), 400),
