@@ -202,6 +202,7 @@ class Clock:
     idle: float = 0.0          # participants' waiting for the slowest, summed
     participations: float = 0.0
     pending: float = 0.0       # communication still in flight (overlapped with the next round)
+    offline: float = 0.0       # waiting for a client to come online (availability traces)
     history: list[float] = field(default_factory=list)
 
     def advance(self, system: SystemModel, maxima: list[float], sums: list[float], *, overlap: bool,
@@ -233,10 +234,30 @@ class Clock:
         self.history.append(dt)
         return dt
 
+    def wait(self, seconds: float) -> None:
+        """Nobody can work for `seconds` (no client online): time passes, counted as offline."""
+        self.now += seconds
+        self.offline += seconds
+
+    def interval(self, now: float, compute_share: float, server: float, count: int,
+                 offline: float = 0.0) -> None:
+        """Asynchronous aggregation: the clock moves to `now` (after a server update of `server`
+        seconds); the rest since the last update, but `offline` waiting, is split into compute
+        and communication by `compute_share` (the arrivals' planned compute / their total)."""
+        busy = now - self.now - server - offline
+        self.offline += offline
+        self.compute += busy * compute_share
+        self.comm += busy * (1.0 - compute_share)
+        self.server += server
+        self.participations += count
+        self.history.append(now - self.now)
+        self.now = now
+
     def summary(self) -> dict[str, float]:
         mean_idle = self.idle / self.participations if self.participations else 0.0
         return {"time_s": self.now, "compute_s": self.compute, "comm_s": self.comm,
-                "server_s": self.server, "idle_client_s_mean": max(mean_idle, 0.0)}
+                "server_s": self.server, "offline_s": self.offline,
+                "idle_client_s_mean": max(mean_idle, 0.0)}
 
 
 

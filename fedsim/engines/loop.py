@@ -23,6 +23,7 @@ from fedsim import checkpoint as ckpt
 from fedsim import round as kernel
 from fedsim.comm import LocalComm, Ready, add_into
 from fedsim.config_system import SystemCfg
+from fedsim.engines.async_loop import AsyncRounds
 from fedsim.problem import Problem
 from fedsim.setup import Setup
 from fedsim.store import ClientStore
@@ -98,6 +99,7 @@ class RoundLoop:
         self._round_bytes: list[tuple[int, int]] = []
         self._round_times: list[RoundRecord] = []
         self.stale_tail: list[Tree] = []
+        self.asyn = AsyncRounds(self, self.system.cfg.asynchrony) if self.system.cfg.asynchrony else None
 
     @classmethod
     def from_setup(cls, setup: Setup, memory_mb: int | None = None, **kw: Any) -> RoundLoop:
@@ -123,8 +125,13 @@ class RoundLoop:
 
     # ---- one round -----------------------------------------------------------------------
     def step(self, t: int) -> None:
+        if self.asyn is not None:  # FedBuff / FedAsync: the interval up to server update t
+            self.asyn.step(t)
+            return
         s, strat = self.state, self.strategy
-        selected = kernel.participants(strat, self.participation, t, self.num_clients)
+        if kernel.clock_driven(self.participation):
+            self.flush()  # an availability trace reads the clock at the round's start
+        selected = kernel.participants(strat, self.participation, t, self.num_clients, self.clock)
         plan = kernel.plan_round(strat, self.system, self.work, t, selected, self.sizes_np,
                                  self.problem.batch_size, s.server, self.problem.num_params)
         mask_np = plan.mask
@@ -204,8 +211,9 @@ class RoundLoop:
         collective = self.strategy.comm == "reduce" and self.system.cfg.network == "allreduce"
         for row, mx in zip(sums.tolist(), maxima.tolist(), strict=True):
             self.state.bytes.add(int(row[0]), int(row[1]))
-            self.clock.advance(self.system, mx, row[2:], overlap=self.strategy.staleness > 0,
-                               collective=collective)
+            if self.asyn is None:  # asynchronous rounds move the clock themselves
+                self.clock.advance(self.system, mx, row[2:], overlap=self.strategy.staleness > 0,
+                                   collective=collective)
         self._round_bytes, self._round_times = [], []
 
     # ---- evaluation ----------------------------------------------------------------------
