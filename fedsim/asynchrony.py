@@ -14,8 +14,9 @@ chunking, and clients starting from one model version can be trained together. C
 * a server update is one "round" t (the model version t -> t + 1), so `rounds` counts updates;
 * a client whose update sits in the buffer does not start again before the buffer is applied
   (so C = K = N, no staleness, is exactly FedAvg, and a client trains at most once per version);
-* free slots are filled after every arrival and after every update (which takes `server_time`),
-  with the available idle clients of smallest keyed uniform u(seed, SYSTEM, client, 10, draw);
+* free slots are filled after every arrival, after every update (which takes `server_time`) and
+  when a client comes online (traces), with the available idle clients of smallest keyed uniform
+  u(seed, SYSTEM, client, 10, draw);
 * if nobody is in flight and nobody can start, the clock waits for the next client to come online
   (availability traces), or, if none ever will, the buffer is applied as it is.
 """
@@ -107,11 +108,14 @@ class Schedule:
         compute = comm = waited = 0.0
         while len(self.buffer) < self.cfg.buffer:
             self._fill(started)
+            nxt = self.next_online(self.now) if len(self.flights) < self.cfg.concurrency else None
             if not self.flights:
-                nxt = self.next_online(self.now)
                 if nxt is None:
                     break
                 waited += nxt - self.now
+                self.now = nxt
+                continue
+            if nxt is not None and nxt < self.flights[0][0]:  # a client comes online: a free slot
                 self.now = nxt
                 continue
             finish, c, v, a, b = heapq.heappop(self.flights)

@@ -302,7 +302,8 @@ class RoundLoop:
         ids, rows = s.store.rows()
         ckpt.write_part(control.folder, s.round, f"clients-{comm.rank:05d}.pt",
                         {"ids": ids, "rows": rows, "train_loss": list(self.train_loss),
-                         "rank": comm.rank, "ranks": comm.size})
+                         "rank": comm.rank, "ranks": comm.size,
+                         "async_rows": self.asyn.rows_state() if self.asyn else None})
         comm.allgather(None)  # every part is written
         if comm.rank == 0:
             ckpt.write_part(control.folder, s.round, "state.pt", {
@@ -312,7 +313,8 @@ class RoundLoop:
                 "stale": [{k: v.detach().cpu() for k, v in tree.items()} for tree in stale],
                 "bytes": {"up": s.bytes.up, "down": s.bytes.down,
                           "per_round": [list(r) for r in s.bytes.per_round]},
-                "clock": dataclasses.asdict(self.clock)})
+                "clock": dataclasses.asdict(self.clock),
+                "async": self.asyn.schedule.state() if self.asyn else None})
             ckpt.commit(control.folder, s.round)
         comm.allgather(None)  # published before anyone goes on (or exits)
 
@@ -327,6 +329,8 @@ class RoundLoop:
         s.bytes = kernel.ByteCounter(int(state["bytes"]["up"]), int(state["bytes"]["down"]),
                                      [(int(a), int(b)) for a, b in state["bytes"]["per_round"]])
         self.clock = Clock(**state["clock"])
+        if self.asyn is not None:  # FedBuff: the schedule (global) and the trained rows not yet applied
+            self.asyn.load(state["async"], [p["async_rows"] for p in parts])
         ids = torch.cat([p["ids"] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
         keys = list(parts[0]["rows"]) if parts else []
         rows = {k: torch.cat([p["rows"][k] for p in parts]) for k in keys}
