@@ -137,7 +137,8 @@ def test_checkpoint_holds_the_schedule_and_the_rows_in_flight(tmp_path):
 
     problem = testing.heterogeneous_quadratic(num_clients=7, dim=3, seed=4)
     strat = testing.build("scaffold", {"lr": 0.05, "local_steps": 2}, problem)
-    system = _system(7, {"concurrency": 4, "buffer": 2}, speed={"kind": "lognormal", "median": 1.0, "sigma": 1.0})
+    speed = {"kind": "lognormal", "median": 1.0, "sigma": 1.0}
+    system = _system(7, {"concurrency": 4, "buffer": 2}, speed=speed)
     x0 = torch.zeros(3, dtype=torch.float64)
 
     def loop(rounds, lines):

@@ -4,8 +4,9 @@ Each rank runs the in-process reference (LocalComm, all clients) and its MPI sli
 quadratics, then compares its owned rows / the replicated server model. Cases: rounds where only
 the last rank, nobody, or only rank 0 takes part (partial None, signature agreement, skipped
 collective); a one-step-stale reduction (the Iallreduce overlap); gossip with two mixing
-operators on a ring and a random graph (neighbour exchange, halo size); then every registered
-strategy. Prints "ok <case>" on rank 0; any mismatch or exception prints the reason and aborts
+operators on a ring and a random graph (neighbour exchange, halo size); FedBuff (asynchronous
+aggregation: the global schedule, per-rank training of starters, buffered rows); then every
+registered strategy. Prints "ok <case>" on rank 0; any mismatch or exception prints the reason and aborts
 the job (exit 1): nothing is skipped.
 """
 
@@ -21,8 +22,10 @@ from mpi4py import MPI
 
 from fedsim import testing
 from fedsim.comm.mpi import MPIComm
+from fedsim.config_system import SystemCfg
 from fedsim.engines.loop import RoundLoop
 from fedsim.engines.mpi import model_fingerprint
+from fedsim.system import SystemModel
 from fedsim.types import Strategy
 from fedsim.work import WORK
 from strategies import STRATEGIES
@@ -69,16 +72,23 @@ def fail(msg: str) -> None:
     WORLD.Abort(1)
 
 
-def compare(name: str, make, participation=None, topology=None, work=None) -> RoundLoop:
+def fedbuff_system() -> SystemModel:
+    """FedBuff, C = 4 of 7, K = 2, heavy-tailed speeds with jitter (stale updates happen)."""
+    cfg = SystemCfg(speed={"kind": "lognormal", "median": 1.0, "sigma": 1.0}, speed_unit="samples",
+                    jitter=0.2, asynchrony={"concurrency": 4, "buffer": 2})
+    return SystemModel(cfg, N, 0, 0.0)
+
+
+def compare(name: str, make, participation=None, topology=None, work=None, system=None) -> RoundLoop:
     problem = testing.heterogeneous_quadratic(N, DIM, seed=1)
     x0 = torch.linspace(-1, 1, DIM, dtype=torch.float64)
     ref = testing.run(make(problem), problem, ROUNDS, x0=x0, participation=participation,
-                      topology=topology, eval_every=2, work=work)
+                      topology=topology, eval_every=2, work=work, system=system)
     comm = MPIComm(WORLD.Dup(), N)
     hist = []
     loop = RoundLoop(make(problem), problem, x0, rounds=ROUNDS, seed=0, participation=participation,
                      topology=topology, comm=comm, owned=comm.owned(), eval_every=2,
-                     on_eval=hist.append, chunk_size=2, work=work)
+                     on_eval=hist.append, chunk_size=2, work=work, system=system)
     loop.run()
     mine = torch.as_tensor(comm.owned())
     if loop.strategy.comm == "reduce":
@@ -91,7 +101,7 @@ def compare(name: str, make, participation=None, topology=None, work=None) -> Ro
     if WORLD.rank == 0:
         ref_hist = []
         testing.run(make(problem), problem, ROUNDS, x0=x0, participation=participation, topology=topology,
-                    eval_every=2, on_eval=ref_hist.append, work=work)
+                    eval_every=2, on_eval=ref_hist.append, work=work, system=system)
         for a, b in zip(hist, ref_hist, strict=True):
             for k in ("train_loss", "test_loss", "bytes_up", "bytes_down", "consensus_distance",
                       "sim_time_s"):
@@ -113,6 +123,9 @@ def main() -> None:
     uneven = WORK.build("uniform", {"low": 0, "high": 6}, num_clients=N, seed=0, sizes=np.ones(N),
                         batch_size=None)
     compare("scaffold-uneven-work-masks", lambda p: testing.build("scaffold", {}, p), part, work=uneven)
+    compare("fedbuff-scaffold", lambda p: testing.build("scaffold", {"local_steps": 3}, p),
+            system=fedbuff_system())
+    compare("fedbuff-fedau-masks", lambda p: testing.build("fedau", {}, p, part), part, system=fedbuff_system())
     ring = graph_topology(nx.cycle_graph(N))
     loop = compare("two-key-gossip-ring", lambda p: two_key_gossip(), topology=ring)
     want_halo = 0 if WORLD.size == 1 else 2  # a ring slice reads one row from each side
