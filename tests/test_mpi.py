@@ -151,13 +151,14 @@ def test_loop_matches_in_process_for_every_strategy(ranks, launches):
     """Every registered strategy on quadratics, 2 and 3 ranks over 7 clients ((3, 4) and
     (2, 2, 3)), with rounds where only the last rank, nobody, or only rank 0 takes part; a stale
     (Iallreduce) reduction; gossip with two operators on a ring (2 halo rows per rank and round)
-    and a random graph; FedBuff (asynchronous aggregation) with SCAFFOLD and FedAU. (tests/mpi_scripts/loop_check.py, run at the end of the launch.)"""
+    and a random graph; FedBuff (asynchronous aggregation) with SCAFFOLD and FedAU; an
+    availability trace (the clock read every round). (tests/mpi_scripts/loop_check.py, run at the end of the launch.)"""
     # Execute
     res, _ = launches(ranks)
     # Assert: every case reported ok (the script aborts the job on any mismatch or exception)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     for case in ("fedavg-stale1-masks", "scaffold-uneven-work-masks", "two-key-gossip-ring",
-                 "ring-halo", "two-key-gossip-random", "fedbuff-scaffold", "fedbuff-fedau-masks"):
+                 "ring-halo", "two-key-gossip-random", "fedbuff-scaffold", "fedbuff-fedau-masks", "fedavg-trace"):
         assert f"ok {case}" in res.stdout
     for name in _registered():
         assert f"ok {name}-masks" in res.stdout or f"ok {name}-ring" in res.stdout, (name, res.stdout)

@@ -99,3 +99,18 @@ def test_async_on_gossip_or_flower_exits_2_naming_the_key(tmp_path, capsys):
         path = write_scenario(tmp_path, body)
         code, _, err = run_cli(["run", path, "--quiet", "--out", str(tmp_path / "runs")], capsys)
         assert code == 2 and expect in err and "Traceback" not in err, err
+
+
+def test_flower_and_multiplex_agree_on_a_trace(tmp_path):
+    """The same trace scenario (clients leaving and joining, a gap nobody is online) on the Flower
+    engine and on multiplex: the same participants, model and sim_time_s."""
+    from tests.flower_apps.support import assert_same_run, case, final, flower, reference
+
+    rows = ["client,online_from,online_until"] + [f"{c},{c * 0.05},{0.2 + c * 0.05}" for c in range(8)]
+    rows += [f"{c},3,inf" for c in range(0, 8, 2)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    body = case("scaffold", participation={"kind": "trace", "file": str(tmp_path / "t.csv")}, rounds=8)
+    ref, ref_hist = reference(body)
+    adapter, hist = flower(body)
+    assert_same_run(ref, ref_hist, final(adapter), hist)
+    assert ref.clock.offline > 0 and ref_hist[-1]["sim_time_s"] > 3

@@ -13,7 +13,9 @@ the job (exit 1): nothing is skipped.
 from __future__ import annotations
 
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -25,6 +27,7 @@ from fedsim.comm.mpi import MPIComm
 from fedsim.config_system import SystemCfg
 from fedsim.engines.loop import RoundLoop
 from fedsim.engines.mpi import model_fingerprint
+from fedsim.participation import build_participation
 from fedsim.system import SystemModel
 from fedsim.types import Strategy
 from fedsim.work import WORK
@@ -126,6 +129,13 @@ def main() -> None:
     compare("fedbuff-scaffold", lambda p: testing.build("scaffold", {"local_steps": 3}, p),
             system=fedbuff_system())
     compare("fedbuff-fedau-masks", lambda p: testing.build("fedau", {}, p, part), part, system=fedbuff_system())
+    trace = Path(tempfile.mkdtemp()) / "trace.csv"  # clients leave and join; nobody online in [1, 2)
+    trace.write_text("client,online_from,online_until\n" + "".join(
+        f"{c},{0.1 * c},1\n{c},{2 + 0.2 * c},inf\n" for c in range(N)))
+    timed = SystemModel(SystemCfg(speed=[1.0 + c for c in range(N)], speed_unit="samples"), N, 0, 0.0)
+    compare("fedavg-trace", lambda p: testing.build("fedavg", {"local_steps": 2}, p),
+            build_participation("trace", {"file": str(trace)}, num_clients=N, seed=0, label_dist=None),
+            system=timed)
     ring = graph_topology(nx.cycle_graph(N))
     loop = compare("two-key-gossip-ring", lambda p: two_key_gossip(), topology=ring)
     want_halo = 0 if WORLD.size == 1 else 2  # a ring slice reads one row from each side
