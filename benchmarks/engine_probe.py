@@ -17,7 +17,8 @@ one JSON line.
       side in this process and stepped alternately (so background load hits both alike):
       median seconds of one round of each and their difference (the compression cost).
   system: the scenario without and with the simulated system (`run.SYSTEM_SETS`), stepped
-      alternately (issue 11): median seconds of one round of each and their ratio.
+      alternately (issue 11): median seconds of one round of each, their ratio, and the median
+      seconds per round inside the clock's own calls (plan_round, record_times, flush).
 """
 
 from __future__ import annotations
@@ -104,19 +105,39 @@ def system(path: str, sets: list[str], rounds: int = 40) -> dict:
     median seconds of one round (`step` + `flush`, the clock's share included) of each."""
     from run import SYSTEM_SETS
 
+    from fedsim import round as kernel
+
     loops = {"plain": build(path, [*sets, f"rounds={rounds + 1}"])[1],
              "system": build(path, [*sets, f"rounds={rounds + 1}", *SYSTEM_SETS])[1]}
+    spent = [0.0]  # seconds inside the clock's kernel calls (planning, recording) this round
+
+    def timed(fn):
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return run
+    kernel.plan_round, kernel.record_times = timed(kernel.plan_round), timed(kernel.record_times)
     times: dict[str, list[float]] = {k: [] for k in loops}
+    clock: dict[str, list[float]] = {k: [] for k in loops}
     for t in range(rounds + 1):
         for k, loop in (loops.items() if t % 2 else reversed(loops.items())):
+            spent[0] = 0.0
             t0 = time.perf_counter()
             loop.step(t)
+            t1 = time.perf_counter()
             loop.flush()
             if t:  # round 0 is warm-up
                 times[k].append(time.perf_counter() - t0)
+                clock[k].append(spent[0] + time.perf_counter() - t1)
     med = {k: statistics.median(v) for k, v in times.items()}
+    own = {k: statistics.median(v) for k, v in clock.items()}
     return {"rounds_timed": rounds, "round_s_plain": med["plain"], "round_s_system": med["system"],
-            "ratio": med["system"] / med["plain"], "sim_time_s": loops["system"].clock.now}
+            "ratio": med["system"] / med["plain"], "clock_s_plain": own["plain"],
+            "clock_s_system": own["system"], "clock_share_system": own["system"] / med["system"],
+            "sim_time_s": loops["system"].clock.now}
 
 
 def main(argv: list[str] | None = None) -> int:

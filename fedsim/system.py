@@ -89,14 +89,19 @@ class SystemModel:
         self.edge_bw = draw(cfg.edges.bandwidth, "edge_bw", "edges.bandwidth")
         self.edge_lat = draw(cfg.edges.latency, "edge_lat", "edges.latency")
         self.cost = float(flops_per_sample) if cfg.speed_unit == "flops" else 1.0
+        self._jitter_round, self._jitter = -1, self.speed
 
     # ---- the parts of a round --------------------------------------------------------------
     def speeds(self, t: int, ids: np.ndarray) -> np.ndarray:
-        """Speeds of `ids` in round t (with the per-round lognormal jitter, keyed by round)."""
-        s = self.speed[ids]
-        if self.cfg.jitter:
-            s = s * np.exp(self.cfg.jitter * _normal(self.seed, ids, _JITTER, t))
-        return s
+        """Speeds of `ids` in round t (with the per-round lognormal jitter, keyed by round; the
+        factors of all N clients are drawn once per round, as planning and the clock both ask)."""
+        if not self.cfg.jitter:
+            return self.speed[ids]
+        if self._jitter_round != t:
+            every = np.arange(self.n)
+            self._jitter = self.speed * np.exp(self.cfg.jitter * _normal(self.seed, every, _JITTER, t))
+            self._jitter_round = t
+        return self._jitter[ids]
 
     def compute_seconds(self, t: int, ids: np.ndarray, samples: np.ndarray) -> np.ndarray:
         return np.asarray(samples, dtype=np.float64) * self.cost / self.speeds(t, ids)
