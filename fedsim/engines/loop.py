@@ -63,7 +63,8 @@ class RoundLoop:
       chunk_size: max clients per stacked computation (None: all at once).
       on_eval: called with the metrics line after each evaluation.
       work: heterogeneous local work (None: the strategy's own local steps).
-      system: the simulated system (speeds, links, stragglers; None: the default profile).
+      system: the simulated system (speeds, links, stragglers; None: the default profile); with
+        `system.asynchrony` the rounds are FedBuff server updates (`fedsim.engines.async_loop`).
 
     Rank 0 of `comm` evaluates the global model on the test set; every rank takes part in the
     collectives of an evaluation (train loss, bytes, gossip metrics).
