@@ -128,7 +128,8 @@ def main() -> None:
     compare("scaffold-uneven-work-masks", lambda p: testing.build("scaffold", {}, p), part, work=uneven)
     compare("fedbuff-scaffold", lambda p: testing.build("scaffold", {"local_steps": 3}, p),
             system=fedbuff_system())
-    compare("fedbuff-fedau-masks", lambda p: testing.build("fedau", {}, p, part), part, system=fedbuff_system())
+    compare("fedbuff-fedau-masks", lambda p: testing.build("fedau", {}, p, part), part,
+            system=fedbuff_system())
     trace = Path(tempfile.mkdtemp()) / "trace.csv"  # clients leave and join; nobody online in [1, 2)
     trace.write_text("client,online_from,online_until\n" + "".join(
         f"{c},{0.1 * c},1\n{c},{2 + 0.2 * c},inf\n" for c in range(N)))
