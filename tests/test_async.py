@@ -44,6 +44,10 @@ def test_three_clients_by_hand_event_order_and_staleness():
     want = [(0, 2, 0, 1.5), (1, 1, 1, 2.0), (2, 0, 2, 3.0), (3, 2, 2, 3.0), (4, 1, 2, 4.0), (5, 2, 1, 4.5)]
     assert loop.asyn is not None and loop.asyn.log == want
     assert times == [1.5, 2.0, 3.0, 3.0, 4.0, 4.5]
+    # each interval's length splits by its arrival's compute share (client 0: 2/3, 1: 1/2, 2: 1/3)
+    parts = loop.clock.summary()
+    assert parts["compute_s"] + parts["comm_s"] + parts["server_s"] + parts["offline_s"] == pytest.approx(4.5)
+    assert parts["compute_s"] == pytest.approx(1.5 / 3 + 0.5 / 2 + 1.0 * 2 / 3 + 0 + 1.0 / 2 + 0.5 / 3)
     # the same by hand: each client's 2 gradient steps from the model of its start version
     h, c = problem.h, problem.c
     def delta(i, x):
@@ -68,15 +72,19 @@ def test_fedbuff_with_everyone_and_no_staleness_is_fedavg():
     problem.sizes = np.array([1, 3, 2, 5, 4])
     strat = testing.build("fedavg", {"lr": 0.05, "local_steps": 3}, problem)
     speeds = [1.0, 3.0, 2.0, 0.5, 4.0]
-    t_sync: list[float] = []
-    t_async: list[float] = []
+    h_sync: list[dict] = []
+    h_async: list[dict] = []
     sync = testing.run(strat, problem, 4, system=_system(5, None, speed=speeds, server_time=0.25),
-                       eval_every=1, on_eval=lambda m: t_sync.append(m["sim_time_s"]))
+                       eval_every=1, on_eval=h_sync.append)
     asyn = testing.run(strat, problem, 4, system=_system(5, {"concurrency": 5, "buffer": 5},
                                                             speed=speeds, server_time=0.25),
-                       eval_every=1, on_eval=lambda m: t_async.append(m["sim_time_s"]))
+                       eval_every=1, on_eval=h_async.append)
     torch.testing.assert_close(asyn.state.server["x"], sync.state.server["x"], rtol=1e-13, atol=1e-15)
+    t_sync, t_async = [m["sim_time_s"] for m in h_sync], [m["sim_time_s"] for m in h_async]
     assert t_async == pytest.approx(t_sync, rel=1e-12)
+    for a, b in zip(h_async, h_sync, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-12)
     assert t_sync == pytest.approx([(3 * 5 / 0.5 + 0.25) * r for r in (1, 2, 3, 4)])  # client 3
     assert asyn.state.bytes.per_round == sync.state.bytes.per_round
 

@@ -63,6 +63,10 @@ def test_fedbuff_starts_only_online_clients(tmp_path):
                                    **LINKS), 2, 0, 0.0)
     loop = testing.run(strat, problem, 3, participation=part, system=system)
     assert loop.asyn is not None and loop.asyn.log == [(0, 0, 0, 3.0), (1, 0, 0, 6.0), (2, 1, 1, 7.0)]
+    # nobody online until 5, nobody in flight: the clock waits (offline), then both start at 5
+    later = _trace(tmp_path, "client,online_from,online_until\n0,5,inf\n1,5,inf\n", n=2)
+    loop = testing.run(strat, problem, 2, participation=later, system=system)
+    assert loop.asyn.log == [(0, 0, 0, 8.0), (1, 1, 1, 8.0)] and loop.clock.offline == 5.0
 
 
 @pytest.mark.parametrize("text, where, what", [
