@@ -33,7 +33,8 @@ from fedsim.errors import ConfigError
 # kind -> (singular noun, the scenario key that chooses the plug-in)
 _NOUNS = {"strategies": ("strategy", "name"), "datasets": ("dataset", "dataset"),
           "compressors": ("compressor", "name"), "optimizers": ("optimizer", "name"),
-          "work": ("local work model", "kind"),
+          "work": ("local work model", "kind"), "aggregators": ("aggregator", "name"),
+          "attacks": ("attack", "kind"),
           "topologies": ("topology", "kind"),
           "partitions": ("partition", "kind"), "models": ("model", "kind"),
           "participation": ("participation pattern", "kind"), "engines": ("engine", "kind")}
@@ -190,8 +191,10 @@ _MODEL_CACHE: dict[Callable[..., Any], Any] = {}
 def nested_registry(kind: str) -> Registry:
     """The registry of plug-ins that appear as arguments of other plug-ins, by kind."""
     import strategies
+    from fedsim.robust import AGGREGATORS
 
-    return {"compressors": strategies.COMPRESSORS, "optimizers": strategies.OPTIMIZERS}[kind]
+    return {"compressors": strategies.COMPRESSORS, "optimizers": strategies.OPTIMIZERS,
+            "aggregators": AGGREGATORS}[kind]
 
 
 def _nested_kind(ann: Any) -> tuple[str, bool] | None:

@@ -14,7 +14,7 @@ from fedsim.config import TOP_KEYS, Scenario
 from fedsim.data import ClientSplits, Dataset, client_splits, label_distribution, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import StackedModel, build_model, init_params
-from fedsim.oracle import ClientData
+from fedsim.oracle import ClientData, device_inputs
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem
 from fedsim.round import plan_round
@@ -49,18 +49,17 @@ class Setup:
         on the first call; later calls share it)."""
         if self._problem is None:
             ds, sc = self.dataset, self.scenario
-            x_train = ds.features(ds.x_train)
-            data = ClientData.from_parts(x_train, ds.y_train, self.parts, self.device, self.dtype)
+            data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype,
+                                         ds.normalize)
             prob = DataProblem(
-                self.model, data,
-                torch.as_tensor(ds.features(ds.x_test), dtype=self.dtype, device=self.device),
+                self.model, data, device_inputs(ds.x_test, self.device, self.dtype),
                 torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
                 self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size,
                 nonconvex_reg=sc.model.nonconvex_reg)
             if self.splits is not None and self.splits.test is not None:
-                x, y = self.splits.test_arrays(ds)
-                x = x_train if self.splits.test_from == "train" else ds.features(x)
-                prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype)
+                x, y = self.splits.test_arrays(ds)  # stored compactly, like the training rows
+                prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype,
+                                                         ds.normalize)
             self._problem = prob
         return self._problem
 
@@ -101,6 +100,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _adversarial(strategy: Strategy, sc: Scenario, aggregator: Any, participation: Any) -> Strategy:
+    """The scenario's Byzantine clients (`attack:`, `fedsim.attacks`) around the strategy's uplink,
+    then its robust aggregator (`strategy.aggregator`, `fedsim.robust`), checked against the
+    participants per round where the pattern fixes them (full, uniform)."""
+    from fedsim.attacks import ATTACKS, with_attack
+    from fedsim.robust import fixed_participants, with_aggregator
+
+    with _located(sc.source, "attack"):
+        attack = ATTACKS.build(sc.attack.kind, sc.attack.params(), num_clients=sc.data.clients, seed=sc.seed)
+    try:
+        strategy = strategy if attack is None else with_attack(strategy, attack)
+    except ValueError as exc:
+        raise ConfigError(str(exc).partition(": ")[2], key="attack.kind", value=sc.attack.kind) from None
+    if aggregator is None:
+        return strategy
+    try:
+        strategy = with_aggregator(strategy, aggregator)
+    except ValueError as exc:
+        raise ConfigError(str(exc).partition(": ")[2], key="strategy.aggregator",
+                          value=aggregator.spec["name"]) from None
+    m = fixed_participants(sc.participation.kind, participation)
+    bad = None if m is None else aggregator.fits(m)
+    if bad is not None:
+        raise ConfigError(bad[1], key=f"strategy.aggregator.{bad[0]}", value=aggregator.spec.get(bad[0]))
+    return strategy
+
+
 def build_setup(sc: Scenario) -> Setup:
     """Data, partition, model, strategy, participation and topology of scenario `sc`."""
     from strategies import STRATEGIES
@@ -134,6 +160,10 @@ def build_setup(sc: Scenario) -> Setup:
                               p_nominal=getattr(participation, "p_nominal", None))
     if sc.strategy.name == "flower":  # a Flower strategy object on the server: fedsim.flower.plugin
         from fedsim.flower.plugin import client_strategy
+        if sc.attack.kind != "none":
+            raise ConfigError("attacks apply to fedsim's own server strategies", file=sc.source,
+                              key="attack.kind", value=sc.attack.kind,
+                              allowed="none with strategy.name: flower")
         with _located(sc.source, "strategy"):
             strategy = client_strategy(sc)
         cfg = sc.system
@@ -153,6 +183,8 @@ def build_setup(sc: Scenario) -> Setup:
         params = sc.strategy.params()
         uplink = None if "compressor" in STRATEGIES.params(sc.strategy.name) \
             else params.pop("compressor", None)
+        aggregator = None if "aggregator" in STRATEGIES.params(sc.strategy.name) \
+            else params.pop("aggregator", None)
         strategy = STRATEGIES.build(sc.strategy.name, params, runtime=runtime)
         if uplink is not None:
             try:
@@ -162,6 +194,7 @@ def build_setup(sc: Scenario) -> Setup:
         if strategy.comm == "mix" and sc.participation.kind != "full":
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")
+        strategy = _adversarial(strategy, sc, aggregator, participation)
     work = None
     if sc.work.kind != "strategy":
         if not strategy.trains_locally:
@@ -195,10 +228,14 @@ def build_system(sc: Scenario, strategy: Strategy, n: int, make: Any, ds: Datase
                 raise ConfigError("gossip nodes all take part every round: stragglers, all-reduce "
                                   "networks and asynchrony apply to server strategies",
                                   key=f"system.{key}", value=getattr(cfg, key), allowed="the default")
-    if cfg.asynchrony is not None and strategy.staleness:
-        raise ConfigError("the strategy's own stale reduction does not combine with asynchronous "
-                          "aggregation", file=sc.source, key="system.asynchrony",
-                          value=f"staleness {strategy.staleness}", allowed="a strategy with staleness 0")
+    if cfg.asynchrony is not None:
+        from fedsim.engines.async_loop import check_async
+        try:
+            check_async(strategy)
+        except ValueError as exc:
+            key, _, msg = str(exc).partition(": ")
+            raise ConfigError(msg, file=sc.source, key=key, value=cfg.asynchrony.model_dump(),
+                              allowed="a server strategy without staleness or robust aggregation") from None
 
     def fps() -> float:  # measured on first use: building a scenario never runs the model
         rows = np.concatenate(parts)[: max(1, sc.strategy.batch_size or 32)] if parts else np.zeros(0, int)

@@ -13,8 +13,8 @@ from torch import nn
 
 class Flaky(nn.Module):
     """Logistic regression; `fail` decides its forward: never | error | interrupt | sigterm (to
-    itself) | sigterm-once (to itself, once per marker file) | sigint-parent | sigterm-parent (to the process that started it, then it waits to
-    be interrupted in turn)."""
+    itself) | sigterm-once (to itself, once per marker file) | sigint-parent | sigterm-parent (to
+    the process that started it, then it waits to be interrupted in turn)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, fail: str = "never") -> None:
         super().__init__()

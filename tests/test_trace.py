@@ -94,12 +94,15 @@ def test_bad_trace_or_missing_file_exits_2_from_the_cli(tmp_path, capsys):
         assert code == 2 and expect in err and "Traceback" not in err, err
 
 
-def test_async_on_gossip_or_flower_exits_2_naming_the_key(tmp_path, capsys):
+def test_async_on_gossip_flower_robust_or_stale_exits_2_naming_the_key(tmp_path, capsys):
     asyn = {"asynchrony": {"concurrency": 2}}
     gossip = small_scenario(strategy={"name": "gossip", "lr": 0.1}, participation={"kind": "full"},
                             topology={"kind": "ring"}, system=asyn)
     flower = small_scenario(system=asyn, engine={"kind": "flower"})
-    for body, expect in ((gossip, "system.asynchrony"), (flower, "system.asynchrony")):
+    robust = small_scenario(strategy={"aggregator": {"name": "median"}}, system=asyn)
+    stale = small_scenario(strategy={"name": "co2", "tau": 2, "lr": 0.1, "batch_size": 8}, system=asyn)
+    for body, expect in ((gossip, "system.asynchrony"), (flower, "system.asynchrony"),
+                         (robust, "system.asynchrony"), (stale, "system.asynchrony")):
         path = write_scenario(tmp_path, body)
         code, _, err = run_cli(["run", path, "--quiet", "--out", str(tmp_path / "runs")], capsys)
         assert code == 2 and expect in err and "Traceback" not in err, err

@@ -36,6 +36,9 @@ def check_async(strategy: Strategy) -> None:
     if strategy.staleness:
         raise ValueError("system.asynchrony: the strategy's own stale reduction (staleness "
                          f"{strategy.staleness}) does not combine with asynchronous aggregation")
+    if getattr(strategy, "aggregate", None) is not None:
+        raise ValueError("system.asynchrony: a robust aggregator over gathered rows does not "
+                         "combine with buffered asynchronous aggregation")
 
 
 class AsyncRounds:
