@@ -3,6 +3,7 @@
     python benchmarks/engine_probe.py w3 benchmarks/scenarios/w3_ring.yaml [--set K=V ...] [--threads 1]
     python benchmarks/engine_probe.py w4 benchmarks/scenarios/w4.yaml [--threads 1]
     python benchmarks/engine_probe.py w5 benchmarks/scenarios/w5.yaml [--threads 1]
+    python benchmarks/engine_probe.py system benchmarks/scenarios/w1.yaml [--threads 1]
 
 Builds the scenario exactly as the multiplex engine does (`RoundLoop.from_setup`) and prints
 one JSON line.
@@ -15,6 +16,9 @@ one JSON line.
   w5: the scenario as written and the same with `compressor: {name: identity}`, built side by
       side in this process and stepped alternately (so background load hits both alike):
       median seconds of one round of each and their difference (the compression cost).
+  system: the scenario without and with the simulated system (`run.SYSTEM_SETS`), stepped
+      alternately (issue 11): median seconds of one round of each, their ratio, and the median
+      seconds per round inside the clock's own calls (plan_round, record_times, flush).
 """
 
 from __future__ import annotations
@@ -96,16 +100,56 @@ def w5(path: str, sets: list[str], rounds: int = 200) -> dict:
             "bytes_up_identity": loops["identity"].state.bytes.up}
 
 
+def system(path: str, sets: list[str], rounds: int = 40) -> dict:
+    """The scenario without and with the simulated system (`run.SYSTEM_SETS`), side by side:
+    median seconds of one round (`step` + `flush`, the clock's share included) of each."""
+    from run import SYSTEM_SETS
+
+    from fedsim import round as kernel
+
+    loops = {"plain": build(path, [*sets, f"rounds={rounds + 1}"])[1],
+             "system": build(path, [*sets, f"rounds={rounds + 1}", *SYSTEM_SETS])[1]}
+    spent = [0.0]  # seconds inside the clock's kernel calls (planning, recording) this round
+
+    def timed(fn):
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return run
+    kernel.plan_round, kernel.record_times = timed(kernel.plan_round), timed(kernel.record_times)
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    clock: dict[str, list[float]] = {k: [] for k in loops}
+    for t in range(rounds + 1):
+        for k, loop in (loops.items() if t % 2 else reversed(loops.items())):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            loop.step(t)
+            t1 = time.perf_counter()
+            loop.flush()
+            if t:  # round 0 is warm-up
+                times[k].append(time.perf_counter() - t0)
+                clock[k].append(spent[0] + time.perf_counter() - t1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    own = {k: statistics.median(v) for k, v in clock.items()}
+    return {"rounds_timed": rounds, "round_s_plain": med["plain"], "round_s_system": med["system"],
+            "ratio": med["system"] / med["plain"], "clock_s_plain": own["plain"],
+            "clock_s_system": own["system"], "clock_share_system": own["system"] / med["system"],
+            "sim_time_s": loops["system"].clock.now}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["w3", "w4", "w5"])
+    p.add_argument("what", choices=["w3", "w4", "w5", "system"])
     p.add_argument("scenario")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = {"w3": w3, "w4": w4, "w5": w5}[args.what](args.scenario, args.set)
+    res = {"w3": w3, "w4": w4, "w5": w5, "system": system}[args.what](args.scenario, args.set)
     print(json.dumps({"probe": args.what, "threads": torch.get_num_threads(), **res}), flush=True)
     return 0
 

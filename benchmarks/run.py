@@ -17,7 +17,8 @@ tables show medians. Measured per run:
                 launchers the largest single process they waited for, not the sum)
   tree MB       multi-process implementations only: peak of the summed RSS of the process tree,
                 sampled every 0.2 s (shared library pages counted once per process: an upper bound)
-Implementations (W1, W2): fedsim engines multiplex / flower (in-process grid, multiplexed nodes;
+Implementations (W1, W2): fedsim engines multiplex (and multiplex-system: the same with the
+whole `system:` model on, SYSTEM_SETS) / flower (in-process grid, multiplexed nodes;
 and `multiplex: false`, one ClientApp call per message) / mpi (2 ranks);
 floor and loop (benchmarks/baselines.py); flower = plain Flower 1.42 FedAvg app on Ray
 (benchmarks/flower_plain.py); W2 also pfl 0.6 in 1 and 2 processes (benchmarks/pfl_w2.py, in
@@ -112,6 +113,14 @@ def mpi_launcher(ranks: int) -> list[str]:
         return [str(BIN / "mpiexec"), *flags, "-n", str(ranks)]
 
 
+# the simulated system switched on (issue 11) with the same work as without: heavy-tailed speeds
+# with per-round jitter, per-client links and a deadline every client meets (so every round is
+# planned, and nobody is dropped: dropout / over-selection would train fewer clients)
+SYSTEM_SETS = ["system.speed={kind: lognormal, median: 1.0e9, sigma: 0.5}", "system.jitter=0.2",
+               "system.uplink.bandwidth={kind: uniform, low: 1.0e6, high: 1.0e7}",
+               "system.deadline.seconds=1.0e6", "system.server_time=0.01"]
+
+
 def fedsim_cmd(scenario: str, threads: int, out: str, sets: list[str] = ()) -> list[str]:
     cmd = [str(BIN / "fedsim"), "run", str(SCEN / scenario), "--quiet", "--out", out,
            "--set", f"engine.threads={threads}"]
@@ -147,6 +156,7 @@ def plan(workloads: list[str], threads: int, quick: bool, out: str) -> list[dict
         if w not in workloads:
             continue
         add(w, "fedsim-multiplex", fedsim_cmd(f"{w}.yaml", threads, out), parse_fedsim)
+        add(w, "fedsim-multiplex-system", fedsim_cmd(f"{w}.yaml", threads, out, SYSTEM_SETS), parse_fedsim)
         add(w, "fedsim-flower-inprocess",
             fedsim_cmd(f"{w}.yaml", threads, out, ["engine.kind=flower"]), parse_fedsim)
         add(w, "fedsim-flower-per-message",

@@ -65,6 +65,32 @@ class DeadlineCfg(_Frozen):
     policy: Literal["drop", "partial"] = "drop"  # drop late clients, or cap their local steps
 
 
+class StalenessCfg(_Frozen):
+    """Staleness weight s(tau) of an update tau server versions old (Xie et al. 2019, sec. 5.2):
+    polynomial (1 + tau)^-a (a = 0.5: FedBuff's 1 / sqrt(1 + tau)); hinge 1 for tau <= b, else
+    1 / (a (tau - b) + 1); constant 1."""
+
+    kind: Literal["polynomial", "hinge", "constant"] = "polynomial"
+    a: float = Field(0.5, ge=0)
+    b: int = Field(0, ge=0)
+
+
+class AsyncCfg(_Frozen):
+    """Buffered asynchronous aggregation (FedBuff, Nguyen et al., AISTATS 2022; FedAsync, Xie et
+    al. 2019, as buffer = 1): `concurrency` clients train at once, the server updates once
+    `buffer` updates have arrived, each weighted by s(staleness)."""
+
+    concurrency: int = Field(gt=0)
+    buffer: int = Field(1, gt=0)
+    staleness: StalenessCfg = StalenessCfg()
+
+    @model_validator(mode="after")
+    def _fits(self) -> AsyncCfg:
+        if self.buffer > self.concurrency:
+            raise ValueError(f"buffer ({self.buffer}) must be <= concurrency ({self.concurrency})")
+        return self
+
+
 class SystemCfg(_Frozen):
     speed: Positive = 1.0e10                      # FLOP/s per client (or samples/s, speed_unit)
     speed_unit: Literal["flops", "samples"] = "flops"
@@ -78,7 +104,18 @@ class SystemCfg(_Frozen):
     deadline: DeadlineCfg | None = None
     dropout: float = Field(0.0, ge=0, lt=1)       # probability a selected client fails a round
     over_selection: float = Field(1.0, ge=1)      # keep the 1/f fastest of the selected clients
+    asynchrony: AsyncCfg | None = None            # FedBuff / FedAsync instead of synchronous rounds
+
+    @model_validator(mode="after")
+    def _async_alone(self) -> SystemCfg:
+        if self.asynchrony is None:
+            return self
+        for key, on in (("deadline", self.deadline is not None), ("dropout", self.dropout > 0),
+                        ("over_selection", self.over_selection > 1), ("network", self.network != "star")):
+            if on:
+                raise ValueError(f"{key}: synchronous-round setting; with asynchrony leave it at the default")
+        return self
 
 
-__all__ = ["SystemCfg", "LinkCfg", "CollectiveCfg", "DeadlineCfg", "LognormalCfg", "UniformCfg",
-           "Positive", "NonNegative"]
+__all__ = ["SystemCfg", "AsyncCfg", "StalenessCfg", "LinkCfg", "CollectiveCfg", "DeadlineCfg",
+           "LognormalCfg", "UniformCfg", "Positive", "NonNegative"]

@@ -25,7 +25,7 @@ from fedsim.constraints import Fraction, PositiveInt
 from fedsim.errors import ConfigError
 from fedsim.registry import Registry
 
-PARTICIPATION = Registry("participation", builtins=("fedsim.participation",),
+PARTICIPATION = Registry("participation", builtins=("fedsim.participation", "fedsim.participation_trace"),
                          reserved=("num_clients", "seed", "label_dist"))
 
 _TAG_P, _TAG_INIT, _TAG_MULT = -1, -2, -3   # per-client streams; rounds are >= 0

@@ -4,9 +4,10 @@ Engines differ only in how blocks of clients are executed and how sums travel (`
 everything a round *means* lives here and is called by the multiplex / MPI loop
 (`fedsim.engines.loop`) and by the Flower adapter (`fedsim.flower.adapter`, `fedsim.flower.client`):
 
-* `participants`: who takes part in round t (gossip: every node);
+* `participants`: who takes part in round t (gossip: every node; traces: who is online);
 * `plan_round` / `block_steps`: the simulated system's dropouts, over-selection and deadlines,
   and each client's local-step budget (heterogeneous work, deadline caps);
+* `async_durations`: planned seconds of asynchronous clients (`fedsim.asynchrony`, FedBuff);
 * `make_ctx`: the only constructor of a `RoundCtx` (default weights n_i / sum_S n_j);
 * `client_step`: a block's local work (through a sample-counting oracle), its training loss,
   its uplink bytes and the samples its gradients touched;
@@ -34,7 +35,7 @@ import torch
 
 from fedsim.client_metrics import client_metrics, client_test_sums
 from fedsim.comm import weighted_sum
-from fedsim.system import Plan, RoundRecord, SystemModel
+from fedsim.system import Clock, Plan, RoundRecord, SystemModel
 from fedsim.types import Oracle, Participation, Pending, RoundCtx, Strategy, Topology, Tree
 from fedsim.work import LocalWork, budget_tensor
 
@@ -42,11 +43,29 @@ from fedsim.work import LocalWork, budget_tensor
 
 
 def participants(strategy: Strategy, participation: Participation | None, t: int,
-                 num_clients: int) -> np.ndarray:
-    """[N] bool: the participants of round t (gossip strategies: every node, every round)."""
+                 num_clients: int, clock: Clock | None = None) -> np.ndarray:
+    """[N] bool: the participants of round t (gossip strategies: every node, every round).
+
+    A clock-driven pattern (an availability trace, `fedsim.participation_trace`) gives the
+    clients online at `clock.now`; if nobody is, the clock waits for the next one to come online.
+    """
     if strategy.comm == "mix" or participation is None:
         return np.ones(num_clients, dtype=bool)
-    return np.asarray(participation.mask(t), dtype=bool)
+    online = getattr(participation, "online", None)
+    if online is None:
+        return np.asarray(participation.mask(t), dtype=bool)
+    now = clock.now if clock is not None else 0.0
+    mask = np.asarray(online(now), dtype=bool)
+    nxt = None if mask.any() or clock is None else participation.next_online(now)  # type: ignore[attr-defined]
+    if nxt is not None:
+        clock.wait(nxt - now)  # type: ignore[union-attr]
+        mask = np.asarray(online(nxt), dtype=bool)
+    return mask
+
+
+def clock_driven(participation: Participation | None) -> bool:
+    """Whether the pattern reads the simulated clock (so the clock must be current each round)."""
+    return bool(getattr(participation, "clock_driven", False))
 
 
 def plan_round(strategy: Strategy, system: SystemModel, work: LocalWork | None, t: int,
@@ -60,13 +79,31 @@ def plan_round(strategy: Strategy, system: SystemModel, work: LocalWork | None, 
     """
     if strategy.comm == "mix":
         return Plan(mask, None)
+    steps, step_samples = planned_work(strategy, work, t, sizes, batch_size)
+    return system.plan(t, mask, steps, step_samples, broadcast_bytes(strategy, server),
+                       dense_row_bytes(strategy, server, num_params))
+
+
+def planned_work(strategy: Strategy, work: LocalWork | None, t: int, sizes: np.ndarray,
+                 batch_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """([N] planned local steps, [N] samples of one step) in round t (see `plan_round`)."""
     n = len(sizes)
     steps = work.steps(t, np.arange(n)) if work is not None else None
     if steps is None:
         steps = np.full(n, strategy.local_steps or 1, dtype=np.int64)
     step_samples = np.full(n, float(batch_size)) if batch_size else sizes.astype(np.float64)
-    return system.plan(t, mask, steps, step_samples, broadcast_bytes(strategy, server),
-                       dense_row_bytes(strategy, server, num_params))
+    return steps, step_samples
+
+
+def async_durations(strategy: Strategy, system: SystemModel, work: LocalWork | None, t: int,
+                    ids: np.ndarray, sizes: np.ndarray, batch_size: int | None, server: Tree,
+                    num_params: int) -> tuple[np.ndarray, np.ndarray]:
+    """Planned (compute [m], download + upload [m]) seconds of clients `ids` starting from model
+    version t (asynchronous aggregation, `fedsim.asynchrony`): the same on every process."""
+    steps, step_samples = planned_work(strategy, work, t, sizes, batch_size)
+    compute = system.compute_seconds(t, ids, steps[ids] * step_samples[ids])
+    up = np.full(len(ids), dense_row_bytes(strategy, server, num_params))
+    return compute, system.down_seconds(ids, broadcast_bytes(strategy, server)) + system.up_seconds(ids, up)
 
 
 def block_steps(plan: Plan, work: LocalWork | None, strategy: Strategy, t: int,

@@ -168,7 +168,8 @@ def build_setup(sc: Scenario) -> Setup:
             strategy = client_strategy(sc)
         cfg = sc.system
         for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
-                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star")):
+                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star"),
+                        ("asynchrony", cfg.asynchrony is not None)):
             if on:
                 raise ConfigError("a Flower strategy samples its clients itself: fedsim's straggler "
                                   "model does not apply", file=sc.source, key=f"system.{key}",
@@ -221,11 +222,21 @@ def build_system(sc: Scenario, strategy: Strategy, n: int, make: Any, ds: Datase
     cfg = sc.system
     if strategy.comm == "mix":
         for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
-                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star")):
+                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star"),
+                        ("asynchrony", cfg.asynchrony is not None)):
             if on:
-                raise ConfigError("gossip nodes all take part every round: stragglers and "
-                                  "all-reduce networks apply to server strategies",
+                raise ConfigError("gossip nodes all take part every round: stragglers, all-reduce "
+                                  "networks and asynchrony apply to server strategies",
                                   key=f"system.{key}", value=getattr(cfg, key), allowed="the default")
+    if cfg.asynchrony is not None:
+        from fedsim.engines.async_loop import check_async
+        try:
+            check_async(strategy)
+        except ValueError as exc:
+            key, _, msg = str(exc).partition(": ")
+            raise ConfigError(msg, file=sc.source, key=key, value=cfg.asynchrony.model_dump(),
+                              allowed="a server strategy without staleness or robust aggregation") from None
+
     def fps() -> float:  # measured on first use: building a scenario never runs the model
         rows = np.concatenate(parts)[: max(1, sc.strategy.batch_size or 32)] if parts else np.zeros(0, int)
         if not rows.size:

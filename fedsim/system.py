@@ -94,6 +94,7 @@ class SystemModel:
         self.edge_bw = draw(cfg.edges.bandwidth, "edge_bw", "edges.bandwidth")
         self.edge_lat = draw(cfg.edges.latency, "edge_lat", "edges.latency")
         self._cost = flops_per_sample if cfg.speed_unit == "flops" else 1.0
+        self._jitter_round, self._jitter = -1, self.speed
 
     @property
     def cost(self) -> float:
@@ -104,11 +105,15 @@ class SystemModel:
 
     # ---- the parts of a round --------------------------------------------------------------
     def speeds(self, t: int, ids: np.ndarray) -> np.ndarray:
-        """Speeds of `ids` in round t (with the per-round lognormal jitter, keyed by round)."""
-        s = self.speed[ids]
-        if self.cfg.jitter:
-            s = s * np.exp(self.cfg.jitter * _normal(self.seed, ids, _JITTER, t))
-        return s
+        """Speeds of `ids` in round t (with the per-round lognormal jitter, keyed by round; the
+        factors of all N clients are drawn once per round, as planning and the clock both ask)."""
+        if not self.cfg.jitter:
+            return self.speed[ids]
+        if self._jitter_round != t:
+            every = np.arange(self.n)
+            self._jitter = self.speed * np.exp(self.cfg.jitter * _normal(self.seed, every, _JITTER, t))
+            self._jitter_round = t
+        return self._jitter[ids]
 
     def compute_seconds(self, t: int, ids: np.ndarray, samples: np.ndarray) -> np.ndarray:
         return np.asarray(samples, dtype=np.float64) * self.cost / self.speeds(t, ids)
@@ -214,6 +219,7 @@ class Clock:
     idle: float = 0.0          # participants' waiting for the slowest, summed
     participations: float = 0.0
     pending: float = 0.0       # communication still in flight (overlapped with the next round)
+    offline: float = 0.0       # waiting for a client to come online (availability traces)
     history: list[float] = field(default_factory=list)
 
     def advance(self, system: SystemModel, maxima: list[float], sums: list[float], *, overlap: bool,
@@ -245,10 +251,30 @@ class Clock:
         self.history.append(dt)
         return dt
 
+    def wait(self, seconds: float) -> None:
+        """Nobody can work for `seconds` (no client online): time passes, counted as offline."""
+        self.now += seconds
+        self.offline += seconds
+
+    def interval(self, now: float, compute_share: float, server: float, count: int,
+                 offline: float = 0.0) -> None:
+        """Asynchronous aggregation: the clock moves to `now` (after a server update of `server`
+        seconds); the rest since the last update, but `offline` waiting, is split into compute
+        and communication by `compute_share` (the arrivals' planned compute / their total)."""
+        busy = now - self.now - server - offline
+        self.offline += offline
+        self.compute += busy * compute_share
+        self.comm += busy * (1.0 - compute_share)
+        self.server += server
+        self.participations += count
+        self.history.append(now - self.now)
+        self.now = now
+
     def summary(self) -> dict[str, float]:
         mean_idle = self.idle / self.participations if self.participations else 0.0
         return {"time_s": self.now, "compute_s": self.compute, "comm_s": self.comm,
-                "server_s": self.server, "idle_client_s_mean": max(mean_idle, 0.0)}
+                "server_s": self.server, "offline_s": self.offline,
+                "idle_client_s_mean": max(mean_idle, 0.0)}
 
 
 def flops_per_sample(module: Any, x: Any, y: Any) -> float:

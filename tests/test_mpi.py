@@ -142,8 +142,9 @@ def test_loop_matches_in_process_for_every_strategy(ranks, launches):
     (2, 2, 3)), with rounds where only the last rank, nobody, or only rank 0 takes part; a stale
     (Iallreduce) reduction; gossip with two operators on a ring (2 halo rows per rank and round)
     and a random graph; robust aggregators (median, trimmed mean, Krum) under Byzantine clients and
-    DP-FedAvg with noise and an adaptive clip. (tests/mpi_scripts/loop_check.py, run at the end of
-    the launch.)"""
+    DP-FedAvg with noise and an adaptive clip; FedBuff (asynchronous aggregation) with SCAFFOLD and
+    FedAU; an availability trace (the clock read every round). (tests/mpi_scripts/loop_check.py,
+    run at the end of the launch.)"""
     # Execute
     res, _ = launches(ranks)
     # Assert: every case reported ok (the script aborts the job on any mismatch or exception)
@@ -151,7 +152,8 @@ def test_loop_matches_in_process_for_every_strategy(ranks, launches):
     for case in ("fedavg-stale1-masks", "scaffold-uneven-work-masks", "two-key-gossip-ring",
                  "ring-halo", "two-key-gossip-random", "fedavg-median-signflip-masks",
                  "scaffold-trimmed-random-masks", "fedavg-krum-signflip-full",
-                 "dp-fedavg-adaptive-noise-masks"):
+                 "dp-fedavg-adaptive-noise-masks", "fedbuff-scaffold", "fedbuff-fedau-masks",
+                 "fedavg-trace"):
         assert f"ok {case}" in res.stdout
     for name in _registered():
         assert f"ok {name}-masks" in res.stdout or f"ok {name}-ring" in res.stdout, (name, res.stdout)

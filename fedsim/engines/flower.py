@@ -54,7 +54,14 @@ class FlowerEngine:
 
     def prepare(self, setup: Any) -> None:
         """Place the data on the device (shared by the in-process nodes and the server's
-        evaluation), as the multiplex engine's `prepare` does: set-up, not round time."""
+        evaluation), as the multiplex engine's `prepare` does: set-up, not round time.
+        Asynchronous aggregation (``system.asynchrony``) is refused: Flower's rounds are synchronous."""
+        if setup.scenario.system.asynchrony is not None:
+            from fedsim.errors import ConfigError
+
+            raise ConfigError("the flower engine runs synchronous rounds only", file=setup.scenario.source,
+                              key="system.asynchrony", value=setup.scenario.system.asynchrony.model_dump(),
+                              allowed="the multiplex or mpi engine (or no asynchrony)")
         if self.threads:
             import torch
 

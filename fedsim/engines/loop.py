@@ -22,6 +22,7 @@ from fedsim import checkpoint as ckpt
 from fedsim import round as kernel
 from fedsim.comm import LocalComm, Ready, add_into
 from fedsim.config_system import SystemCfg
+from fedsim.engines.async_loop import AsyncRounds
 from fedsim.problem import Problem
 from fedsim.setup import Setup
 from fedsim.store import ClientStore
@@ -64,7 +65,8 @@ class RoundLoop:
       chunk_size: max clients per stacked computation (None: all at once).
       on_eval: called with the metrics line after each evaluation.
       work: heterogeneous local work (None: the strategy's own local steps).
-      system: the simulated system (speeds, links, stragglers; None: the default profile).
+      system: the simulated system (speeds, links, stragglers; None: the default profile); with
+        `system.asynchrony` the rounds are FedBuff server updates (`fedsim.engines.async_loop`).
 
     Rank 0 of `comm` evaluates the global model on the test set; every rank takes part in the
     collectives of an evaluation (train loss, bytes, gossip metrics).
@@ -100,6 +102,7 @@ class RoundLoop:
         self._round_bytes: list[tuple[int, int]] = []
         self._round_times: list[RoundRecord] = []
         self.stale_tail: list[Tree] = []
+        self.asyn = AsyncRounds(self, self.system.cfg.asynchrony) if self.system.cfg.asynchrony else None
 
     @classmethod
     def from_setup(cls, setup: Setup, memory_mb: int | None = None, **kw: Any) -> RoundLoop:
@@ -129,8 +132,13 @@ class RoundLoop:
 
     # ---- one round -----------------------------------------------------------------------
     def step(self, t: int) -> None:
+        if self.asyn is not None:  # FedBuff / FedAsync: the interval up to server update t
+            self.asyn.step(t)
+            return
         s, strat = self.state, self.strategy
-        selected = kernel.participants(strat, self.participation, t, self.num_clients)
+        if kernel.clock_driven(self.participation):
+            self.flush()  # an availability trace reads the clock at the round's start
+        selected = kernel.participants(strat, self.participation, t, self.num_clients, self.clock)
         plan = kernel.plan_round(strat, self.system, self.work, t, selected, self.sizes_np,
                                  self.problem.batch_size, s.server, self.problem.num_params)
         mask_np = plan.mask
@@ -234,8 +242,9 @@ class RoundLoop:
         collective = self.strategy.comm == "reduce" and self.system.cfg.network == "allreduce"
         for row, mx in zip(sums.tolist(), maxima.tolist(), strict=True):
             self.state.bytes.add(int(row[0]), int(row[1]))
-            self.clock.advance(self.system, mx, row[2:], overlap=self.strategy.staleness > 0,
-                               collective=collective)
+            if self.asyn is None:  # asynchronous rounds move the clock themselves
+                self.clock.advance(self.system, mx, row[2:], overlap=self.strategy.staleness > 0,
+                                   collective=collective)
         self._round_bytes, self._round_times = [], []
 
     # ---- evaluation ----------------------------------------------------------------------
@@ -334,11 +343,14 @@ class RoundLoop:
         s.stale.queue, self.stale_tail = [Ready(tree) for tree in stale], []
         ids, rows = s.store.rows()
         ckpt.write_part(control.folder, s.round, f"clients-{comm.rank:05d}.pt",
-                        ckpt.clients_payload(ids, rows, self.train_loss, comm.rank, comm.size))
+                        {**ckpt.clients_payload(ids, rows, self.train_loss, comm.rank, comm.size),
+                         "async_rows": self.asyn.rows_state() if self.asyn else None})
         comm.allgather(None)  # every part is written
         if comm.rank == 0:
+            schedule = self.asyn.schedule.state() if self.asyn else None
             ckpt.write_part(control.folder, s.round, "state.pt",
-                            ckpt.state_payload(control, s.round, s.server, stale, s.bytes, self.clock))
+                            ckpt.state_payload(control, s.round, s.server, stale, s.bytes, self.clock,
+                                               **{"async": schedule}))
             ckpt.commit(control.folder, s.round)
         comm.allgather(None)  # published before anyone goes on (or exits)
 
@@ -349,6 +361,8 @@ class RoundLoop:
         s.stale.queue = [Ready(tree) for tree in got.stale]
         s.store.load(*got.rows(self.owned))
         self.train_loss = got.train_loss(self.comm.rank, self.comm.size)
+        if self.asyn is not None:  # FedBuff: the schedule (global) and the trained rows not yet applied
+            self.asyn.load(got.state["async"], [p["async_rows"] for p in got.parts])
 
     def finish(self) -> None:
         """Complete what is in flight: the stale tail of reductions and the byte counts."""

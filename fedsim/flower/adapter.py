@@ -182,7 +182,7 @@ class FlowerAdapter(FlowerStrategy):
     def _plan(self, t: int) -> Plan:
         """Round t's kept participants and step caps (computed once per round)."""
         if self._plans.get(t) is None:
-            selected = kernel.participants(self.strategy, self.setup.participation, t, self.n)
+            selected = kernel.participants(self.strategy, self.setup.participation, t, self.n, self.clock)
             self._plans = {t: kernel.plan_round(self.strategy, self.system, self.setup.work, t,
                                                 selected, self.setup.sizes, self.problem.batch_size,
                                                 self.server, self.problem.num_params)}

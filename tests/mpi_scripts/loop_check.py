@@ -6,14 +6,17 @@ the last rank, nobody, or only rank 0 takes part (partial None, signature agreem
 collective); a one-step-stale reduction (the Iallreduce overlap); gossip with two mixing
 operators on a ring and a random graph (neighbour exchange, halo size); robust aggregation under
 Byzantine clients (the rows allgathered in rank order) and DP-FedAvg's keyed noise and adaptive
-clip; then every registered strategy. Prints "ok <case>" on rank 0; any mismatch or exception
-prints the reason and aborts the job (exit 1): nothing is skipped.
+clip; FedBuff (asynchronous aggregation: the global schedule, per-rank training of starters,
+buffered rows); an availability trace; then every registered strategy. Prints "ok <case>" on rank
+0; any mismatch or exception prints the reason and aborts the job (exit 1): nothing is skipped.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -23,9 +26,12 @@ from mpi4py import MPI
 from fedsim import testing
 from fedsim.attacks import ATTACKS, with_attack
 from fedsim.comm.mpi import MPIComm
+from fedsim.config_system import SystemCfg
 from fedsim.engines.loop import RoundLoop
 from fedsim.engines.mpi import model_fingerprint
+from fedsim.participation import build_participation
 from fedsim.robust import AGGREGATORS, with_aggregator
+from fedsim.system import SystemModel
 from fedsim.types import Strategy
 from fedsim.work import WORK
 from strategies import STRATEGIES
@@ -72,16 +78,23 @@ def fail(msg: str) -> None:
     WORLD.Abort(1)
 
 
-def compare(name: str, make, participation=None, topology=None, work=None) -> RoundLoop:
+def fedbuff_system() -> SystemModel:
+    """FedBuff, C = 4 of 7, K = 2, heavy-tailed speeds with jitter (stale updates happen)."""
+    cfg = SystemCfg(speed={"kind": "lognormal", "median": 1.0, "sigma": 1.0}, speed_unit="samples",
+                    jitter=0.2, asynchrony={"concurrency": 4, "buffer": 2})
+    return SystemModel(cfg, N, 0, 0.0)
+
+
+def compare(name: str, make, participation=None, topology=None, work=None, system=None) -> RoundLoop:
     problem = testing.heterogeneous_quadratic(N, DIM, seed=1)
     x0 = torch.linspace(-1, 1, DIM, dtype=torch.float64)
     ref = testing.run(make(problem), problem, ROUNDS, x0=x0, participation=participation,
-                      topology=topology, eval_every=2, work=work)
+                      topology=topology, eval_every=2, work=work, system=system)
     comm = MPIComm(WORLD.Dup(), N)
     hist = []
     loop = RoundLoop(make(problem), problem, x0, rounds=ROUNDS, seed=0, participation=participation,
                      topology=topology, comm=comm, owned=comm.owned(), eval_every=2,
-                     on_eval=hist.append, chunk_size=2, work=work)
+                     on_eval=hist.append, chunk_size=2, work=work, system=system)
     loop.run()
     mine = torch.as_tensor(comm.owned())
     if loop.strategy.comm == "reduce":
@@ -94,7 +107,7 @@ def compare(name: str, make, participation=None, topology=None, work=None) -> Ro
     if WORLD.rank == 0:
         ref_hist = []
         testing.run(make(problem), problem, ROUNDS, x0=x0, participation=participation, topology=topology,
-                    eval_every=2, on_eval=ref_hist.append, work=work)
+                    eval_every=2, on_eval=ref_hist.append, work=work, system=system)
         for a, b in zip(hist, ref_hist, strict=True):
             for k in ("train_loss", "test_loss", "bytes_up", "bytes_down", "consensus_distance",
                       "sim_time_s", "dp_epsilon", "dp_clip"):
@@ -134,6 +147,17 @@ def main() -> None:
                         batch_size=None)
     compare("scaffold-uneven-work-masks", lambda p: testing.build("scaffold", {}, p), part, work=uneven)
     robust_cases(part)
+    compare("fedbuff-scaffold", lambda p: testing.build("scaffold", {"local_steps": 3}, p),
+            system=fedbuff_system())
+    compare("fedbuff-fedau-masks", lambda p: testing.build("fedau", {}, p, part), part,
+            system=fedbuff_system())
+    trace = Path(tempfile.mkdtemp()) / "trace.csv"  # clients leave and join; nobody online in [1, 2)
+    trace.write_text("client,online_from,online_until\n" + "".join(
+        f"{c},{0.1 * c},1\n{c},{2 + 0.2 * c},inf\n" for c in range(N)))
+    timed = SystemModel(SystemCfg(speed=[1.0 + c for c in range(N)], speed_unit="samples"), N, 0, 0.0)
+    compare("fedavg-trace", lambda p: testing.build("fedavg", {"local_steps": 2}, p),
+            build_participation("trace", {"file": str(trace)}, num_clients=N, seed=0, label_dist=None),
+            system=timed)
     ring = graph_topology(nx.cycle_graph(N))
     loop = compare("two-key-gossip-ring", lambda p: two_key_gossip(), topology=ring)
     want_halo = 0 if WORLD.size == 1 else 2  # a ring slice reads one row from each side
