@@ -329,7 +329,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_round_and_resumes(tmp_path)
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
     (run,) = out.glob("*.partial")
-    pids = _rank_pids("long-sigterm.yaml")
+    pids = _rank_pids(path)  # this test's own scenario path: other runs of the test do not match
     assert len(pids) == 2, subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True,
                                           text=True).stdout
     # Execute: SIGTERM to one rank, then resume on 3 ranks
