@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fedsim.errors import ConfigError, RunInterrupted
+from fedsim.errors import ConfigError, RunDiverged, RunInterrupted
 
 LISTABLE = ("strategies", "topologies", "datasets", "partitions", "models", "participation",
             "engines", "compressors", "optimizers", "work")
@@ -73,10 +73,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenario
+    from fedsim.engines import ENGINES
     from fedsim.setup import build_setup
 
     sc = load_scenario(args.scenario, args.set)
-    setup = build_setup(sc)
+    setup = build_setup(sc)  # everything `run` builds except the training:
+    ENGINES.build(sc.engine.kind, sc.engine.params()).prepare(setup)  # data placed, engine checks
     print(f"ok: {args.scenario}: {sc.strategy.name} on {sc.data.dataset} "
           f"({setup.num_clients} clients, {setup.model.spec.size} parameters, {sc.rounds} rounds, "
           f"engine {sc.engine.kind})")
@@ -110,9 +112,11 @@ def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
+    from fedsim.setup_checks import MemoryEstimate, estimate_graph
     from topologies import build_topology, describe
 
     params = _kv(args.params, "topology params")
+    estimate_graph(args.kind, params, args.nodes, MemoryEstimate(None), key="--nodes")
     try:
         topo = build_topology(args.kind, params, n=args.nodes, seed=args.seed)
     except ConfigError as err:
@@ -298,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunInterrupted as stop:
         print(f"error: {stop}", file=sys.stderr)
         return stop.code
+    except RunDiverged as div:
+        print(f"error: {div}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
