@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fedsim.errors import ConfigError, RunDiverged, RunInterrupted
+from fedsim.errors import ConfigError, RunDiverged, RunInterrupted, check_output_file
 
 LISTABLE = ("strategies", "topologies", "datasets", "partitions", "models", "participation",
             "engines", "compressors", "optimizers", "work")
@@ -158,6 +158,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedsim.compare import compare
 
+    if args.output:
+        check_output_file(args.output, "-o")
     fmt = args.format or ("csv" if (args.output or "").endswith(".csv") else None)
     text = compare(args.runs, target=args.target, last=args.last, fmt=fmt, baseline=args.baseline)
     if args.output:

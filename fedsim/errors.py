@@ -33,6 +33,21 @@ class ConfigError(Exception):
                            allowed=self.allowed)
 
 
+def check_output_file(path: str, key: str) -> None:
+    """ConfigError unless `path` can be written as a file: an existing directory, a missing or
+    read-only parent folder are bad input (named by the flag `key`), not a crash after the work."""
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError("output path is a directory", key=key, value=path, allowed="a file path")
+    if not os.path.isdir(parent):
+        raise ConfigError("the output file's folder does not exist", key=key, value=path,
+                          allowed="a path in an existing folder")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError("the output file's folder is not writable", key=key, value=path)
+
+
 def _short_repr(value: Any, limit: int = 200) -> str:
     """repr of `value`, cut to `limit` characters (a huge value never floods the one-line message);
     containers are cut before they are rendered whole."""
