@@ -135,7 +135,8 @@ def build_setup(sc: Scenario) -> Setup:
         num_params = model_size(make)
         elem = 8 if dtype == torch.float64 else 4
         if num_params is not None:
-            estimate_model(sc, num_params, elem, mem)
+            estimate_model(sc, num_params, elem, mem,
+                           f" for inputs {ds.feature_shape} and {ds.num_classes} classes (from the data)")
         module = make().to(dtype)
         check_model_fits(module, ds, dtype, sc)
         model = StackedModel(module)

@@ -102,7 +102,7 @@ def model_size(make: Any) -> int | None:
         return None
 
 
-def estimate_model(sc: Any, params: int, elem: int, mem: MemoryEstimate) -> None:
+def estimate_model(sc: Any, params: int, elem: int, mem: MemoryEstimate, shape: str = "") -> None:
     """The global model, the stacked chunk (params, gradients, optimizer state, deltas: ~5 x P
     per client of a chunk) and one model per client with independent inits."""
     n = sc.data.clients
@@ -112,7 +112,7 @@ def estimate_model(sc: Any, params: int, elem: int, mem: MemoryEstimate) -> None
     stacked = min(chunk * per, max(mb * 2**20, per)) if isinstance(mb, int) else chunk * per
     key = "model.hidden" if "hidden" in sc.model.params() else "model.kind"
     mem.add(key, 2.0 * params * elem + stacked,
-            f"a model of {params} parameters, stacked over {min(chunk, n)} clients")
+            f"a model of {params} parameters{shape}, stacked over {min(chunk, n)} clients")
     if sc.model.init == "independent":
         mem.add("data.clients", float(n) * params * elem, f"{n} independent initial models")
 
