@@ -15,16 +15,21 @@ checkpoint written by another scenario, or not by fedsim, is refused with the fi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from fedsim.errors import ConfigError
+from fedsim.round import ByteCounter
+from fedsim.system import Clock
+from fedsim.types import Tree
 
 FORMAT, VERSION = "fedsim-checkpoint", 1
 FOLDER, LATEST = "checkpoint", "latest"
@@ -143,6 +148,70 @@ def client_parts(path: str) -> list[dict[str, Any]]:
     return [_load(os.path.join(path, n)) for n in names]
 
 
+def _cpu(tree: Tree) -> Tree:
+    return {k: v.detach().cpu() for k, v in tree.items()}
+
+
+def state_payload(control: Control, round: int, server: Tree, stale: list[Tree], counter: ByteCounter,
+                  clock: Clock, **extra: Any) -> dict[str, Any]:
+    """state.pt of the checkpoint before round `round` (engine-specific entries in `extra`)."""
+    return {"format": FORMAT, "version": VERSION, "digest": control.digest, "round": round,
+            "lines": int(control.lines()), "server": _cpu(server), "stale": [_cpu(t) for t in stale],
+            "bytes": {"up": counter.up, "down": counter.down,
+                      "per_round": [list(r) for r in counter.per_round]},
+            "clock": dataclasses.asdict(clock), **extra}
+
+
+def clients_payload(ids: torch.Tensor, rows: Tree, train_loss: list[float], rank: int = 0,
+                    ranks: int = 1) -> dict[str, Any]:
+    """clients-<rank>.pt: the state rows of the clients `ids` one process holds."""
+    return {"ids": ids.cpu(), "rows": _cpu(rows), "train_loss": list(train_loss), "rank": rank,
+            "ranks": ranks}
+
+
+@dataclass
+class Restored:
+    """A checkpoint read back: what every engine restores (tensors on `device`)."""
+
+    round: int
+    server: Tree
+    stale: list[Tree]
+    counter: ByteCounter
+    clock: Clock
+    parts: list[dict[str, Any]]
+    state: dict[str, Any]
+
+    def rows(self, owned: np.ndarray | None = None) -> tuple[torch.Tensor, Tree]:
+        """(ids, state rows) of the clients in the checkpoint (only those in `owned`, if given)."""
+        ids = torch.cat([p["ids"] for p in self.parts]) if self.parts else torch.zeros(0, dtype=torch.int64)
+        keys = list(self.parts[0]["rows"]) if self.parts else []
+        rows = {k: torch.cat([p["rows"][k] for p in self.parts]) for k in keys}
+        if owned is None:
+            return ids, rows
+        mine = torch.as_tensor(np.isin(ids.numpy(), owned))
+        return ids[mine], {k: v[mine] for k, v in rows.items()}
+
+    def train_loss(self, rank: int, ranks: int) -> list[float]:
+        """This process's share of the training loss accumulated since the last evaluation:
+        its own with the same layout, else the totals on rank 0 (what an evaluation reduces)."""
+        if len(self.parts) == ranks and all(p["ranks"] == ranks for p in self.parts):
+            return list(self.parts[rank]["train_loss"])
+        total = [sum(p["train_loss"][j] for p in self.parts) for j in (0, 1)]
+        return total if rank == 0 else [0.0, 0.0]
+
+
+def restore(path: str, digest: str, device: Any) -> Restored:
+    """Checkpoint `path` read and checked against scenario fingerprint `digest`."""
+    state = read(path, digest)
+    b = state["bytes"]
+
+    def dev(tree: Tree) -> Tree:
+        return {k: v.to(device) for k, v in tree.items()}
+    return Restored(int(state["round"]), dev(state["server"]), [dev(t) for t in state["stale"]],
+                    ByteCounter(int(b["up"]), int(b["down"]), [(int(u), int(d)) for u, d in b["per_round"]]),
+                    Clock(**state["clock"]), client_parts(path), state)
+
+
 def _load(file: str) -> dict[str, Any]:
     try:
         out = torch.load(file, map_location="cpu", weights_only=True)
@@ -156,4 +225,4 @@ def _load(file: str) -> dict[str, Any]:
 
 
 __all__ = ["digest", "every", "Control", "Interrupted", "write_part", "commit", "latest", "read",
-           "client_parts", "FORMAT", "VERSION"]
+           "client_parts", "state_payload", "clients_payload", "Restored", "restore", "FORMAT", "VERSION"]

@@ -63,8 +63,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not os.path.isdir(folder) or not os.path.isfile(config):
         raise ConfigError("not a run folder (no config.yaml)", file=folder,
                           allowed="a folder written by `fedsim run`")
-    extra = {"engine": {"kind": args.engine}} if args.engine else None
-    sc = load_scenario(config, args.set, extra=extra)
+    extra: dict | None = None
+    replace: tuple[str, ...] = ()
+    if args.engine:  # another engine: its own defaults, the trajectory's dtype and device
+        from fedsim.config import read_yaml
+
+        engine = read_yaml(config).get("engine") or {}
+        same = engine.get("kind") == args.engine
+        kept = engine if same else {k: engine[k] for k in ("dtype", "device") if k in engine}
+        extra, replace = {"engine": {**kept, "kind": args.engine}}, ("engine",)
+    sc = load_scenario(config, args.set, extra=extra, replace=replace)
     path, _ = execute(sc, quiet=args.quiet, resume=folder)
     if path:
         print(path)

@@ -214,15 +214,16 @@ def parse_scenario(raw: dict[str, Any], source: str | None = None) -> Scenario:
 
 
 def load_scenario(path: str, overrides: list[str] | None = None,
-                  extra: dict[str, Any] | None = None) -> Scenario:
-    """Read, override, validate and resolve a scenario file."""
+                  extra: dict[str, Any] | None = None, replace: tuple[str, ...] = ()) -> Scenario:
+    """Read, override, validate and resolve a scenario file; `extra` is merged into it, its
+    top-level sections named in `replace` replace the file's."""
     raw = read_yaml(path)
     try:
         raw = apply_overrides(raw, overrides or [])
     except ConfigError as err:
         raise err.at(file=path) from None
     if extra:
-        raw = _merge(raw, extra)
+        raw = _merge({k: v for k, v in raw.items() if k not in replace}, extra)
     return parse_scenario(raw, source=path)
 
 

@@ -220,8 +220,10 @@ class Staleness:
         return self.queue.pop(0).wait()
 
     def drain(self) -> list[Tree]:
-        """Wait for everything in flight (end of run): the reductions not yet applied."""
-        return [p.wait() for p in self.queue]
+        """Wait for everything in flight (end of run): the reductions not yet applied (taken
+        out of the FIFO)."""
+        out, self.queue = [p.wait() for p in self.queue], []
+        return out
 
 
 def server_step(strategy: Strategy, server: Tree, reduced: Tree | None, ctx: RoundCtx) -> Tree:

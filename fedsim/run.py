@@ -27,7 +27,7 @@ from fedsim.config import Scenario, to_dict
 from fedsim.errors import ConfigError, RunDiverged, RunInterrupted
 from fedsim.provenance import provenance
 from fedsim.run_checks import Diverged, EtaWarning, check_finite, json_safe
-from fedsim.trackers import open_trackers
+from fedsim.trackers import check_trackers, open_trackers
 from fedsim.types import Engine
 
 
@@ -76,6 +76,7 @@ class RunWriter:
 
     def __init__(self, sc: Scenario, out_dir: str | None = None, *, folder: str | None = None,
                  keep_lines: int = 0) -> None:
+        check_trackers(sc)
         if folder is None:
             self.final = _new_folder(out_dir or sc.output.dir, sc.name)
             self.path = self.final + ".partial"
@@ -256,7 +257,7 @@ def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
             engine.run(setup, on_eval, progress, control if write else None)
         except ckpt.Interrupted as stop:
             close_bar()
-            path = writer.path if writer else None
+            path = control.folder or None  # every MPI rank knows the folder
             if writer:
                 writer.close(summarize(sc, writer.history, time.perf_counter() - t0,
                                        {**extra, "status": "interrupted", "round": stop.round}), ok=False)

@@ -219,13 +219,12 @@ def build_system(sc: Scenario, strategy: Strategy, n: int, make: Any, ds: Datase
                 raise ConfigError("gossip nodes all take part every round: stragglers and "
                                   "all-reduce networks apply to server strategies",
                                   key=f"system.{key}", value=getattr(cfg, key), allowed="the default")
-    fps = 0.0
-    if cfg.speed_unit == "flops":
+    def fps() -> float:  # measured on first use: building a scenario never runs the model
         rows = np.concatenate(parts)[: max(1, sc.strategy.batch_size or 32)] if parts else np.zeros(0, int)
-        if rows.size:
-            x = torch.as_tensor(ds.features(ds.x_train[rows]))
-            x = x.to(dtype) if x.is_floating_point() else x
-            fps = flops_per_sample(make().to(dtype), x, torch.as_tensor(ds.y_train[rows], dtype=torch.int64))
+        if not rows.size:
+            return 0.0
+        x = torch.as_tensor(ds.features(ds.x_train[rows]), dtype=dtype)  # as the problem holds it
+        return flops_per_sample(make().to(dtype), x, torch.as_tensor(ds.y_train[rows], dtype=torch.int64))
     try:
         return SystemModel(cfg, n, sc.seed, fps)
     except ValueError as exc:  # a per-client list of the wrong length

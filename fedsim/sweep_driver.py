@@ -146,6 +146,8 @@ def _dispatch(sweep_dir: str, spec: SweepSpec, index: Index, todo: list[tuple[st
                 on_start(pid)
                 on_done(pid, outcome := run_inprocess(sweep_dir, pid))
                 if outcome.status == "interrupted":
+                    if outcome.signal == signal.SIGTERM:  # the run's own handler took it
+                        _TERMINATED.append(True)
                     raise KeyboardInterrupt
         else:
             LocalPool(sweep_dir, spec.jobs, spec.mpiexec, spec.ranks).run(todo, on_start, on_done)

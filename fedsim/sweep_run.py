@@ -45,6 +45,7 @@ class Outcome:
     status: str               # ok | failed | interrupted
     error: str | None = None
     wall_s: float | None = None
+    signal: int = 0           # the signal that interrupted it (SIGINT or SIGTERM), if any
 
 
 def finished(sweep_dir: str, pid: str) -> bool:
@@ -97,21 +98,35 @@ class Index:
 
 
 def resumable_attempt(sweep_dir: str, pid: str) -> str | None:
-    """HOOK for checkpoint/resume (issue 14): an earlier attempt of point `pid` to continue.
+    """The newest earlier attempt of point `pid` holding a checkpoint of this point's scenario
+    (None: start afresh).
 
-    Failed and interrupted attempts stay in the sweep folder as ``<label>-<stamp>.partial`` (their
-    config.yaml tells the seed; `.points/<pid>.yaml` is what they ran). Until
-    runs write checkpoints this returns None and every attempt starts afresh; then it returns the
-    newest attempt holding a valid checkpoint, and `launch_args` resumes it instead.
+    Failed and interrupted attempts stay in the sweep folder as ``<label>-<stamp>.partial``;
+    points of one label (other seeds) are told apart by the checkpoint's scenario fingerprint.
     """
+    from fedsim import checkpoint as ckpt
+    from fedsim.config import load_scenario, to_dict
+    from fedsim.errors import ConfigError
+
+    sc = load_scenario(os.path.join(sweep_dir, POINTS, f"{pid}.yaml"))
+    fingerprint = ckpt.digest(to_dict(sc))
+    attempts = [os.path.join(sweep_dir, d) for d in os.listdir(sweep_dir)
+                if d.startswith(f"{sc.name}-") and d.endswith(".partial")]
+    for attempt in sorted(attempts, key=os.path.getmtime, reverse=True):
+        try:
+            ckpt.read(ckpt.latest(attempt), fingerprint)
+        except ConfigError:
+            continue
+        return attempt
     return None
 
 
 def launch_args(sweep_dir: str, pid: str) -> list[str]:
-    """The `fedsim` command line of the next attempt of point `pid` (every launcher uses it)."""
+    """The `fedsim` command line of the next attempt of point `pid` (every launcher uses it):
+    `fedsim resume` of its newest checkpointed attempt, else a fresh `fedsim run`."""
     attempt = resumable_attempt(sweep_dir, pid)
-    if attempt is not None:  # checkpoint/resume plugs in here: ["resume", attempt, "--quiet"]
-        raise NotImplementedError("resuming a sweep point from its checkpoint")
+    if attempt is not None:
+        return ["resume", attempt, "--quiet"]
     return ["run", os.path.join(sweep_dir, POINTS, f"{pid}.yaml"), "--out", sweep_dir, "--quiet"]
 
 
@@ -119,7 +134,9 @@ def conclude(sweep_dir: str, pid: str, code: int, stdout: str) -> Outcome:
     """Outcome of an attempt from its exit code and output; a success moves the run folder
     ``<label>-<stamp>`` to ``<pid>``."""
     if code in INTERRUPTED_CODES:
-        return Outcome("interrupted", error=_error_line(sweep_dir, pid) or f"exit code {code}")
+        signum = -code if code < 0 else code - 128
+        return Outcome("interrupted", error=_error_line(sweep_dir, pid) or f"exit code {code}",
+                       signal=signum)
     if code != 0:
         why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         return Outcome("failed", error=_error_line(sweep_dir, pid) or why)
@@ -224,13 +241,27 @@ class LocalPool:
                         on_done(pid, outcome)
                 raise
 
+    GRACE_S = 10.0
+
     def interrupt(self) -> None:
-        """Stop starting points; send SIGINT to the running ones (they end as interrupted)."""
+        """Stop starting points; send SIGINT to the running ones: they finish their round,
+        checkpoint and end as interrupted; a second SIGINT after `GRACE_S` seconds makes those
+        still in a round abandon it (their previous checkpoint stays)."""
         with self._lock:
             self._stop.set()
-            for proc in self._procs.values():
-                try:
-                    os.killpg(proc.pid, signal.SIGINT)
-                except OSError:
-                    pass
+            self._signal_all()
+        timer = threading.Timer(self.GRACE_S, self._again)
+        timer.daemon = True
+        timer.start()
+
+    def _again(self) -> None:
+        with self._lock:
+            self._signal_all()
+
+    def _signal_all(self) -> None:
+        for proc in self._procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGINT)
+            except OSError:
+                pass
 

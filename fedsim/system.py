@@ -27,6 +27,7 @@ upload (the compressed size is known only after training); the clock uses the re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -73,10 +74,13 @@ class SystemModel:
 
     Args:
       cfg: the ``system:`` section. num_clients: N. seed: the root seed.
-      flops_per_sample: forward + backward FLOPs of one training sample (speed_unit flops).
+      flops_per_sample: forward + backward FLOPs of one training sample (speed_unit flops), or
+        a function measuring them, called when a round's compute time is first needed (so
+        building a scenario never runs the model).
     """
 
-    def __init__(self, cfg: SystemCfg, num_clients: int, seed: int, flops_per_sample: float) -> None:
+    def __init__(self, cfg: SystemCfg, num_clients: int, seed: int,
+                 flops_per_sample: float | Callable[[], float]) -> None:
         n = num_clients
         self.cfg, self.n, self.seed = cfg, n, seed
         def draw(value: Any, tag: str, key: str) -> np.ndarray:
@@ -88,7 +92,14 @@ class SystemModel:
         self.down_lat = draw(cfg.downlink.latency, "down_lat", "downlink.latency")
         self.edge_bw = draw(cfg.edges.bandwidth, "edge_bw", "edges.bandwidth")
         self.edge_lat = draw(cfg.edges.latency, "edge_lat", "edges.latency")
-        self.cost = float(flops_per_sample) if cfg.speed_unit == "flops" else 1.0
+        self._cost = flops_per_sample if cfg.speed_unit == "flops" else 1.0
+
+    @property
+    def cost(self) -> float:
+        """Work units of one sample: its FLOPs (speed_unit flops) or 1 (samples)."""
+        if callable(self._cost):
+            self._cost = float(self._cost())
+        return float(self._cost)
 
     # ---- the parts of a round --------------------------------------------------------------
     def speeds(self, t: int, ids: np.ndarray) -> np.ndarray:

@@ -129,15 +129,21 @@ class Trackers:
         self._each("close", summary, ok)
 
 
-def open_trackers(sc: Any, run_dir: str, final_dir: str, parent: str) -> Trackers:
-    """The trackers of ``output.trackers`` for a run being written to `run_dir` (renamed to
-    `final_dir` when it ends) under `parent`; ConfigError when a tracker's package is missing."""
+def check_trackers(sc: Any) -> None:
+    """ConfigError when a tracker of ``output.trackers`` misses its package (before anything
+    is written)."""
     from importlib.util import find_spec
 
     for name in sc.output.trackers:
         if find_spec(PACKAGES[name]) is None:
             raise ConfigError(f"the {name} tracker needs its package: pip install "
                               "'fedsim-lab[track]'", key="output.trackers", value=name)
+
+
+def open_trackers(sc: Any, run_dir: str, final_dir: str, parent: str) -> Trackers:
+    """The trackers of ``output.trackers`` for a run being written to `run_dir` (renamed to
+    `final_dir` when it ends) under `parent`; ConfigError when a tracker's package is missing."""
+    check_trackers(sc)
     items: dict[str, Tracker] = {}
     for name in sc.output.trackers:
         try:

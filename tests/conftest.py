@@ -55,6 +55,25 @@ def small_scenario(**over: Any) -> dict[str, Any]:
     return sc
 
 
+def strategy_scenario(strategy: str) -> dict[str, Any]:
+    """Registered `strategy` with its default hyperparameters: 7 clients (uneven slices on 2, 3
+    and 4 MPI ranks), float64, 3 rounds; gossip strategies on a ring with everyone, others with
+    Bernoulli(0.5) participation."""
+    from fedsim import testing
+
+    mix = testing.build(strategy, {}, testing.heterogeneous_quadratic(4, 2)).comm == "mix"
+    over: dict[str, Any] = {
+        "name": f"s-{strategy}", "rounds": 3, "strategy": {"name": strategy, "batch_size": 8},
+        "data": {"dataset": "synthetic", "clients": 7, "samples_per_client": 30,
+                 "partition": {"kind": "natural"}}}
+    if mix:
+        over["topology"] = {"kind": "ring"}
+    body = small_scenario(**over)
+    body["strategy"] = {"name": strategy, "batch_size": 8}
+    body["participation"] = {"kind": "full"} if mix else {"kind": "bernoulli", "p": 0.5}
+    return body
+
+
 @pytest.fixture
 def scenario_file(tmp_path: Path):
     def make(**over: Any) -> str:

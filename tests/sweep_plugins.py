@@ -13,8 +13,8 @@ from torch import nn
 
 class Flaky(nn.Module):
     """Logistic regression; `fail` decides its forward: never | error | interrupt | sigterm (to
-    itself) | sigint-parent | sigterm-parent (to the process that started it, then it waits to
-    be interrupted in turn)."""
+    itself) | sigterm-once (to itself, once per marker file) | sigint-parent | sigterm-parent (to
+    the process that started it, then it waits to be interrupted in turn)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, fail: str = "never") -> None:
         super().__init__()
@@ -28,6 +28,12 @@ class Flaky(nn.Module):
             raise KeyboardInterrupt
         if self.fail == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.fail == "sigterm-once":  # on the 10th forward pass of the first attempt only
+            self.calls = getattr(self, "calls", 0) + 1
+            marker = os.environ["FEDSIM_TEST_MARKER"]
+            if self.calls == 10 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGTERM)
         if self.fail.endswith("-parent"):
             sig = signal.SIGINT if self.fail.startswith("sigint") else signal.SIGTERM
             os.kill(os.getppid(), sig)

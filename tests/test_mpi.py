@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, read_metrics, small_scenario, write_scenario
+from tests.conftest import ROOT, read_metrics, small_scenario, strategy_scenario, write_scenario
 
 BIN = Path(sys.executable).parent
 MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
@@ -56,19 +56,7 @@ def _registered() -> list[str]:
 
 
 def _body(strategy: str) -> dict:
-    """7 clients (uneven slices on 2, 3 and 4 ranks), float64, 3 rounds, default hyperparameters."""
-    from fedsim import testing
-
-    mix = testing.build(strategy, {}, testing.heterogeneous_quadratic(4, 2)).comm == "mix"
-    over = {"name": f"s-{strategy}", "rounds": 3, "strategy": {"name": strategy, "batch_size": 8},
-            "data": {"dataset": "synthetic", "clients": 7, "samples_per_client": 30,
-                     "partition": {"kind": "natural"}}}
-    if mix:
-        over["topology"] = {"kind": "ring"}
-    body = small_scenario(**over)
-    body["strategy"] = {"name": strategy, "batch_size": 8}
-    body["participation"] = {"kind": "full"} if mix else {"kind": "bernoulli", "p": 0.5}
-    return body
+    return strategy_scenario(strategy)
 
 
 def _reference(body: dict) -> tuple[list[dict], list[float], np.ndarray]:
@@ -253,3 +241,104 @@ def test_mix_plan_exchanges_only_boundary_rows():
     assert plan.recv == {0: 1, 2: 1} and plan.halo_rows == 2
     assert {q: idx.tolist() for q, idx in plan.send.items()} == {0: [0], 2: [1]}
     torch.testing.assert_close(got, (dense @ x)[2:4], rtol=0, atol=1e-15)
+
+
+# ---- checkpoint and resume under mpiexec -----------------------------------------------------
+
+def _no_host(run: str) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "wall_s"} for m in read_metrics(run)]
+
+
+@needs_mpi
+def test_resume_on_the_same_and_another_rank_count(tmp_path):
+    """SCAFFOLD (client state) and CO2 (a stale all-reduce in flight): 2 rounds on 2 ranks, then
+    resumed to 5 rounds on 2 ranks (bitwise the uninterrupted 2-rank run), on 3 ranks and on the
+    multiplex engine (the uninterrupted run up to summation order)."""
+    # Prepare: scenarios of 2 and 5 rounds
+    names = ("scaffold", "co2")
+    paths = []
+    for name in names:
+        body = strategy_scenario(name)
+        paths += [write_scenario(tmp_path, {**body, "name": f"short-{name}", "rounds": 2}, f"a-{name}.yaml"),
+                  write_scenario(tmp_path, {**body, "name": f"long-{name}", "rounds": 5}, f"b-{name}.yaml")]
+    res = mpiexec(2, [sys.executable, "tests/mpi_scripts/run_many.py", str(tmp_path / "runs"), *paths],
+                  timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    short = {n: glob.glob(str(tmp_path / "runs" / f"short-{n}-[0-9]*"))[0] for n in names}
+    copies = {}
+    for n in names:
+        for tag in ("r2", "r3", "mx"):
+            copies[n, tag] = shutil.copytree(short[n], tmp_path / tag / Path(short[n]).name)
+    # Execute: resume on 2 ranks, on 3 ranks, and in-process
+    on2 = mpiexec(2, [sys.executable, "tests/mpi_scripts/resume_many.py", "5",
+                      *(str(copies[n, "r2"]) for n in names)], timeout=600)
+    on3 = mpiexec(3, [sys.executable, "tests/mpi_scripts/resume_many.py", "5",
+                      *(str(copies[n, "r3"]) for n in names)], timeout=600)
+    from fedsim.cli import main
+
+    local = [main(["resume", str(copies[n, "mx"]), "--set", "rounds=5", "--engine", "multiplex",
+                   "--quiet"]) for n in names]
+    # Assert
+    assert on2.returncode == 0 and on3.returncode == 0, on2.stderr[-2000:] + on3.stderr[-2000:]
+    assert local == [0, 0]
+    for n in names:
+        (ref,) = glob.glob(str(tmp_path / "runs" / f"long-{n}-[0-9]*"))
+        want = _no_host(ref)
+        assert _no_host(str(copies[n, "r2"])) == want, n
+        for tag in ("r3", "mx"):
+            got = _no_host(str(copies[n, tag]))
+            assert len(got) == len(want) == 5, (n, tag)
+            for g, w in zip(got, want, strict=True):
+                for k in METRICS:
+                    if w.get(k) is not None:
+                        assert g[k] == pytest.approx(w[k], rel=1e-9, abs=1e-12), (n, tag, k, g["round"])
+
+
+def _rank_pids(marker: str) -> list[int]:
+    """Pids of the processes whose command line contains `marker` (the MPI ranks)."""
+    out = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines()
+            if marker in line and line.split()[1].endswith(("python", "python3"))]
+
+
+@needs_mpi
+def test_sigterm_to_one_rank_stops_every_rank_at_one_round_and_resumes(tmp_path):
+    """SIGTERM to one rank only: every rank agrees on the stopping round, the checkpoint holds
+    both ranks' clients, the job exits 143, and a 3-rank resume gives the uninterrupted run."""
+    # Prepare: a long 2-rank run checkpointing every round
+    body = {**strategy_scenario("scaffold"), "rounds": 200, "checkpoint": {"every": 1}}
+    path = write_scenario(tmp_path, body, "long-sigterm.yaml")
+    out = tmp_path / "runs"
+    flags = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([MPIEXEC, *flags, "-n", "2", str(BIN / "fedsim"), "run", path, "--engine",
+                             "mpi", "--quiet", "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+
+    end = time.monotonic() + 600
+    while not list(out.glob("*.partial/checkpoint/latest")) and time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    (run,) = out.glob("*.partial")
+    pids = _rank_pids("long-sigterm.yaml")
+    assert len(pids) == 2, subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True,
+                                          text=True).stdout
+    # Execute: SIGTERM to one rank, then resume on 3 ranks
+    os.kill(max(pids), 15)
+    _, err = proc.communicate(timeout=600)
+    stopped = json.loads((run / "summary.json").read_text())
+    res = mpiexec(3, [sys.executable, "tests/mpi_scripts/resume_many.py", "200", str(run)], timeout=900)
+    # Assert: interrupted cleanly, then the uninterrupted run's metrics (up to summation order)
+    assert proc.returncode == 143, err[-2000:]
+    assert stopped["status"] == "interrupted" and "Traceback" not in err
+    assert res.returncode == 0, res.stderr[-2000:]
+    final = str(run).removesuffix(".partial")
+    ref = _reference({**body, "name": "ref"})[0]
+    got = read_metrics(final)
+    assert len(got) == len(ref) == 200
+    for g, w in zip(got, ref, strict=True):
+        for k in ("train_loss", "test_loss", "bytes_up", "sim_time_s"):
+            assert (g[k] is None) == (w[k] is None), (k, g["round"])  # None: nobody took part
+            if w[k] is not None:
+                assert g[k] == pytest.approx(w[k], rel=1e-9, abs=1e-12), (k, g["round"])

@@ -169,6 +169,35 @@ def test_an_interrupted_point_stops_the_sweep_cleanly(tmp_path, capsys, how, cod
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
+def test_an_interrupted_point_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch):
+    """SIGTERM in round 2 of 6 (checkpoints every round): the sweep stops with 143; rerunning it
+    resumes the attempt (`fedsim resume`) instead of starting afresh, and the point's metrics
+    are the uninterrupted run's."""
+    # Prepare
+    monkeypatch.setenv("FEDSIM_TEST_MARKER", str(tmp_path / "marker"))
+    body = small_scenario(model={**FLAKY, "fail": "sigterm-once"}, rounds=6, checkpoint={"every": 1},
+                          participation={"kind": "full"})
+    sc = write_scenario(tmp_path, body)
+    ref = write_scenario(tmp_path, {**body, "model": {**FLAKY, "fail": "never"}}, "ref.yaml")
+    assert _sweep(capsys, ref, tmp_path / "ref", "--seeds", "0")[0] == 0
+    # Execute: interrupted, then the same command again
+    first = _sweep(capsys, sc, tmp_path / "sw", "--seeds", "0")[0]
+    (attempt,) = (tmp_path / "sw").glob("*.partial")
+    rounds_before = len(read_metrics(str(attempt)))
+    second = _sweep(capsys, sc, tmp_path / "sw", "--seeds", "0")[0]
+    # Assert
+    assert first == 143 and second == 0
+    assert 1 <= rounds_before < 6
+    idx = _index(tmp_path / "sw")
+    (pid,) = idx
+    assert idx[pid]["status"] == "ok" and idx[pid]["attempts"] == 2
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "wall_s"} for m in ms]  # noqa: E731
+    got = strip(read_metrics(str(tmp_path / "sw" / pid)))
+    (ref_pid,) = _index(tmp_path / "ref")
+    assert got == strip(read_metrics(str(tmp_path / "ref" / ref_pid)))
+    assert not list((tmp_path / "sw").glob("*.partial"))  # the attempt became the point's folder
+
+
 def test_a_signal_to_the_driver_interrupts_its_child_processes(tmp_path):
     """The driver (a real process) gets SIGTERM from one of its points (Ctrl-C takes the same
     path), forwards SIGINT to the running children, records them as interrupted and exits 143."""

@@ -70,6 +70,7 @@ class FlowerEngine:
 
         if self.threads:
             torch.set_num_threads(self.threads)
+        control = self._control(setup, control)
         text = client.scenario_text(setup.scenario)
         client.register_setup(text, setup)
         app = client.make_client_app(threads=self.threads or self.resources.num_cpus
@@ -85,7 +86,8 @@ class FlowerEngine:
                 return []
             done: list = []
             server_app = server.make_server_app(setup, text, done=done, on_eval=on_eval,
-                                                progress=progress, timeout=self.timeout)
+                                                progress=progress, timeout=self.timeout,
+                                                control=control)
             if self.runtime == "ray":
                 from flwr.simulation import run_simulation
 
@@ -107,6 +109,19 @@ class FlowerEngine:
             return self.adapter.history
         finally:
             flwr_log.setLevel(level)
+
+    def _control(self, setup: Any, control: Any) -> Any:
+        """Checkpoints on fedsim's grids (in-process, MPI) for fedsim strategies; none on Ray
+        or for Flower strategy objects, and resuming those is bad input."""
+        from fedsim.errors import ConfigError
+
+        supported = self.runtime != "ray" and setup.scenario.strategy.name != "flower"
+        if control is not None and control.resume is not None and not supported:
+            raise ConfigError("resume needs the in-process or MPI runtime and a fedsim strategy "
+                              "(Flower strategy objects and Ray workers keep state fedsim cannot "
+                              "checkpoint)", key="engine.runtime", value=self.runtime,
+                              allowed="inprocess, mpi")
+        return control if supported else None
 
     def summary_extra(self) -> dict[str, Any]:
         out: dict[str, Any] = {"flower_runtime": self.runtime}

@@ -10,7 +10,6 @@ order, never the algorithm.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -293,43 +292,21 @@ class RoundLoop:
         s.stale.queue, self.stale_tail = [Ready(tree) for tree in stale], []
         ids, rows = s.store.rows()
         ckpt.write_part(control.folder, s.round, f"clients-{comm.rank:05d}.pt",
-                        {"ids": ids, "rows": rows, "train_loss": list(self.train_loss),
-                         "rank": comm.rank, "ranks": comm.size})
+                        ckpt.clients_payload(ids, rows, self.train_loss, comm.rank, comm.size))
         comm.allgather(None)  # every part is written
         if comm.rank == 0:
-            ckpt.write_part(control.folder, s.round, "state.pt", {
-                "format": ckpt.FORMAT, "version": ckpt.VERSION, "digest": control.digest,
-                "round": s.round, "lines": int(control.lines()),
-                "server": {k: v.detach().cpu() for k, v in s.server.items()},
-                "stale": [{k: v.detach().cpu() for k, v in tree.items()} for tree in stale],
-                "bytes": {"up": s.bytes.up, "down": s.bytes.down,
-                          "per_round": [list(r) for r in s.bytes.per_round]},
-                "clock": dataclasses.asdict(self.clock)})
+            ckpt.write_part(control.folder, s.round, "state.pt",
+                            ckpt.state_payload(control, s.round, s.server, stale, s.bytes, self.clock))
             ckpt.commit(control.folder, s.round)
         comm.allgather(None)  # published before anyone goes on (or exits)
 
     def restore(self, path: str, digest: str) -> None:
         """Continue from checkpoint `path`: this process takes the rows of the clients it owns."""
-        s, dev = self.state, self.device
-        state = ckpt.read(path, digest)
-        parts = ckpt.client_parts(path)
-        s.round = int(state["round"])
-        s.server = {k: v.to(dev) for k, v in state["server"].items()}
-        s.stale.queue = [Ready({k: v.to(dev) for k, v in tree.items()}) for tree in state["stale"]]
-        s.bytes = kernel.ByteCounter(int(state["bytes"]["up"]), int(state["bytes"]["down"]),
-                                     [(int(a), int(b)) for a, b in state["bytes"]["per_round"]])
-        self.clock = Clock(**state["clock"])
-        ids = torch.cat([p["ids"] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-        keys = list(parts[0]["rows"]) if parts else []
-        rows = {k: torch.cat([p["rows"][k] for p in parts]) for k in keys}
-        mine = torch.as_tensor(np.isin(ids.numpy(), self.owned))
-        s.store.load(ids[mine], {k: v[mine] for k, v in rows.items()})
-        same_layout = len(parts) == self.comm.size and all(p["ranks"] == self.comm.size for p in parts)
-        if same_layout:
-            self.train_loss = list(parts[self.comm.rank]["train_loss"])
-        else:  # the totals are what an evaluation reduces: rank 0 holds them
-            total = [sum(p["train_loss"][j] for p in parts) for j in (0, 1)]
-            self.train_loss = total if self.comm.rank == 0 else [0.0, 0.0]
+        s, got = self.state, ckpt.restore(path, digest, self.device)
+        s.round, s.server, s.bytes, self.clock = got.round, got.server, got.counter, got.clock
+        s.stale.queue = [Ready(tree) for tree in got.stale]
+        s.store.load(*got.rows(self.owned))
+        self.train_loss = got.train_loss(self.comm.rank, self.comm.size)
 
     def finish(self) -> None:
         """Complete what is in flight: the stale tail of reductions and the byte counts."""

@@ -13,6 +13,10 @@ there (same participation draws, same minibatches, same reduction order).
   locally. In a real deployment this traffic goes through the hub (SuperLink): `bytes_*` count
   the logical gossip edges like the other engines, `flower_bytes_*` what Flower actually moved.
 - Evaluation is central, on the server, with the scenario's problem (the engine's code path).
+- Checkpoints (`fedsim.checkpoint`): the server side as the multiplex engine's, the nodes'
+  strategy state fetched with a `query.state` message and put back after a resumed run's join
+  with `query.restore` (Flower messages, so any runtime's nodes take part); the bytes of those
+  messages are not counted in `flower_bytes_*`.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
+from fedsim import checkpoint as ckpt
 from fedsim import round as kernel
 from fedsim.comm import Ready
 from fedsim.flower.federation import Federation
-from fedsim.flower.records import pack_mask, tree_to_record
+from fedsim.flower.records import pack_mask, rows_to_records, tree_to_record
 from fedsim.system import Clock, Plan, RoundRecord
 from fedsim.types import OnEval, Progress, Tree
 
@@ -45,10 +50,12 @@ class FlowerAdapter(FlowerStrategy):
         metrics.jsonl, plus flower_bytes_up / flower_bytes_down).
       progress: called after every round with (round index, metrics or None).
       timeout: seconds to wait for replies and for nodes to register.
+      control: checkpoints and stop signals (`fedsim.checkpoint.Control`; None: none).
     """
 
     def __init__(self, setup: Any, text: str, *, on_eval: OnEval | None = None,
-                 progress: Progress | None = None, timeout: float = 3600.0) -> None:
+                 progress: Progress | None = None, timeout: float = 3600.0,
+                 control: ckpt.Control | None = None) -> None:
         self.setup, self.text, self.timeout = setup, text, timeout
         self.strategy = setup.strategy
         self.n, self.device, self.dtype = setup.num_clients, setup.device, setup.dtype
@@ -71,11 +78,14 @@ class FlowerAdapter(FlowerStrategy):
         self._grid: Grid | None = None
         self.t0 = time.perf_counter()
         self.join_s = 0.0
+        self.control = control
+        self.offset = 0   # rounds done before this process started (a resumed run)
 
     def join(self, grid: Grid) -> None:
         """The nodes join (set-up, as the multiplex engine's data placement): the metrics'
         `wall_s` counts from the first round; `join_s` is the time the join took."""
         t = time.perf_counter()
+        self._grid = grid
         self.fed.join(grid, self.text)
         self.t0 = time.perf_counter()
         self.join_s = self.t0 - t
@@ -98,7 +108,7 @@ class FlowerAdapter(FlowerStrategy):
                         grid: Grid) -> Iterable[Message]:
         self._grid = grid
         self.fed.join(grid, self.text)
-        t = server_round - 1
+        t = self._t(server_round)
         plan = self._plan(t)
         mask = plan.mask
         down = self.strategy.broadcast if self.strategy.comm == "reduce" else ()
@@ -115,7 +125,7 @@ class FlowerAdapter(FlowerStrategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        t = server_round - 1
+        t = self._t(server_round)
         plan = self._plan(t)
         mask = plan.mask
         got = self.fed.collect(replies, np.flatnonzero(mask))
@@ -141,13 +151,13 @@ class FlowerAdapter(FlowerStrategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        if self.strategy.comm == "reduce" or not self._eval_due(server_round - 1):
+        if self.strategy.comm == "reduce" or not self._eval_due(self._t(server_round)):
             return []
-        content = RecordDict({"config": ConfigRecord({"round": server_round - 1})})
+        content = RecordDict({"config": ConfigRecord({"round": self._t(server_round)})})
         return [self.fed.message(content, MessageType.EVALUATE, p, server_round) for p in range(self.n)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if self.strategy.comm == "mix" and self._eval_due(server_round - 1):
+        if self.strategy.comm == "mix" and self._eval_due(self._t(server_round)):
             self.node_models = self.fed.collect(replies, np.arange(self.n)).arrays["x"]
         return None
 
@@ -155,13 +165,18 @@ class FlowerAdapter(FlowerStrategy):
         """`evaluate_fn` for `start`: central evaluation on eval rounds, progress every round."""
         if server_round == 0:
             return None
-        t = server_round - 1
+        t = self._t(server_round)
         m = self._metrics(t) if self._eval_due(t) else None
         if m is not None:
             self.history.append(m)
             self.on_eval(m)
         self.progress(t, m)
+        self._checkpoint(t)
         return MetricRecord({k: v for k, v in m.items() if isinstance(v, (int, float))}) if m else None
+
+    def _t(self, server_round: int) -> int:
+        """The scenario's 0-based round of Flower's server round (1-based, restarts on resume)."""
+        return server_round - 1 + self.offset
 
     # ---- rounds (the kernel's rules) -------------------------------------------------------
     def _plan(self, t: int) -> Plan:
@@ -235,16 +250,78 @@ class FlowerAdapter(FlowerStrategy):
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
 
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _checkpoint(self, t: int) -> None:
+        """After round t: checkpoint when due or on a stop signal (then stop the run)."""
+        c = self.control
+        if c is None:
+            return
+        rounds, signum = self.setup.scenario.rounds, int(c.signal())
+        if signum or (c.due(t, rounds) and t + 1 < rounds):
+            self.save(t + 1)
+        if signum:
+            raise ckpt.Interrupted(signum, t + 1)
+
+    def _ask(self, mtype: str, contents: list[RecordDict]) -> Any:
+        """One message per node, outside the counted traffic."""
+        assert self._grid is not None
+        wire = list(self.fed.wire)
+        msgs = [self.fed.message(c, mtype, p, 0) for p, c in enumerate(contents)]
+        got = self.fed.collect(self._grid.send_and_receive(msgs, timeout=self.timeout), np.arange(self.n))
+        self.fed.wire[:] = wire
+        return got
+
+    def save(self, round: int) -> None:
+        """Checkpoint before round `round`: the server side here, every node's state rows."""
+        assert self.control is not None
+        ask = RecordDict({"config": ConfigRecord({})})
+        rows = self._ask("query.state", [ask] * self.n).arrays
+        ids = torch.arange(self.n) if rows else torch.zeros(0, dtype=torch.int64)
+        folder = self.control.folder
+        ckpt.write_part(folder, round, "clients-00000.pt", ckpt.clients_payload(ids, rows, self.train_loss))
+        stale = [p.wait() for p in self.stale.queue]
+        ckpt.write_part(folder, round, "state.pt", ckpt.state_payload(
+            self.control, round, self.server, stale, self.bytes, self.clock,
+            flower={"wire": list(self.fed.wire)}))
+        ckpt.commit(folder, round)
+
+    def restore(self, path: str) -> None:
+        """Continue from checkpoint `path` (after the join): server side, then the nodes' state."""
+        assert self.control is not None
+        got = ckpt.restore(path, self.control.digest, self.device)
+        self.offset, self.server, self.bytes, self.clock = got.round, got.server, got.counter, got.clock
+        self.stale.queue = [Ready(tree) for tree in got.stale]
+        self.train_loss = got.train_loss(0, 1)
+        ids, rows = got.rows()
+        if rows:
+            records = dict(zip(ids.tolist(), rows_to_records(rows, ids.numel()), strict=True))
+            empty = RecordDict({"config": ConfigRecord({})})
+            self._ask("query.restore", [RecordDict({"arrays": records[p]}) if p in records else empty
+                                        for p in range(self.n)])
+        if "flower" in got.state:
+            self.fed.wire[:] = [int(v) for v in got.state["flower"]["wire"]]
+
 
 def run_adapter(grid: Grid, setup: Any, text: str, *, on_eval: OnEval | None = None,
-                progress: Progress | None = None, timeout: float = 3600.0) -> FlowerAdapter:
-    """Run scenario `setup` on `grid` with `FlowerAdapter.start`; returns the finished adapter."""
-    adapter = FlowerAdapter(setup, text, on_eval=on_eval, progress=progress, timeout=timeout)
+                progress: Progress | None = None, timeout: float = 3600.0,
+                control: ckpt.Control | None = None) -> FlowerAdapter:
+    """Run scenario `setup` on `grid` with `FlowerAdapter.start`; returns the finished adapter.
+
+    With `control`: resumes from its checkpoint, checkpoints as the round loop does (every
+    `control.every` rounds, on a stop signal, at the end)."""
+    adapter = FlowerAdapter(setup, text, on_eval=on_eval, progress=progress, timeout=timeout,
+                            control=control)
     adapter.join(grid)
+    if control is not None and control.resume is not None:
+        adapter.restore(control.resume)
     key = adapter.strategy.model_key
     start = {key: adapter.server[key]} if key in adapter.server else {}
-    adapter.start(grid=grid, initial_arrays=tree_to_record(start), num_rounds=setup.scenario.rounds,
-                  timeout=timeout, evaluate_fn=adapter.evaluate)
+    left = setup.scenario.rounds - adapter.offset
+    if left > 0:
+        adapter.start(grid=grid, initial_arrays=tree_to_record(start), num_rounds=left,
+                      timeout=timeout, evaluate_fn=adapter.evaluate)
+    if control is not None:
+        adapter.save(setup.scenario.rounds)
     return adapter
 
 

@@ -153,7 +153,18 @@ def evaluate(msgs: Sequence[Message], contexts: Sequence[Any], opts: Options) ->
     return _by_content(msgs, contexts, opts, work)
 
 
-HANDLERS = {"query": join, "train": train, "train.mix": mix, "evaluate": evaluate}
+def state(msgs: Sequence[Message], contexts: Sequence[Any], opts: Options) -> list[Message]:
+    """Checkpoints: each node's strategy state rows (`query.state`)."""
+    return node.state_rows(node.block(_joined(contexts), msgs, contexts), opts)
+
+
+def restore(msgs: Sequence[Message], contexts: Sequence[Any], opts: Options) -> list[Message]:
+    """A resumed run: each node's strategy state rows put back (`query.restore`)."""
+    return node.restore_rows(node.block(_joined(contexts), msgs, contexts), opts)
+
+
+HANDLERS = {"query": join, "query.state": state, "query.restore": restore, "train": train,
+            "train.mix": mix, "evaluate": evaluate}
 
 
 class FedsimClientApp(ClientApp):

@@ -220,6 +220,27 @@ def model_rows(b: Block, opts: Options) -> list[Message]:
     return out  # type: ignore[return-value]
 
 
+def state_rows(b: Block, opts: Options) -> list[Message]:
+    """Each node's strategy state rows (a checkpoint; no arrays for stateless strategies)."""
+    out: list[Message | None] = [None] * len(b.msgs)
+    for pos in b.chunks(opts):
+        rows = gather(b, pos, b.ids(pos))
+        recs: list[Any] = rows_to_records(rows, len(pos)) if rows else [None] * len(pos)
+        for r, j in zip(recs, b.order[pos], strict=True):
+            out[j] = Message(RecordDict({} if r is None else {"arrays": r}), reply_to=b.msgs[j])
+    return out  # type: ignore[return-value]
+
+
+def restore_rows(b: Block, opts: Options) -> list[Message]:
+    """A resumed run: each node takes back its state rows from the checkpoint (if it had any)."""
+    out = []
+    for j, msg in enumerate(b.msgs):
+        if "arrays" in msg.content:
+            b.contexts[j].state[STATE_KEY] = msg.content["arrays"]
+        out.append(Message(RecordDict({}), reply_to=msg))
+    return out
+
+
 def evaluate_flower(b: Block, opts: Options) -> list[Message]:
     """A Flower strategy's evaluate message: the model on each node's own test split
     (`eval_loss`, `eval_acc`, num-examples = test samples), or, without test splits, its

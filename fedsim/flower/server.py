@@ -14,14 +14,15 @@ from fedsim.types import OnEval, Progress
 def make_server_app(setup: Any = None, text: str | None = None, *,
                     on_eval: OnEval | None = None, progress: Progress | None = None,
                     timeout: float = 3600.0, done: list | None = None,
-                    app_dir: str | None = None) -> Any:
+                    app_dir: str | None = None, control: Any = None) -> Any:
     """A Flower `ServerApp` running a fedsim scenario.
 
     With `setup` (and its `text`) the app runs that built scenario (fedsim's Flower engine).
     Without, it reads `context.run_config["scenario"]` (a YAML path) and writes the run
     folder under `run_config["output-dir"]` (an exported app under `flwr run` or a SuperLink);
     relative paths are relative to `app_dir`, the app's folder.
-    The finished adapter is appended to `done` (if given).
+    The finished adapter is appended to `done` (if given); `control` (fedsim strategies only):
+    checkpoints and stop signals, as in `fedsim.flower.adapter.run_adapter`.
     """
     from flwr.serverapp import ServerApp
 
@@ -30,8 +31,9 @@ def make_server_app(setup: Any = None, text: str | None = None, *,
     @app.main()
     def main(grid: Any, context: Any) -> None:
         if setup is not None:
+            kw = {"control": control} if control is not None else {}
             adapter = run_scenario(grid, setup, text or scenario_text(setup.scenario),
-                                   on_eval=on_eval, progress=progress, timeout=timeout)
+                                   on_eval=on_eval, progress=progress, timeout=timeout, **kw)
         else:
             adapter = _run_from_config(grid, dict(context.run_config), app_dir, timeout)
         if done is not None:
