@@ -234,7 +234,7 @@ def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
 
     def on_eval(m: dict[str, Any]) -> None:
         try:
-            check_finite(m)
+            check_finite(m, setup.dataset.num_classes)
         finally:
             sink(m)  # the diverged line too, its non-finite values as null
 

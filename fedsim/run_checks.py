@@ -1,9 +1,12 @@
 """Guards of a running run: finite metrics (divergence), strict JSON, an ETA warning.
 
-* **Divergence.** A metrics line whose train or test loss is NaN or infinite means the model
-  blew up (a step size too large for the problem). The run stops at that evaluation: the line is
-  written with ``null`` for the non-finite values, ``summary.json`` gets ``status: diverged``
-  and ``diverged_round``, and the command exits 1 with one line (`Diverged`).
+* **Divergence.** A metrics line whose train or test loss is NaN or infinite, or whose test
+  loss exceeds `EXPLODED` x ln C (ln C is the cross-entropy of a uniform guess over C classes:
+  a trained or even an untrained model stays far below), means the model blew up (a step size
+  too large for the problem; with ReLU units an exploded model can stay finite, `lr: 1e6` on
+  the quickstart ends at test loss ~2e5). The run stops at that evaluation: the line is written
+  with ``null`` for the non-finite values, ``summary.json`` gets ``status: diverged`` and
+  ``diverged_round``, and the command exits 1 with one line (`Diverged`).
 * **Strict JSON.** ``json.dumps`` writes bare ``NaN`` / ``Infinity`` tokens, which most JSON
   parsers refuse; `json_safe` turns every non-finite float into ``None`` first.
 * **ETA.** After the first rounds the projected remaining host time is checked once; a run that
@@ -19,6 +22,8 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 LOSS_KEYS = ("train_loss", "test_loss")
+EXPLODED = 1000.0
+"""A test loss above EXPLODED x ln(classes) counts as diverged."""
 ETA_WARN_S = 24 * 3600.0
 """Projected host seconds above which a run prints a warning (a day)."""
 
@@ -26,9 +31,9 @@ ETA_WARN_S = 24 * 3600.0
 class Diverged(Exception):
     """Raised by `check_finite`: the losses of round `round` are not finite (`keys`)."""
 
-    def __init__(self, round: int, keys: list[str]) -> None:
+    def __init__(self, round: int, keys: list[str], why: str = "not finite (NaN or inf)") -> None:
         self.round, self.keys = round, keys
-        super().__init__(f"diverged at round {round}: {', '.join(keys)} not finite (NaN or inf); "
+        super().__init__(f"diverged at round {round}: {', '.join(keys)} {why}; "
                          "lower the step size (strategy.lr) or check the data")
 
 
@@ -49,11 +54,18 @@ def non_finite(metrics: dict[str, Any]) -> list[str]:
             if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])]
 
 
-def check_finite(metrics: dict[str, Any]) -> None:
-    """Raise `Diverged` when a loss of the line is NaN or infinite."""
+def check_finite(metrics: dict[str, Any], num_classes: int = 2) -> None:
+    """Raise `Diverged` when a loss of the line is NaN or infinite, or the test loss exploded
+    (above `EXPLODED` x ln(num_classes))."""
     bad = non_finite(metrics)
     if bad:
         raise Diverged(int(metrics.get("round", 0)), bad)
+    limit = EXPLODED * math.log(max(num_classes, 2))
+    test = metrics.get("test_loss")
+    if isinstance(test, float) and test > limit:
+        raise Diverged(int(metrics.get("round", 0)), ["test_loss"],
+                       f"= {test:.4g}, over {EXPLODED:g} x ln({num_classes}) = {limit:.4g} (a uniform "
+                       f"guess scores ln({num_classes}))")
 
 
 def format_duration(seconds: float) -> str:

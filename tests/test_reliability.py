@@ -238,7 +238,9 @@ def test_eta_warning_reaches_stderr_of_a_run(tmp_path, capsys, monkeypatch):
 
 # ---- silent wrong results: divergence --------------------------------------------------------
 
-def test_divergence_stops_with_status_diverged_and_strict_json(tmp_path, capsys):
+def test_divergence_stops_with_status_diverged_and_strict_json(tmp_path, capsys, monkeypatch):
+    """Losses that become NaN (the explosion threshold switched off to reach them)."""
+    monkeypatch.setattr(run_checks, "EXPLODED", float("inf"))
     body = small_scenario(rounds=20, strategy={"lr": 1.0e6})
     body["engine"] = {"kind": "multiplex", "dtype": "float32"}
     path = write_scenario(tmp_path, body)
@@ -253,6 +255,30 @@ def test_divergence_stops_with_status_diverged_and_strict_json(tmp_path, capsys)
     assert summary["diverged_round"] == lines[-1]["round"] < 20
     assert lines[-1]["train_loss"] is None or lines[-1]["test_loss"] is None
     assert all(ln["train_loss"] is not None for ln in lines[:-1])
+
+
+def test_exploded_but_finite_loss_is_divergence(tmp_path, capsys):
+    """lr 1e6 with ReLU units: the losses explode but stay finite (the quickstart ends at test
+    loss ~2e5, accuracy at chance) -- still a diverged run, not status ok."""
+    body = small_scenario(rounds=6, strategy={"lr": 1.0e6})
+    path = write_scenario(tmp_path, body)
+    code, _, err = run_cli(["run", path, "--out", str(tmp_path / "runs"), "--quiet"], capsys)
+    assert code == 1 and "diverged at round" in _one_line_error(err) and "test_loss" in err
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert _strict_json((folder / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_divergence_threshold_is_relative_to_a_uniform_guess():
+    import math
+
+    limit = run_checks.EXPLODED * math.log(10)
+    run_checks.check_finite({"round": 3, "train_loss": 1e9, "test_loss": limit * 0.99}, 10)
+    with pytest.raises(run_checks.Diverged) as info:
+        run_checks.check_finite({"round": 3, "train_loss": 1.0, "test_loss": limit * 1.01}, 10)
+    assert info.value.round == 3 and info.value.keys == ["test_loss"]
+    with pytest.raises(run_checks.Diverged):
+        run_checks.check_finite({"round": 1, "train_loss": float("nan"), "test_loss": None}, 10)
+    run_checks.check_finite({"round": 1, "train_loss": 2.0, "test_loss": None}, 10)
 
 
 def test_json_safe_turns_non_finite_floats_into_null():
