@@ -21,7 +21,6 @@ from fedsim.round import plan_round
 from fedsim.setup_checks import (
     MemoryEstimate,
     check_finite_data,
-    check_model_fits,
     check_topology,
     estimate_clients,
     estimate_inputs,
@@ -137,9 +136,7 @@ def build_setup(sc: Scenario) -> Setup:
         if num_params is not None:
             estimate_model(sc, num_params, elem, mem,
                            f" for inputs {ds.feature_shape} and {ds.num_classes} classes (from the data)")
-        module = make().to(dtype)
-        check_model_fits(module, ds, dtype, sc)
-        model = StackedModel(module)
+        model = StackedModel(make().to(dtype))
         x0 = init_params(make, model.spec, sc.seed).to(device, dtype)
     with _located(sc.source, "participation"):
         participation = build_participation(

@@ -169,15 +169,14 @@ def check_finite_data(ds: Any, source: str | None) -> None:
 
 def check_model_fits(module: Any, ds: Any, dtype: Any, sc: Any) -> None:
     """One forward pass on two training rows: a model that rejects the data's input shape or
-    does not output one logit per class is bad input (named by `model.kind`), not a crash in
-    round 1. Run in eval mode without gradients (batch-norm statistics are untouched)."""
+    does not output one logit per class is bad input (named by `model.kind`). Run by `fedsim
+    validate` only (building a scenario never runs the model), in eval mode without gradients."""
     import torch
 
     rows = ds.x_train[:2]
     if len(rows) == 0:
         return
-    x = torch.as_tensor(ds.features(rows))
-    x = x.to(dtype) if x.is_floating_point() else x
+    x = torch.as_tensor(ds.features(rows), dtype=dtype)  # as the problem holds it
     was = module.training
     module.eval()
     try:

@@ -115,8 +115,12 @@ def test_gossip_on_a_disconnected_random_graph_is_refused(tmp_path, capsys):
 ])
 def test_model_that_does_not_fit_the_data_is_caught_by_validate(tmp_path, capsys, monkeypatch,
                                                                   kind, needles):
+    """`fedsim validate` runs the model once on two training rows (`run` does not: building a
+    scenario never runs user model code; the run fails in round 1, exit 1)."""
     monkeypatch.syspath_prepend(str(ROOT))
-    err = bad(tmp_path, capsys, small_scenario(model={"kind": kind}))
+    path = write_scenario(tmp_path, small_scenario(model={"kind": kind}), "bad.yaml")
+    code, _, err = run_cli(["validate", path], capsys)
+    assert code == 2 and err.count("\n") == 1 and "bad.yaml" in err
     for needle in needles:
         assert needle in err, (needle, err)
 
