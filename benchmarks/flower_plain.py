@@ -42,25 +42,32 @@ def data(path: str) -> dict[str, np.ndarray]:
     return _DATA[path]
 
 
-def make_apps():
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
+def train_reply(msg, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
+                lr: float):
+    """A PyTorch ClientApp's train answer, as Flower's examples write it: the message's weights
+    into `net`, `steps` SGD steps over a shuffled DataLoader of (x, y), weights and metrics back."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from torch.utils.data import DataLoader, TensorDataset
+
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+    mean_loss = train_steps(net, loader, steps, lr)
+    metrics = MetricRecord({"train_loss": mean_loss, "num-examples": len(y)})
+    return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics}), reply_to=msg)
+
+
+def make_apps():
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
 
     client_app = ClientApp()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = msg.content["config"]
-        net = Net()
-        net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         x, y = client_rows(data(str(cfg["data"])), int(context.node_config["partition-id"]))
-        loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
-                            batch_size=int(cfg["batch"]), shuffle=True)
-        mean_loss = train_steps(net, loader, int(cfg["steps"]), float(cfg["lr"]))
-        metrics = MetricRecord({"train_loss": mean_loss, "num-examples": len(y)})
-        return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics}),
-                       reply_to=msg)
+        return train_reply(msg, Net(), torch.from_numpy(x), torch.from_numpy(y), int(cfg["batch"]),
+                           int(cfg["steps"]), float(cfg["lr"]))
 
     return client_app
 
@@ -93,25 +100,36 @@ def make_server(workload: str, path: str, result: dict):
     return server_app
 
 
-def main(workload: str, threads: int | None) -> dict:
-    import flower_plain  # the importable copy of this module: Ray workers import it by name
+def simulate(server_app, client_app, clients: int, threads: int | None, paths: list[str]) -> None:
+    """`run_simulation` on Ray with 1 CPU per client; `paths` go on the workers' PYTHONPATH."""
     from flwr.simulation import run_simulation
 
     if threads:
         torch.set_num_threads(threads)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
-    path = os.path.join(HERE, "out", f"data_{workload}.npz")
-    if not os.path.exists(path):
-        dump(workload, path)
-    result: dict = {}
-    run_simulation(flower_plain.make_server(workload, path, result), flower_plain.make_apps(),
-                   WORKLOADS[workload]["clients"],
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))
+    run_simulation(server_app, client_app, clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    return result
 
 
-if __name__ == "__main__":
+def cli(main) -> None:
+    """`python <script> WORKLOAD [threads]`: run `main(WORKLOAD, threads)`, print one JSON line."""
     name = sys.argv[1]
     res = main(name, int(sys.argv[2]) if len(sys.argv) > 2 else None)
     print(json.dumps({"impl": "flower", "workload": name, "in_loop_s": round(res["in_loop_s"], 4),
                       "final_test_accuracy": round(res["final_test_accuracy"], 4)}))
+
+
+def main(workload: str, threads: int | None) -> dict:
+    import flower_plain  # the importable copy of this module: Ray workers import it by name
+
+    path = os.path.join(HERE, "out", f"data_{workload}.npz")
+    if not os.path.exists(path):
+        dump(workload, path)
+    result: dict = {}
+    simulate(flower_plain.make_server(workload, path, result), flower_plain.make_apps(),
+             WORKLOADS[workload]["clients"], threads, [HERE])
+    return result
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -16,7 +16,7 @@ from typing import Any
 from fedsim.errors import ConfigError, RunDiverged, RunInterrupted, check_output_file
 
 LISTABLE = ("strategies", "topologies", "datasets", "partitions", "models", "participation",
-            "engines", "compressors", "optimizers", "work")
+            "engines", "compressors", "optimizers", "work", "aggregators", "attacks")
 
 
 def _registry(what: str) -> Any:
@@ -37,6 +37,10 @@ def _registry(what: str) -> Any:
         from strategies import OPTIMIZERS as r
     elif what == "work":
         from fedsim.work import WORK as r
+    elif what == "aggregators":
+        from fedsim.robust import AGGREGATORS as r
+    elif what == "attacks":
+        from fedsim.attacks import ATTACKS as r
     else:
         from strategies import COMPRESSORS as r
     return r

@@ -2,7 +2,10 @@
 
 Given every client's number of correct predictions and of test samples on its own test
 split (`DataProblem.evaluate_clients`), `client_metrics` returns the mean, the
-sample-weighted mean, the worst-10% and the spread (standard deviation) of client accuracy.
+sample-weighted mean, the worst-10%, the 10th / 50th / 90th percentiles and the spread
+(standard deviation) of client accuracy. `client_test_sums` scores every client of a process
+(the server model, or each gossip node's own model) for the round kernel's metrics line
+(`fedsim.round.client_eval`), the same way on every engine.
 
 References: Li, Sanjabi, Beirami, Smith, "Fair Resource Allocation in Federated Learning"
 (q-FFL), ICLR 2020 (worst-10% and variance of client accuracy); Li, Hu, Beirami, Smith,
@@ -15,6 +18,10 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
+
+EVAL_BLOCK = 64
+"""Clients scored per `evaluate_clients` call (a fixed block, whatever the engine's chunking)."""
 
 
 def _np(v: Any) -> np.ndarray:
@@ -35,7 +42,9 @@ def client_metrics(correct: Any, total: Any, loss_sum: Any = None) -> dict[str, 
       ``client_acc_mean`` (1/K) sum_k a_k with a_k = correct_k / total_k over the K clients
       with total_k > 0; ``client_acc_weighted`` sum correct / sum total (sample-weighted);
       ``client_acc_worst10`` the mean of the ceil(K / 10) lowest a_k; ``client_acc_std`` the
-      population standard deviation of a_k; ``client_loss`` sum loss / sum total (when
+      population standard deviation of a_k; ``client_acc_p10`` / ``client_acc_median`` /
+      ``client_acc_p90`` the percentiles of a_k (linear interpolation, numpy's default);
+      ``client_loss`` sum loss / sum total (when
       `loss_sum` is given); ``clients_evaluated`` K. Empty dict when K = 0.
     """
     c, n = _np(correct), _np(total)
@@ -49,7 +58,30 @@ def client_metrics(correct: Any, total: Any, loss_sum: Any = None) -> dict[str, 
            "client_acc_weighted": float(c[keep].sum() / n[keep].sum()),
            "client_acc_worst10": float(worst.mean()),
            "client_acc_std": float(acc.std()),
+           **{f"client_acc_{name}": float(q) for name, q in
+              zip(("p10", "median", "p90"), np.quantile(acc, [0.1, 0.5, 0.9]), strict=True)},
            "clients_evaluated": k}
     if loss_sum is not None:
         out["client_loss"] = float(_np(loss_sum)[keep].sum() / n[keep].sum())
+    return out
+
+
+def client_test_sums(problem: Any, models_of: Any, ids: torch.Tensor, n: int) -> torch.Tensor | None:
+    """Per client: (correct, count, loss sum) on its own test split, float64 [3, n] on the CPU.
+
+    Args:
+      problem: a `fedsim.problem.DataProblem` (None is returned when it holds no per-client
+        test splits, or for problems without them, such as the quadratics of `fedsim.testing`).
+      models_of: chunk of client ids [k] -> the models [k, P] they are scored with.
+      ids: the clients this process holds; columns of other clients stay 0 (so that a sum over
+        MPI ranks gives every client's entry).
+      n: the number of clients N.
+    """
+    if getattr(problem, "client_test", None) is None:
+        return None
+    out = torch.zeros(3, n, dtype=torch.float64)
+    for j in range(0, ids.numel(), EVAL_BLOCK):
+        chunk = ids[j:j + EVAL_BLOCK]
+        loss, correct, count = problem.evaluate_clients(models_of(chunk), chunk)
+        out[:, chunk.cpu()] = torch.stack([correct, count, loss]).cpu()
     return out

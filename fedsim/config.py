@@ -1,11 +1,11 @@
 """Scenario files: YAML validated into typed, frozen objects with every default filled.
 
 A scenario has the top-level keys ``name, seed, rounds, data, model, topology, participation,
-strategy, work, system, engine, eval, output`` and ``sweep`` (read by `fedsim sweep`, see fedsim/sweep.py; a
-single run ignores it and never writes it into config.yaml). Sections that pick a plug-in by
-``kind``/``name``/``dataset`` take that plug-in's own keyword arguments next to it; they are
-validated against the factory's signature, so unknown keys and bad values are errors that name
-the file, the key path, the value and what is allowed.
+strategy, work, system, attack, engine, eval, output, checkpoint`` and ``sweep`` (read by `fedsim
+sweep`, see fedsim/sweep.py; a single run ignores it and never writes it into config.yaml).
+Sections that pick a plug-in by ``kind``/``name``/``dataset`` take that plug-in's own keyword
+arguments next to it; they are validated against the factory's signature, so unknown keys and bad
+values are errors that name the file, the key path, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fedsim.registry import plain, pydantic_to_config_error
 from fedsim.yaml_safe import load_yaml_text
 
 TOP_KEYS = ("name", "seed", "rounds", "data", "model", "topology", "participation", "strategy",
-            "work", "system", "engine", "eval", "output", "checkpoint", "sweep")
+            "work", "system", "attack", "engine", "eval", "output", "checkpoint", "sweep")
 _NAME = re.compile(r"[^/\\\x00]{1,200}")
 
 
@@ -75,6 +75,10 @@ class WorkCfg(_PluginSection):
     kind: str = "strategy"  # heterogeneous local work (fedsim.work): strategy | steps | uniform | epochs
 
 
+class AttackCfg(_PluginSection):
+    kind: str = "none"  # Byzantine clients (fedsim.attacks): none | sign_flip | scale | random
+
+
 class ParticipationCfg(_PluginSection):
     kind: str = "full"
 
@@ -121,6 +125,7 @@ class Scenario(_Section):
     participation: ParticipationCfg = ParticipationCfg()
     work: WorkCfg = WorkCfg()
     system: SystemCfg = SystemCfg()
+    attack: AttackCfg = AttackCfg()
     strategy: StrategyCfg = StrategyCfg()
     engine: EngineCfg = EngineCfg()
     eval: EvalCfg = EvalCfg()
@@ -245,6 +250,7 @@ def _resolved(section: _PluginSection, head: dict[str, Any], registry: Any, name
 
 def resolve_plugins(sc: Scenario) -> Scenario:
     """Validate every plug-in section against its factory and fill in the factory defaults."""
+    from fedsim.attacks import ATTACKS
     from fedsim.data import DATASETS, PARTITIONS
     from fedsim.engines import ENGINES
     from fedsim.models import MODELS
@@ -267,11 +273,12 @@ def resolve_plugins(sc: Scenario) -> Scenario:
                                             PARTICIPATION, sc.participation.kind, "participation"))
     strat = StrategyCfg(**_resolve_strategy(sc.strategy, STRATEGIES))
     work = WorkCfg(**_resolved(sc.work, {"kind": sc.work.kind}, WORK, sc.work.kind, "work"))
+    attack = AttackCfg(**_resolved(sc.attack, {"kind": sc.attack.kind}, ATTACKS, sc.attack.kind, "attack"))
     eng = EngineCfg(**_resolved(sc.engine, {"kind": sc.engine.kind, "device": sc.engine.device,
                                             "dtype": sc.engine.dtype},
                                 ENGINES, sc.engine.kind, "engine"))
     return sc.model_copy(update={"data": DataCfg(**data), "model": model, "topology": topo,
-                                 "participation": part_cfg, "strategy": strat, "work": work,
+                                 "participation": part_cfg, "strategy": strat, "work": work, "attack": attack,
                                  "engine": eng})
 
 
@@ -294,13 +301,29 @@ def _resolve_strategy(cfg: StrategyCfg, registry: Any) -> dict[str, Any]:
             comp = build_nested("compressors", params.pop("compressor"))
         except ConfigError as err:
             raise err.at(prefix="strategy.compressor") from None
+    agg = _nested_aggregator(params, cfg.name, registry)
     try:
         out = {**head, **registry.validate(cfg.name, params)}
     except ConfigError as err:
         raise err.at(prefix="strategy") from None
     if comp is not None:
         out["compressor"] = comp
+    if agg is not None:
+        out["aggregator"] = agg
     return out
+
+
+def _nested_aggregator(params: dict[str, Any], name: str, registry: Any) -> Any:
+    """Pop and build `aggregator` (robust aggregation, `fedsim.robust`) when the strategy's
+    factory does not take it itself; None without one."""
+    from fedsim.registry import build_nested
+
+    if "aggregator" not in params or "aggregator" in registry.params(name):
+        return None
+    try:
+        return build_nested("aggregators", params.pop("aggregator"))
+    except ConfigError as err:
+        raise err.at(prefix="strategy.aggregator") from None
 
 
 def to_dict(sc: Scenario) -> dict[str, Any]:

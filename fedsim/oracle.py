@@ -3,12 +3,18 @@
 Minibatches are keyed: client i's local step s of round t reads positions
 [s*B, (s+1)*B) of a per-(seed, round, client, epoch) random permutation of its samples,
 so every engine, chunking and rank layout sees the same samples.
+
+Inputs are stored compactly on the device and converted when a minibatch is gathered: float
+features in the compute dtype, uint8 images as uint8 (scaled to [0, 1] in the compute dtype
+per minibatch), integer token ids as int64 (never cast to float). The oracle runs its m
+clients in blocks of `plan.block` clients with the plan's kind (`fedsim.plan`): the memory of
+one forward/backward pass is that of one block, whatever m is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,30 +23,68 @@ import torch.nn.functional as F
 from fedsim import rng
 from fedsim.models import StackedModel
 
+if TYPE_CHECKING:
+    from fedsim.plan import ExecutionPlan
+
+
+def device_inputs(x: np.ndarray | torch.Tensor, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Model inputs on `device`, stored compactly: floats in `dtype`, uint8 kept as uint8
+    (images, scaled by `to_compute` per minibatch), other integers as int64 (token ids)."""
+    t = torch.as_tensor(x)
+    if t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    if t.dtype == torch.uint8:
+        return t.to(device=device)
+    if t.dtype == torch.bool:
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device, dtype=torch.int64)
+
+
+def to_compute(x: torch.Tensor, dtype: torch.dtype, normalize: Any = None) -> torch.Tensor:
+    """A gathered minibatch as the model sees it: uint8 pixels -> `dtype` (scaled to [0, 1], or
+    by `normalize.apply_torch(x, dtype)`: scale, per-channel mean/std), int64 unchanged,
+    floats in `dtype`."""
+    if x.dtype == torch.uint8:
+        return normalize.apply_torch(x, dtype) if normalize is not None else x.to(dtype).mul_(1.0 / 255.0)
+    if x.is_floating_point():
+        return x.to(dtype)
+    return x
+
 
 @dataclass
 class ClientData:
     """Training samples of all clients, concatenated client by client, on one device.
 
     Attributes:
-      x: [n_total, *feature]; y: [n_total] int64.
+      x: [n_total, *feature] as stored (`device_inputs`); y: [n_total] int64.
       offsets: [N] first row of each client; sizes: [N] number of rows of each client.
+      dtype: the compute dtype minibatches are converted to (`to_compute`).
+      normalize: how uint8 pixels become floats (an object with `apply_torch(x, dtype)`, e.g.
+        `fedsim.data.Normalize`); None scales them by 1/255.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     offsets: torch.Tensor
     sizes: torch.Tensor
+    dtype: torch.dtype = torch.float32
+    normalize: Any = None
 
     @staticmethod
     def from_parts(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], device: Any,
-                   dtype: torch.dtype) -> ClientData:
+                   dtype: torch.dtype, normalize: Any = None) -> ClientData:
         order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        return ClientData(torch.as_tensor(x[order], dtype=dtype, device=device),
+        return ClientData(device_inputs(x[order], device, dtype),
                           torch.as_tensor(y[order], dtype=torch.int64, device=device),
-                          torch.as_tensor(offsets, device=device), torch.as_tensor(sizes, device=device))
+                          torch.as_tensor(offsets, device=device), torch.as_tensor(sizes, device=device),
+                          dtype, normalize)
+
+    def inputs(self, rows: torch.Tensor) -> torch.Tensor:
+        """Model inputs [*rows.shape, *feature] of the rows `rows`, in the compute layout."""
+        flat = self.x.index_select(0, rows.reshape(-1))  # [rows, *feature]: Normalize's channel axis 1
+        return to_compute(flat, self.dtype, self.normalize).view(*rows.shape, *self.x.shape[1:])
 
     def subset(self, ids: np.ndarray) -> ClientData:
         """The data of clients `ids` only (what one MPI rank or Flower node holds)."""
@@ -51,7 +95,7 @@ class ClientData:
         sizes[ids_t] = self.sizes[ids_t]
         offsets = torch.zeros_like(self.offsets)
         offsets[ids_t] = torch.cumsum(self.sizes[ids_t], 0) - self.sizes[ids_t]
-        return ClientData(self.x[rows], self.y[rows], offsets, sizes)
+        return ClientData(self.x[rows], self.y[rows], offsets, sizes, self.dtype, self.normalize)
 
 
 class BlockOracle:
@@ -59,13 +103,17 @@ class BlockOracle:
 
     Args:
       model: the stacked model; data: all clients' samples; ids: [m] client ids (device tensor);
-      round, seed: keys of the minibatch stream; batch_size: None means full local batch.
+      round, seed: keys of the minibatch stream; batch_size: None means full local batch;
+      plan: how to execute (kind, clients per pass); None: the model's first available kind,
+        all m clients in one pass.
     """
 
     def __init__(self, model: StackedModel, data: ClientData, ids: torch.Tensor, round: int,
-                 seed: int, batch_size: int | None) -> None:
+                 seed: int, batch_size: int | None, plan: ExecutionPlan | None = None) -> None:
         self.model, self.data, self.ids, self.round, self.seed = model, data, ids, round, seed
         self.batch_size = batch_size
+        self.kind = plan.kind if plan is not None else None
+        self.block = plan.block if plan is not None else None
         self.sizes = data.sizes[ids]
         self.offsets = data.offsets[ids]
         self._perms: dict[int, torch.Tensor] = {}
@@ -89,7 +137,7 @@ class BlockOracle:
             pos = torch.arange(n_max, device=self.ids.device)[None, :]
             valid = pos < self.sizes[:, None]
             rows = self.offsets[:, None] + torch.where(valid, pos, 0)
-            w = valid.to(self.data.x.dtype) / self.sizes[:, None].to(self.data.x.dtype)
+            w = valid.to(self.data.dtype) / self.sizes[:, None].to(self.data.dtype)
             return rows, (None if bool(valid.all()) else w)
         b = self.batch_size
         p = step * b + torch.arange(b, device=self.ids.device)[None, :]
@@ -105,21 +153,35 @@ class BlockOracle:
     def loss(self, params: dict[str, torch.Tensor], rows: torch.Tensor, w: torch.Tensor | None
              ) -> torch.Tensor:
         """Per-client loss [m] of parameters `params` (named [m, *shape] tensors) on `rows`."""
-        inputs = self.data.x.index_select(0, rows.reshape(-1)).view(*rows.shape, *self.data.x.shape[1:])
-        logits = self.model.logits_class_first(params, inputs)  # [m, C, B]
+        logits = self.model.logits_class_first(params, self.data.inputs(rows), self.kind)  # [m, C, B]
         per = F.cross_entropy(logits, self.data.y[rows], reduction="none")  # [m, B]
         return per.mean(1) if w is None else (per * w).sum(1)
 
     def _grad(self, x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss [m] and gradient [m, P], computed `block` clients at a time."""
         self.calls += 1
+        m = x.shape[0]
+        c = min(self.block or m, m)
+        if c == m:
+            return self._grad_block(x, rows, w)
+        loss = torch.empty(m, dtype=x.dtype, device=x.device)
+        grad = torch.empty_like(x)
+        for j in range(0, m, c):
+            sl = slice(j, j + c)
+            loss[sl] = self._grad_block(x[sl], rows[sl], None if w is None else w[sl], grad[sl])[0]
+        return loss, grad
+
+    def _grad_block(self, x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         m = x.shape[0]
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_(True)
                       for k, v in self.model.spec.unflatten(x).items()}
             loss = self.loss(leaves, rows, w)
             grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
-        return loss.detach(), torch.cat([g.reshape(m, -1) for g in grads], 1)
+        flat = [g.reshape(m, -1) for g in grads]
+        return loss.detach(), torch.cat(flat, 1, out=out) if out is not None else torch.cat(flat, 1)
 
     def __call__(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows, w = self.batch_rows(step)
@@ -137,17 +199,25 @@ class BlockOracle:
 
 @torch.no_grad()
 def evaluate(model: StackedModel, x: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
-             batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss [k] and accuracy [k] of k models x [k, P] on a shared dataset (chunked)."""
+             batch: int = 2048, plan: ExecutionPlan | None = None, normalize: Any = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss [k] and accuracy [k] of k models x [k, P] on a shared dataset.
+
+    Samples go `batch` at a time and models `plan.block` at a time (all k without a plan);
+    `inputs` are stored inputs (`device_inputs`), converted per batch to x's dtype
+    (`to_compute` with `normalize`).
+    """
     k = x.shape[0]
+    kind, c = (plan.kind, plan.block) if plan is not None else (None, k)
     loss = torch.zeros(k, dtype=torch.float64, device=x.device)
     correct = torch.zeros(k, dtype=torch.float64, device=x.device)
     n = inputs.shape[0]
     for s in range(0, n, batch):
-        xb, yb = inputs[s:s + batch], labels[s:s + batch]
-        logits = model.forward_shared(x, xb)
-        yy = yb.unsqueeze(0).expand(k, -1)
-        loss += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yy.reshape(-1),
-                                reduction="none").view(k, -1).sum(1).double()
-        correct += (logits.argmax(-1) == yy).sum(1).double()
+        xb, yb = to_compute(inputs[s:s + batch], x.dtype, normalize), labels[s:s + batch]
+        for j in range(0, k, c):
+            logits = model.forward_shared(x[j:j + c], xb, kind)
+            yy = yb.unsqueeze(0).expand(logits.shape[0], -1)
+            loss[j:j + c] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yy.reshape(-1),
+                                             reduction="none").view(logits.shape[0], -1).sum(1).double()
+            correct[j:j + c] += (logits.argmax(-1) == yy).sum(1).double()
     return loss / max(n, 1), correct / max(n, 1)

@@ -11,6 +11,8 @@ import types
 import typing
 from typing import Any
 
+from fedsim.registry import plain
+
 _OPS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
@@ -34,6 +36,13 @@ def type_text(hint: Any) -> str:
         return f"{origin.__name__}[{inner}]" if args else origin.__name__
     if hint is type(None):
         return "None"
+    from fedsim.registry import variant_tag
+
+    tag = variant_tag(hint)
+    if tag is not None:   # a variant dataclass: {kind: tag, key: type, ...}
+        fields = typing.get_type_hints(hint, include_extras=True)
+        keys = "".join(f", {k}: {type_text(t)}" for k, t in fields.items() if k != "kind")
+        return f"{{kind: {tag}{keys}}}"
     return getattr(hint, "__name__", str(hint).replace("typing.", ""))
 
 
@@ -49,6 +58,6 @@ def param_lines(registry: Any, name: str) -> list[str]:
         hint = hints.get(key, p.annotation)
         text = "any" if hint is inspect.Parameter.empty else (
             hint if isinstance(hint, str) else type_text(hint))
-        tail = "(required)" if p.default is inspect.Parameter.empty else f"= {p.default!r}"
+        tail = "(required)" if p.default is inspect.Parameter.empty else f"= {plain(p.default)!r}"
         lines.append(f"{key}: {text} {tail}")
     return lines

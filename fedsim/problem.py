@@ -6,7 +6,7 @@ stacked neural network (`DataProblem`) and the closed-form quadratics of `fedsim
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from fedsim.models import StackedModel
 from fedsim.objectives import Regularized
 from fedsim.oracle import BlockOracle, ClientData, evaluate
 from fedsim.types import Oracle
+
+if TYPE_CHECKING:
+    from fedsim.plan import ExecutionPlan
 
 
 class Problem(Protocol):
@@ -45,6 +48,8 @@ class Problem(Protocol):
 class DataProblem:
     """Clients' samples on one device, a stacked model, a global test set.
 
+    Gradients and evaluation run with `self.plan` (`fedsim.plan.ExecutionPlan`); the engine
+    chooses it at set-up with `choose_plan`, and the cost model's choice is taken otherwise.
     ``client_test`` (optional) holds every client's own test split, rows concatenated client
     by client as in `ClientData` (set by `fedsim.setup.Setup.problem`); `evaluate_clients`
     scores models on it.
@@ -55,16 +60,31 @@ class DataProblem:
 
     def __init__(self, model: StackedModel, data: ClientData, x_test: torch.Tensor,
                  y_test: torch.Tensor, sizes: np.ndarray, seed: int, batch_size: int | None,
-                 eval_batch: int = 2048, nonconvex_reg: float = 0.0) -> None:
+                 eval_batch: int = 2048, nonconvex_reg: float = 0.0,
+                 plan: ExecutionPlan | None = None) -> None:
         self.model, self.data, self.x_test, self.y_test = model, data, x_test, y_test
         self.sizes, self.seed, self.batch_size, self.eval_batch = sizes, seed, batch_size, eval_batch
         self.nonconvex_reg = nonconvex_reg
         self.num_clients, self.num_params = len(sizes), model.spec.size
-        self.device, self.dtype = data.x.device, data.x.dtype
+        self.device, self.dtype = data.x.device, data.dtype
+        self.plan = plan
+
+    def choose_plan(self, option: str = "auto", block: int | None = None,
+                    memory_mb: int = 2048) -> ExecutionPlan:
+        """Pick (and from now on use) the execution plan; see `fedsim.plan.choose_plan`."""
+        from fedsim.plan import choose_plan
+
+        self.plan = choose_plan(self, option, block, memory_mb)
+        return self.plan
+
+    def execution_plan(self) -> ExecutionPlan:
+        """The plan in use (the cost model's, chosen on first use, if none was chosen)."""
+        return self.plan if self.plan is not None else self.choose_plan()
 
     def oracle(self, ids: torch.Tensor, round: int) -> Oracle:
         """Gradients of the clients' training losses (plus the scenario's regulariser)."""
-        oracle = BlockOracle(self.model, self.data, ids, round, self.seed, self.batch_size)
+        oracle = BlockOracle(self.model, self.data, ids, round, self.seed, self.batch_size,
+                             self.execution_plan())
         return Regularized(oracle, self.nonconvex_reg) if self.nonconvex_reg else oracle
 
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -72,7 +92,8 @@ class DataProblem:
         report null, never a 0.0 that looks measured)."""
         if self.y_test.numel() == 0:
             return None
-        return evaluate(self.model, x, self.x_test, self.y_test, self.eval_batch)
+        return evaluate(self.model, x, self.x_test, self.y_test, self.eval_batch, self.execution_plan(),
+                        self.data.normalize)
 
     @torch.no_grad()
     def evaluate_clients(self, x: torch.Tensor, ids: torch.Tensor
@@ -90,12 +111,15 @@ class DataProblem:
         sizes, offsets = ct.sizes[ids], ct.offsets[ids]
         loss = torch.zeros(k, dtype=torch.float64, device=x.device)
         correct = torch.zeros(k, dtype=torch.float64, device=x.device)
+        plan = self.execution_plan()
         n_max, step = int(sizes.max()) if k else 0, max(1, self.eval_batch // max(k, 1))
         for s in range(0, n_max, step):
             pos = torch.arange(s, min(s + step, n_max), device=x.device)[None, :]
             valid = pos < sizes[:, None]
-            rows = offsets[:, None] + torch.where(valid, pos, 0)
-            logits = self.model.forward(x, ct.x[rows])  # [k, b, C]
+            # padding reads row 0 (an empty last client's offset is the row count)
+            rows = torch.where(valid, offsets[:, None] + pos, 0)
+            logits = torch.cat([self.model.forward(x[j:j + plan.block], ct.inputs(rows[j:j + plan.block]),
+                                                   plan.kind) for j in range(0, k, plan.block)])  # [k, b, C]
             y = ct.y[rows]
             per = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
             loss += torch.where(valid, per, 0).sum(1).double()
@@ -106,17 +130,20 @@ class DataProblem:
         if len(owned) == self.num_clients:
             return self
         out = DataProblem(self.model, self.data.subset(np.asarray(owned)), self.x_test, self.y_test,
-                          self.sizes, self.seed, self.batch_size, self.eval_batch, self.nonconvex_reg)
+                          self.sizes, self.seed, self.batch_size, self.eval_batch, self.nonconvex_reg,
+                          self.execution_plan())
         if self.client_test is not None:
             out.client_test = self.client_test.subset(np.asarray(owned))
         out.flops_per_sample = self.flops_per_sample
         return out
 
     def memory_per_client(self) -> int:
-        """Rough bytes of one client's working set in a stacked step (for chunk sizing)."""
-        p = self.model.spec.size
-        feat = int(np.prod(self.data.x.shape[1:]))
-        batch = self.batch_size or int(self.sizes.max())
-        return (8 * p + 16 * batch * max(feat, 1)) * self.data.x.element_size()
+        """Bytes of one client's parameter-sized working set (model, update, strategy state).
+
+        Used to size the round loop's chunks of clients. Activation memory is not in it: the
+        oracle runs a chunk `plan.block` clients at a time, and the plan bounds that block's
+        activations by the memory budget (`fedsim.plan`).
+        """
+        return 16 * self.model.spec.size * torch.empty((), dtype=self.dtype).element_size()
 
 

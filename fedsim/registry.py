@@ -13,11 +13,17 @@ conventions, so plug-in code holds no config code:
 * parameters annotated with a plug-in type (`fedsim.types.Compressor`, or a list of them)
   take ``{name: ..., <params>}`` mappings, validated recursively by that type's registry and
   built into objects; registries created with ``self_describing=True`` attach the mapping
-  (``spec``) to what their factories return, so a resolved scenario can be written back.
+  (``spec``) to what their factories return, so a resolved scenario can be written back;
+* parameters annotated with *variants* (frozen dataclasses whose ``kind`` field is a one-value
+  ``Literal``, alone or in a union, possibly with plain types such as a float) take
+  ``{kind: ..., <params>}`` mappings, or the bare ``kind`` string for its defaults: one key
+  with its own parameters (``penalty: {kind: const, value: 2.0}``, ``lr: theory``), so a
+  parameter of another variant cannot be written and silently ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -33,7 +39,8 @@ from fedsim.errors import ConfigError
 # kind -> (singular noun, the scenario key that chooses the plug-in)
 _NOUNS = {"strategies": ("strategy", "name"), "datasets": ("dataset", "dataset"),
           "compressors": ("compressor", "name"), "optimizers": ("optimizer", "name"),
-          "work": ("local work model", "kind"),
+          "work": ("local work model", "kind"), "aggregators": ("aggregator", "name"),
+          "attacks": ("attack", "kind"),
           "topologies": ("topology", "kind"),
           "partitions": ("partition", "kind"), "models": ("model", "kind"),
           "participation": ("participation pattern", "kind"), "engines": ("engine", "kind")}
@@ -171,8 +178,10 @@ _MODEL_CACHE: dict[Callable[..., Any], Any] = {}
 def nested_registry(kind: str) -> Registry:
     """The registry of plug-ins that appear as arguments of other plug-ins, by kind."""
     import strategies
+    from fedsim.robust import AGGREGATORS
 
-    return {"compressors": strategies.COMPRESSORS, "optimizers": strategies.OPTIMIZERS}[kind]
+    return {"compressors": strategies.COMPRESSORS, "optimizers": strategies.OPTIMIZERS,
+            "aggregators": AGGREGATORS}[kind]
 
 
 def _nested_kind(ann: Any) -> tuple[str, bool] | None:
@@ -233,6 +242,81 @@ def _nested_field(kind: str, is_list: bool, field: str, optional: bool) -> Any:
     return typing.Annotated[Any, BeforeValidator(check)]
 
 
+def variant_tag(cls: Any) -> str | None:
+    """The ``kind`` of a variant class: a dataclass whose ``kind`` field is a one-value Literal."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return None
+    ann = typing.get_type_hints(cls).get("kind")
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is typing.Literal and len(args) == 1 and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _variants(ann: Any) -> tuple[dict[str, type], list[Any], bool] | None:
+    """({kind: class}, the other union members, optional) when `ann` has variant members."""
+    union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+    tags: dict[str, type] = {}
+    others: list[Any] = []
+    optional = False
+    for member in typing.get_args(ann) if union else (ann,):
+        tag = variant_tag(member)
+        if member is type(None):
+            optional = True
+        elif tag is None:
+            others.append(member)
+        else:
+            tags[tag] = member
+    return (tags, others, optional) if tags else None
+
+
+def build_variant(tags: Mapping[str, type], value: Any) -> Any:
+    """A variant object from ``{kind: ..., <params>}`` or a bare kind string (objects pass).
+
+    ConfigError keys are relative to the mapping ("kind", "value").
+    """
+    if isinstance(value, tuple(tags.values())):
+        return value
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, Mapping):
+        raise ConfigError("expected a mapping {kind: ..., <params>} or a kind", value=value,
+                          allowed=", ".join(tags))
+    kind = value.get("kind")
+    if not isinstance(kind, str) or kind not in tags:
+        raise ConfigError("unknown kind" if "kind" in value else "a 'kind' is required", key="kind",
+                          value=kind if "kind" in value else ..., allowed=", ".join(tags))
+    cls = tags[kind]
+    kwargs = validate_kwargs(cls, {k: v for k, v in value.items() if k != "kind"}, reserved=("kind",))
+    return cls(kind=kind, **kwargs)
+
+
+def _variant_field(tags: dict[str, type], others: list[Any], optional: bool, field: str) -> Any:
+    """A pydantic type for a parameter whose values include variants (see `build_variant`)."""
+    from pydantic import ValidationError, WrapValidator
+
+    from fedsim.plugin_doc import type_text
+
+    choices = ", ".join([*(type_text(o) for o in others), *tags, *(["null"] if optional else [])])
+
+    def check(value: Any, handler: Callable[[Any], Any]) -> Any:
+        if value is None and optional:
+            return None
+        named = isinstance(value, str) and value in tags
+        if not others or named or isinstance(value, (Mapping, *tags.values())):
+            try:
+                return build_variant(tags, value)
+            except ConfigError as err:
+                raise err.at(prefix=field) from None
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            msg = pydantic_to_config_error(exc).msg
+            raise ConfigError(msg, key=field, value=value, allowed=choices) from None
+    base: Any = functools.reduce(lambda a, b: a | b, others) if others else Any
+    return typing.Annotated[base, WrapValidator(check)]
+
+
 def _signature_model(fn: Callable[..., Any], reserved: frozenset[str]) -> Any:
     """A pydantic model with one field per keyword parameter of `fn` (cached)."""
     if fn in _MODEL_CACHE:
@@ -248,6 +332,8 @@ def _signature_model(fn: Callable[..., Any], reserved: frozenset[str]) -> Any:
         nested = _nested_kind(ann)
         if nested is not None:
             ann = _nested_field(*nested, k, optional=type(None) in typing.get_args(ann))
+        elif (variants := _variants(ann)) is not None:
+            ann = _variant_field(*variants, k)
         else:
             ann = _number_guard(ann, k, p.default)
         fields[k] = (ann, ... if p.default is p.empty else p.default)
@@ -308,6 +394,8 @@ def plain(value: Any) -> Any:
         return plain(spec)
     if hasattr(value, "model_dump"):   # a pydantic model among a plug-in's arguments
         return plain(value.model_dump())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):   # a variant
+        return plain(dataclasses.asdict(value))
     if isinstance(value, Mapping):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

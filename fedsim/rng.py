@@ -27,6 +27,8 @@ DATASET = 7        # synthetic data generators
 SYSTEM = 8         # simulated speeds, links, stragglers
 STRATEGY = 9       # randomness inside a strategy: (round, client)
 WORK = 10          # heterogeneous local work: (client[, round])
+DP = 11            # differential-privacy noise on the server's aggregate: (round, stream, coordinate)
+ATTACK = 12        # Byzantine clients: which ones (client), random updates (round, client, coordinate)
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -128,3 +130,14 @@ def uniform_torch(seed: int, purpose: int, *ids: Any, device: Any = None, dtype:
 
     u = _srl(bits_torch(seed, purpose, *ids, device=device), 11).to(torch.float64) * (2.0 ** -53)
     return u if dtype is None else u.to(dtype)
+
+
+def normal_torch(seed: int, purpose: int, *ids: Any, device: Any = None, dtype: Any = None) -> Any:
+    """Standard normal tensor, one per element of the broadcast of `ids` (Box-Muller on two
+    keyed uniforms: the stream (seed, purpose, *ids, 0) and (seed, purpose, *ids, 1))."""
+    import torch
+
+    u1 = uniform_torch(seed, purpose, *ids, 0, device=device)
+    u2 = uniform_torch(seed, purpose, *ids, 1, device=device)
+    z = torch.sqrt(-2 * torch.log1p(-u1)) * torch.cos(2 * torch.pi * u2)
+    return z if dtype is None else z.to(dtype)

@@ -12,11 +12,14 @@ everything a round *means* lives here and is called by the multiplex / MPI loop
   its uplink bytes and the samples its gradients touched;
 * `record_times`: a block's simulated compute and communication seconds (`fedsim.system`);
 * `block_partial`: the block's share of the weighted sum (the strategy's weights or the default);
+* `gathered_reduce`: the reduction of a strategy with an `aggregate` (robust aggregation), from
+  the rows of every participant;
 * `Staleness`: the FIFO that hands the server update of round t the reduction of t - s;
 * `server_step`: the strategy's server update (not called while the FIFO fills);
 * `row_bytes` / `broadcast_bytes`: the one byte rule;
 * `MixingOps`: the round's mixing operators ("W" and the uniform neighbour mean "mean");
-* `eval_due`, `metrics_line`, `node_metrics`: when to evaluate and the metrics line.
+* `eval_due`, `metrics_line`, `node_metrics`, `client_eval`, `strategy_metrics`: when to
+  evaluate and the metrics line.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from fedsim.client_metrics import client_metrics, client_test_sums
 from fedsim.comm import weighted_sum
 from fedsim.system import Plan, RoundRecord, SystemModel
 from fedsim.types import Oracle, Participation, Pending, RoundCtx, Strategy, Topology, Tree
@@ -201,6 +205,19 @@ def block_partial(strategy: Strategy, server: Tree, payload: Tree, ctx: RoundCtx
     return weighted_sum(payload, w)
 
 
+def gathered_reduce(strategy: Strategy, server: Tree, rows: Tree, ctx: RoundCtx) -> Tree:
+    """`strategy.aggregate` of the round's payload rows ({} when nobody took part).
+
+    rows[k] [M, ...] hold every participant's row in ascending client id (engines gather them:
+    chunks concatenated, MPI ranks' slices allgathered in rank order, Flower replies by
+    partition id); ctx covers all M participants.
+    """
+    assert strategy.aggregate is not None, "gathered_reduce needs a strategy with an aggregate"
+    if not rows:
+        return {}
+    return strategy.aggregate(server, rows, ctx)
+
+
 class Staleness:
     """FIFO of reductions: round t's server update receives the reduction of round t - s.
 
@@ -305,3 +322,35 @@ def node_metrics(sq_dist_sum: float, acc_sum: float | None, n: int) -> dict[str,
     return {"consensus_distance": sq_dist_sum / n,
             "node_accuracy_mean": None if acc_sum is None else acc_sum / n}
 
+
+
+def client_eval(problem: Any, models_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
+                n: int, allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Per-client test metrics (`fedsim.client_metrics.client_metrics`: mean, weighted mean,
+    worst-10 %, percentiles and spread of client accuracy, client loss) for the metrics line.
+
+    Every client is scored on its own test split with `models_of(ids)` (server strategies: the
+    server model; gossip: each node's own model). `ids` are the clients this process holds;
+    `allreduce` sums the [3, N] per-client table over processes (MPI ranks), so every engine
+    reports the same figures. {} when the data has no per-client test splits.
+    """
+    sums = client_test_sums(problem, models_of, ids, n)
+    if sums is None:
+        return {}
+    if allreduce is not None:
+        sums = allreduce(sums.reshape(-1)).reshape(3, n)
+    return client_metrics(sums[0], sums[1], sums[2])
+
+
+def strategy_metrics(strategy: Strategy, server: Tree, participation: Participation | None, t: int,
+                     seed: int, sizes: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    """The strategy's own entries of the metrics line of round t (`Strategy.metrics`, {} without).
+
+    The strategy sees a ctx of round t covering its selected participants (`participants`);
+    values are plain floats (or None) so every engine writes the same JSON.
+    """
+    if strategy.metrics is None:
+        return {}
+    mask = torch.as_tensor(participants(strategy, participation, t, int(sizes.shape[0])), device=sizes.device)
+    ctx = make_ctx(t, seed, torch.nonzero(mask).flatten(), mask, sizes, dtype)
+    return {k: None if v is None else float(v) for k, v in strategy.metrics(server, ctx).items()}

@@ -14,7 +14,7 @@ from fedsim.config import TOP_KEYS, Scenario
 from fedsim.data import ClientSplits, Dataset, client_splits, label_distribution, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import StackedModel, build_model, init_params
-from fedsim.oracle import ClientData
+from fedsim.oracle import ClientData, device_inputs
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem
 from fedsim.round import plan_round
@@ -58,18 +58,17 @@ class Setup:
         on the first call; later calls share it)."""
         if self._problem is None:
             ds, sc = self.dataset, self.scenario
-            x_train = ds.features(ds.x_train)
-            data = ClientData.from_parts(x_train, ds.y_train, self.parts, self.device, self.dtype)
+            data = ClientData.from_parts(ds.x_train, ds.y_train, self.parts, self.device, self.dtype,
+                                         ds.normalize)
             prob = DataProblem(
-                self.model, data,
-                torch.as_tensor(ds.features(ds.x_test), dtype=self.dtype, device=self.device),
+                self.model, data, device_inputs(ds.x_test, self.device, self.dtype),
                 torch.as_tensor(ds.y_test, dtype=torch.int64, device=self.device),
                 self.sizes, sc.seed, sc.strategy.batch_size, sc.eval.batch_size,
                 nonconvex_reg=sc.model.nonconvex_reg)
             if self.splits is not None and self.splits.test is not None:
-                x, y = self.splits.test_arrays(ds)
-                x = x_train if self.splits.test_from == "train" else ds.features(x)
-                prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype)
+                x, y = self.splits.test_arrays(ds)  # stored compactly, like the training rows
+                prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype,
+                                                         ds.normalize)
             self._problem = prob
         return self._problem
 
@@ -108,6 +107,33 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("CUDA is not available on this machine", key="engine.device", value=name,
                           allowed="cpu or auto")
     return torch.device(name)
+
+
+def _adversarial(strategy: Strategy, sc: Scenario, aggregator: Any, participation: Any) -> Strategy:
+    """The scenario's Byzantine clients (`attack:`, `fedsim.attacks`) around the strategy's uplink,
+    then its robust aggregator (`strategy.aggregator`, `fedsim.robust`), checked against the
+    participants per round where the pattern fixes them (full, uniform)."""
+    from fedsim.attacks import ATTACKS, with_attack
+    from fedsim.robust import fixed_participants, with_aggregator
+
+    with _located(sc.source, "attack"):
+        attack = ATTACKS.build(sc.attack.kind, sc.attack.params(), num_clients=sc.data.clients, seed=sc.seed)
+    try:
+        strategy = strategy if attack is None else with_attack(strategy, attack)
+    except ValueError as exc:
+        raise ConfigError(str(exc).partition(": ")[2], key="attack.kind", value=sc.attack.kind) from None
+    if aggregator is None:
+        return strategy
+    try:
+        strategy = with_aggregator(strategy, aggregator)
+    except ValueError as exc:
+        raise ConfigError(str(exc).partition(": ")[2], key="strategy.aggregator",
+                          value=aggregator.spec["name"]) from None
+    m = fixed_participants(sc.participation.kind, participation)
+    bad = None if m is None else aggregator.fits(m)
+    if bad is not None:
+        raise ConfigError(bad[1], key=f"strategy.aggregator.{bad[0]}", value=aggregator.spec.get(bad[0]))
+    return strategy
 
 
 def build_setup(sc: Scenario) -> Setup:
@@ -151,6 +177,10 @@ def build_setup(sc: Scenario) -> Setup:
                               p_nominal=getattr(participation, "p_nominal", None))
     if sc.strategy.name == "flower":  # a Flower strategy object on the server: fedsim.flower.plugin
         from fedsim.flower.plugin import client_strategy
+        if sc.attack.kind != "none":
+            raise ConfigError("attacks apply to fedsim's own server strategies", file=sc.source,
+                              key="attack.kind", value=sc.attack.kind,
+                              allowed="none with strategy.name: flower")
         with _located(sc.source, "strategy"):
             strategy = client_strategy(sc)
         cfg = sc.system
@@ -170,6 +200,8 @@ def build_setup(sc: Scenario) -> Setup:
         params = sc.strategy.params()
         uplink = None if "compressor" in STRATEGIES.params(sc.strategy.name) \
             else params.pop("compressor", None)
+        aggregator = None if "aggregator" in STRATEGIES.params(sc.strategy.name) \
+            else params.pop("aggregator", None)
         strategy = STRATEGIES.build(sc.strategy.name, params, runtime=runtime)
         if not isinstance(strategy, Strategy):
             raise ConfigError(f"the strategy factory returned a {type(strategy).__name__}, not a "
@@ -182,6 +214,7 @@ def build_setup(sc: Scenario) -> Setup:
         if strategy.comm == "mix" and sc.participation.kind != "full":
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")
+        strategy = _adversarial(strategy, sc, aggregator, participation)
     check_topology(sc, strategy, topology)
     estimate_clients(sc, strategy, model.spec.size, elem, mem)
     work = None

@@ -6,8 +6,9 @@ client), so they never depend on execution order, chunking or rank layout. A rou
 duration follows from what the round actually did:
 
 * compute: the samples a client's gradients touched this round (counted by the kernel's
-  oracle) x FLOPs per sample of the model (measured once at set-up with
-  `torch.utils.flop_counter`) / the client's FLOP/s (or samples / samples-per-second);
+  oracle) x FLOPs per sample of the model (counted once at set-up by
+  `fedsim.models.flops`, which also counts LSTM/GRU and attention) / the client's FLOP/s (or
+  samples / samples-per-second);
 * communication: latency + 8 * bytes / bandwidth with the bytes the byte rule counts
   (compressed payloads are cheaper in time too); gossip: a node's sends to its neighbours run in
   parallel over its link; data-parallel workers (``network: allreduce``): a ring (or tree)
@@ -250,21 +251,12 @@ class Clock:
                 "server_s": self.server, "idle_client_s_mean": max(mean_idle, 0.0)}
 
 
-
-
 def flops_per_sample(module: Any, x: Any, y: Any) -> float:
-    """Forward + backward FLOPs of one training sample: `torch.utils.flop_counter` over one
+    """Forward + backward FLOPs of one training sample: `fedsim.models.flops.step_flops` of one
     cross-entropy step of `module` on the batch (x, y), divided by the batch size."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
+    from fedsim.models.flops import step_flops
 
-    module = module.train()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.enable_grad():
-        loss = F.cross_entropy(module(x), y)
-        loss.backward()
-    return float(counter.get_total_flops()) / max(int(x.shape[0]), 1)
+    return step_flops(module.train(), x, y) / max(int(x.shape[0]), 1)
 
 
 __all__ = ["SystemModel", "Plan", "RoundRecord", "Clock", "per_client", "flops_per_sample"]

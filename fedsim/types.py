@@ -134,6 +134,14 @@ class Strategy(NamedTuple):
         work); False for one-gradient methods (gd, EF21), where a `work:` section is refused.
       local_steps: local steps per round (`local_steps`, `tau`), for the simulated system's
         planning (deadlines, over-selection); None: one gradient pass.
+      metrics: (server, ctx) -> {name: float | None}: the strategy's own entries of the metrics
+        line (DP-FedAvg's privacy spent), called at every evaluation with a ctx of that round
+        (its selected participants) (`fedsim.round.strategy_metrics`); None: none.
+      aggregate: comm="reduce": (server, rows, ctx) -> reduced, replacing the weighted sum when
+        the reduction is not one (robust aggregation, `fedsim.robust`): rows[k] [M, ...] are the
+        payload rows of EVERY participant of the round in ascending client id, ctx covers them
+        all; engines then gather rows instead of summing them (`fedsim.round.gathered_reduce`).
+        None: the weighted sum.
     """
 
     init_server: Callable[[torch.Tensor], Tree]
@@ -151,6 +159,8 @@ class Strategy(NamedTuple):
     derived_keys: tuple[str, ...] = ()
     trains_locally: bool = True
     local_steps: int | None = None
+    metrics: Callable[[Tree, RoundCtx], Mapping[str, Any]] | None = None
+    aggregate: Callable[[Tree, Tree, RoundCtx], Tree] | None = None
 
 
 def no_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:

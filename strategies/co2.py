@@ -12,6 +12,7 @@ References:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
@@ -25,39 +26,93 @@ from strategies.local import broadcast_rows, run_local, sgd
 
 Weighting = Literal["samples", "uniform"]
 SGD = sgd()
+OUTER_MOMENTUM = 0.2
+"""Default outer momentum beta of `co2` and `slowmo` (one value, so that default-vs-default
+comparisons differ only in the algorithm): the CO2 README / example value and fairseq-CO2's rule
+for 17-32 workers; the fairscale constructors default to 0.5, which diverges with staleness."""
 
 
-def gap_penalty(kind: str, value: float, scale: float, gap: torch.Tensor | None) -> torch.Tensor | float:
-    """Lambda_t >= 1 dividing the stale pseudo-gradient.
+@dataclass(frozen=True)
+class ConstPenalty:
+    """Lambda = value: the released code's constant `co2_gap_penalty` (default 1.0)."""
 
-    const: Lambda = value (the released code's constant `co2_gap_penalty`).
-    gap_norm: Lambda = 1 + scale * ||gap||_2 / ||1||_2 (scalar; ||1|| = sqrt(P), i.e. the RMS gap).
-    gap_elementwise: Lambda = 1 + scale * |gap| (per coordinate, Gap-Aware style, arXiv:1909.10802).
-    gap = x_{t,0} - xbar_{t-1,tau}; None (no staleness) gives Lambda = 1 for the gap forms.
-    """
-    if kind == "const":
-        return value
-    if gap is None:
-        return 1.0
-    if kind == "gap_norm":
-        return 1 + scale * gap.norm() / math.sqrt(gap.numel())
-    return 1 + scale * gap.abs()
+    kind: Literal["const"] = "const"
+    value: Annotated[float, Ge(1)] = 1.0
 
 
-def clip_momentum(kind: str, phi: float, m: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class GapNormPenalty:
+    """Lambda = 1 + scale * ||gap||_2 / ||1||_2 (a scalar, the RMS gap): the recalled paper form,
+    unverified."""
+
+    kind: Literal["gap_norm"] = "gap_norm"
+    scale: NonNegativeFloat = 1.0
+
+
+@dataclass(frozen=True)
+class GapElementwisePenalty:
+    """Lambda = 1 + scale * |gap| per coordinate (Gap-Aware style, arXiv:1909.10802)."""
+
+    kind: Literal["gap_elementwise"] = "gap_elementwise"
+    scale: NonNegativeFloat = 1.0
+
+
+@dataclass(frozen=True)
+class NoClip:
+    """No clipping of the outer momentum (what the released code effectively does)."""
+
+    kind: Literal["none"] = "none"
+
+
+@dataclass(frozen=True)
+class ElementwiseClip:
+    """Clamp every coordinate of m to [-threshold, threshold] (what the released code intends)."""
+
+    kind: Literal["elementwise"] = "elementwise"
+    threshold: PositiveFloat = 1.0
+
+
+@dataclass(frozen=True)
+class NormClip:
+    """Rescale m to ||m||_2 <= threshold."""
+
+    kind: Literal["norm"] = "norm"
+    threshold: PositiveFloat = 1.0
+
+
+Penalty = ConstPenalty | GapNormPenalty | GapElementwisePenalty
+Clip = NoClip | ElementwiseClip | NormClip
+UNIT = ConstPenalty()
+NO_CLIP = NoClip()
+
+
+def gap_penalty(penalty: Penalty, gap: torch.Tensor) -> torch.Tensor | float:
+    """Lambda_t >= 1 dividing the stale pseudo-gradient; gap = x_{t,0} - xbar_{t-1,tau} [P]."""
+    if isinstance(penalty, ConstPenalty):
+        return penalty.value
+    if isinstance(penalty, GapNormPenalty):
+        return 1 + penalty.scale * gap.norm() / math.sqrt(gap.numel())
+    return 1 + penalty.scale * gap.abs()
+
+
+def clip_momentum(clip: Clip, m: torch.Tensor) -> torch.Tensor:
     """Outer-momentum clipping: element-wise clamp to [-phi, phi], or rescale to ||m||_2 <= phi."""
-    if kind == "elementwise":
-        return m.clamp(-phi, phi)
-    if kind == "norm":
+    if isinstance(clip, ElementwiseClip):
+        return m.clamp(-clip.threshold, clip.threshold)
+    if isinstance(clip, NormClip):
+        phi = clip.threshold
         return m * (phi / m.norm()).clamp(max=1.0) if math.isfinite(phi) else m
     return m
 
 
 def outer_step_strategy(*, tau: int, lr: float, inner: LocalOptimizer, outer_lr: float, beta: float,
-                        staleness: int, penalty: str = "const", penalty_value: float = 1.0,
-                        gap_scale: float = 1.0, clip: str = "none", clip_threshold: float = math.inf,
+                        staleness: int, penalty: Penalty = UNIT, clip: Clip = NO_CLIP,
                         weighting: str = "uniform") -> Strategy:
     """The one implementation behind `co2`, `slowmo` and `local-sgd` (see `co2` for the math)."""
+    if not staleness and not isinstance(penalty, ConstPenalty):
+        raise ValueError("penalty: a gap penalty needs staleness 1 (without staleness there is no "
+                         "gap); use {kind: const}")
+
     def init_server(x0: torch.Tensor) -> Tree:
         server = {"x": x0.clone(), "m": torch.zeros_like(x0)}
         return {**server, "x_prev": x0.clone()} if staleness else server
@@ -77,10 +132,10 @@ def outer_step_strategy(*, tau: int, lr: float, inner: LocalOptimizer, outer_lr:
         if not reduced:
             return out
         pseudo = -reduced["delta"]                                   # x_{t-1,0} - xbar_{t-1,tau}
-        gap = server["x"] - (anchor + reduced["delta"]) if staleness else None
-        lam = gap_penalty(penalty, penalty_value, gap_scale, gap)
+        lam = penalty.value if isinstance(penalty, ConstPenalty) else \
+            gap_penalty(penalty, server["x"] - (anchor + reduced["delta"]))
         m = beta * server["m"] + (pseudo if isinstance(lam, float) and lam == 1.0 else pseudo / lam)
-        m = clip_momentum(clip, clip_threshold, m)
+        m = clip_momentum(clip, m)
         return {**out, "m": m, "x": server["x"] - outer_lr * m}
 
     return Strategy(init_server=init_server, init_clients=init_clients, local=local,
@@ -90,11 +145,8 @@ def outer_step_strategy(*, tau: int, lr: float, inner: LocalOptimizer, outer_lr:
 
 @STRATEGIES.register("co2")
 def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOptimizer = SGD,
-        outer_lr: PositiveFloat = 1.0, beta: Momentum = 0.2, staleness: Literal[0, 1] = 1,
-        penalty: Literal["const", "gap_norm", "gap_elementwise"] = "gap_norm",
-        penalty_value: Annotated[float, Ge(1)] = 1.0, gap_scale: NonNegativeFloat = 1.0,
-        clip: Literal["none", "elementwise", "norm"] = "elementwise",
-        clip_threshold: PositiveFloat = 1.0, weighting: Weighting = "uniform") -> Strategy:
+        outer_lr: PositiveFloat = 1.0, beta: Momentum = OUTER_MOMENTUM, staleness: Literal[0, 1] = 1,
+        penalty: Penalty = UNIT, clip: Clip = NO_CLIP, weighting: Weighting = "uniform") -> Strategy:
     """CO2 (Sun et al. 2024): tau inner steps, outer momentum step applied one round late.
 
     Round t: every participant starts from the outer model x_{t,0}, runs `tau` steps of its
@@ -107,17 +159,18 @@ def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOptimizer
     staleness 0 uses the current round (D = x_{t,0} - xbar_{t,tau}, no gap): SlowMo, and with
     beta 0, outer_lr 1, Lambda 1 it is Local SGD. An empty reduction leaves x and m unchanged.
 
-    The paper's exact Lambda_t could not be verified (docs/algorithms.md#co2-penalty-and-clipping);
-    `gap_norm` is the
-    recalled 1 + ||gap|| / ||1||, `const` the released code's constant, `gap_elementwise` a
-    per-coordinate variant; `gap_scale` multiplies the gap (the RMS gap of NN weights is tiny, so
-    at scale 1 `gap_norm` is close to 1). Penalty and clipping are inert near a fixed point
-    (gap -> 0, small m): they bound transients but cannot stabilise a linearly unstable
+    Defaults follow the released code (weigao266/fairscale-CO2): a constant penalty 1.0 and no
+    clipping (its `_co2_clip` discards the clamp it computes, so it never clipped). The paper's
+    exact Lambda_t could not be verified (docs/algorithms.md#co2-penalty-and-clipping): the gap
+    forms are opt-ins, `{kind: gap_norm, scale: s}` the recalled 1 + s ||gap|| / ||1|| and
+    `{kind: gap_elementwise, scale: s}` a per-coordinate variant (the RMS gap of NN weights is
+    tiny, so at scale 1 `gap_norm` is close to 1). Penalty and clipping are inert near a fixed
+    point (gap -> 0, small m): they bound transients but cannot stabilise a linearly unstable
     (outer_lr, beta). With staleness, heavy ball needs outer_lr * k < 1 - beta along every
     curvature h, k = 1 - (1 - lr h)^tau being the share of the way to the local optimum that
-    tau inner steps cover; the default beta is 0.2 (the README's example), since the code's 0.5
-    diverges wherever k > 0.5. Clipping is element-wise by default, as
-    the code intends (its `torch.clamp` result is discarded, so it never clipped).
+    tau inner steps cover; hence beta 0.2 (the CO2 README / example value, shared with
+    `slowmo`), where the fairscale constructor's 0.5 diverges wherever k > 0.5. tau 8 suits CPU
+    scale (the code's outer frequency is 48 in fairscale, 20 in fairseq).
     Partial participation: D averages the participants of round t-1, all starting from
     x_{t-1,0}; non-participants keep their inner state until they next take part.
 
@@ -125,8 +178,11 @@ def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOptimizer
       tau: inner steps per round. lr: inner step size. inner: the workers' optimizer
         (`strategies.local`: {name: sgd}, {name: momentum, mass: 0.9}, {name: adamw, beta1: ...},
         each with its own weight_decay); its state persists per worker across rounds.
-      outer_lr: alpha. beta: outer momentum. staleness: 1 (CO2) or 0 (no overlap).
-      penalty, penalty_value, gap_scale: Lambda_t (see above). clip, clip_threshold: phi.
+      outer_lr: alpha. beta: outer momentum. staleness: 1 (CO2) or 0 (no overlap; a gap
+        penalty then has no gap and is refused).
+      penalty: Lambda_t, one of {kind: const, value: >= 1}, {kind: gap_norm, scale: >= 0},
+        {kind: gap_elementwise, scale: >= 0} (or the bare kind for its defaults).
+      clip: {kind: none}, {kind: elementwise, threshold: phi} or {kind: norm, threshold: phi}.
       weighting: "uniform" (all-reduce mean, the paper) or "samples" (n_i / sum n_j).
 
     Shapes: server {"x", "m", "x_prev" (staleness 1)}: [P]; payload {"delta": [m, P]}; client
@@ -134,18 +190,19 @@ def co2(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOptimizer
     "step": [m]}, sgd none).
     """
     return outer_step_strategy(tau=tau, lr=lr, inner=inner, outer_lr=outer_lr, beta=beta,
-                               staleness=staleness,
-                               penalty=penalty, penalty_value=penalty_value, gap_scale=gap_scale,
-                               clip=clip, clip_threshold=clip_threshold, weighting=weighting)
+                               staleness=staleness, penalty=penalty, clip=clip, weighting=weighting)
 
 
 @STRATEGIES.register("slowmo")
 def slowmo(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOptimizer = SGD,
-           outer_lr: PositiveFloat = 1.0, beta: Momentum = 0.5, weighting: Weighting = "uniform") -> Strategy:
+           outer_lr: PositiveFloat = 1.0, beta: Momentum = OUTER_MOMENTUM,
+           weighting: Weighting = "uniform") -> Strategy:
     """SlowMo (Wang et al. 2020, arXiv:1910.00643): `co2` with staleness 0, no penalty, no clipping.
 
-    m <- beta m + (x_{t,0} - xbar_{t,tau}); x_{t+1,0} = x_{t,0} - outer_lr * m (fairscale's
-    defaults beta 0.5, outer_lr 1). Parameters as in `co2`.
+    m <- beta m + (x_{t,0} - xbar_{t,tau}); x_{t+1,0} = x_{t,0} - outer_lr * m. The defaults are
+    `co2`'s (beta 0.2, outer_lr 1, tau 8), so that `slowmo` vs `co2` isolates the staleness;
+    fairscale's SlowMo defaults to beta 0.5 and its docstring reports tuned values from 0 to
+    0.6 by node count. Parameters as in `co2`.
     """
     return outer_step_strategy(tau=tau, lr=lr, inner=inner, outer_lr=outer_lr, beta=beta,
                                staleness=0, weighting=weighting)
@@ -161,3 +218,7 @@ def local_sgd(*, tau: PositiveInt = 8, lr: PositiveFloat = 0.05, inner: LocalOpt
     """
     return outer_step_strategy(tau=tau, lr=lr, inner=inner, outer_lr=1.0, beta=0.0, staleness=0,
                                weighting=weighting)
+
+
+__all__ = ["co2", "slowmo", "local_sgd", "ConstPenalty", "GapNormPenalty", "GapElementwisePenalty",
+           "NoClip", "ElementwiseClip", "NormClip", "Penalty", "Clip"]

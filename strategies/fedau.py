@@ -26,7 +26,14 @@ from fedsim.types import RoundCtx, Strategy, StrategyRuntime, Tree, no_clients
 from strategies import STRATEGIES
 from strategies.local import delta_local
 
+__all__ = ["fedau", "fedavg_all", "known_prob", "LR", "LOCAL_STEPS"]
+
 Weights = Callable[[Tree, RoundCtx], torch.Tensor]
+LR, LOCAL_STEPS = 0.1, 5
+"""Local lr and steps of the whole FedAU family (fedau, fedavg-all, known-prob, fedvarp, mifa):
+the reference code's defaults (IBM/fedau `config.py`: -lr 0.1, -iters-per-round 5; minibatch 16
+is the scenario's `strategy.batch_size`). `fedavg` keeps fedsim's common 0.05 / 10, so compare
+FedAU with FedAvg at explicit, equal values (as scenarios/paper/fedau does)."""
 
 
 def over_all(ctx: RoundCtx) -> torch.Tensor:
@@ -66,7 +73,7 @@ def _num_clients(runtime: StrategyRuntime | None, name: str) -> int:
 
 
 @STRATEGIES.register("fedau")
-def fedau(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
+def fedau(*, lr: PositiveFloat = LR, local_steps: PositiveInt = LOCAL_STEPS,
           server_lr: PositiveFloat = 1.0, cutoff: PositiveInt | None = None,
           runtime: StrategyRuntime | None = None) -> Strategy:
     """FedAU (Wang & Ji, ICLR 2024): weight each update by its client's mean participation interval.
@@ -79,8 +86,10 @@ def fedau(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
     in [1, K]). The update is x <- x + eta * (1/N) sum_{i in S} omega_i Delta_i: divided by
     all N clients, absent ones counting 0. Under Bernoulli(p) participation omega -> E[min(G, K)]
     = (1 - (1-p)^K) / p (G ~ Geometric(p)), 1/p for K = inf; with full participation every
-    interval is 1 and FedAU is FedAvg with uniform weights. Exactly as IBM/fedau `main.py`
-    (`-weighting adaptive`, `-k-adaptive`).
+    interval is 1 and FedAU is exactly `fedavg` with `weighting: uniform` and the same lr,
+    local_steps and server_lr (not the default sample weighting, unless all n_i are equal).
+    Exactly as IBM/fedau `main.py` (`-weighting adaptive`, `-k-adaptive`); the defaults lr 0.1,
+    5 local steps are the reference's (`LR`, `LOCAL_STEPS`).
 
     Args:
       lr: local step size gamma.
@@ -117,7 +126,7 @@ def fedau(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
 
 
 @STRATEGIES.register("fedavg-all")
-def fedavg_all(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
+def fedavg_all(*, lr: PositiveFloat = LR, local_steps: PositiveInt = LOCAL_STEPS,
                server_lr: PositiveFloat = 1.0) -> Strategy:
     """FedAvg divided by all N clients: x <- x + eta * (1/N) sum_{i in S} Delta_i.
 
@@ -149,7 +158,7 @@ def _oracle_probabilities(runtime: StrategyRuntime | None) -> np.ndarray:
 
 
 @STRATEGIES.register("known-prob")
-def known_prob(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
+def known_prob(*, lr: PositiveFloat = LR, local_steps: PositiveInt = LOCAL_STEPS,
                server_lr: PositiveFloat = 1.0, runtime: StrategyRuntime | None = None) -> Strategy:
     """Oracle baseline: x <- x + eta * (1/N) sum_{i in S} Delta_i / p_i with the true p_i.
 
@@ -173,5 +182,3 @@ def known_prob(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
 
     return _reweighted(lr, local_steps, server_lr, weights)
 
-
-__all__ = ["fedau", "fedavg_all", "known_prob"]

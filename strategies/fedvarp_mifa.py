@@ -22,7 +22,7 @@ import torch
 from fedsim.constraints import PositiveFloat, PositiveInt
 from fedsim.types import Oracle, RoundCtx, Strategy, Tree, model_rows
 from strategies import STRATEGIES
-from strategies.fedau import over_all
+from strategies.fedau import LOCAL_STEPS, LR, over_all
 from strategies.local import local_delta
 
 
@@ -51,7 +51,7 @@ def _table_strategy(lr: float, local_steps: int,
 
 
 @STRATEGIES.register("fedvarp")
-def fedvarp(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
+def fedvarp(*, lr: PositiveFloat = LR, local_steps: PositiveInt = LOCAL_STEPS,
             server_lr: PositiveFloat = 1.0) -> Strategy:
     """FedVARP (Jhunjhunwala et al., UAI 2022): SAGA-style variance reduction over clients.
 
@@ -79,7 +79,7 @@ def fedvarp(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
 
 
 @STRATEGIES.register("mifa")
-def mifa(*, lr: PositiveFloat = 0.05, local_steps: PositiveInt = 10,
+def mifa(*, lr: PositiveFloat = LR, local_steps: PositiveInt = LOCAL_STEPS,
          server_lr: PositiveFloat = 1.0) -> Strategy:
     """MIFA (Gu et al., NeurIPS 2021): apply the mean of every client's latest update.
 

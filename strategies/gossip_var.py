@@ -21,12 +21,13 @@ from collections.abc import Sequence
 import torch
 
 from fedsim.constraints import NonNegativeFloat, PositiveInt, Probability
-from fedsim.types import Oracle, RoundCtx, Strategy, StrategyRuntime, Tree
+from fedsim.types import LocalOptimizer, Oracle, RoundCtx, Strategy, StrategyRuntime, Tree
 from strategies import STRATEGIES
 from strategies.gossip import node_models
-from strategies.local import local_sgd
+from strategies.local import run_local, sgd
 
 Segment = tuple[int, int]
+SGD = sgd()
 
 
 def corrected_segments(segments: Sequence[tuple[str, int, int]], weights_only: bool = False
@@ -81,13 +82,13 @@ def variance_correct(avg: torch.Tensor, target: torch.Tensor, segs: Sequence[Seg
 
 @STRATEGIES.register("gossip-var")
 def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
-               local_steps: PositiveInt = 1, beta: Probability = 0.5,
-               eps: NonNegativeFloat = 1e-4, population_var: bool = False,
+               local_steps: PositiveInt = 1, optimizer: LocalOptimizer = SGD,
+               beta: Probability = 0.5, eps: NonNegativeFloat = 1e-4, population_var: bool = False,
                weights_only: bool = False) -> Strategy:
     """Gossip learning with variance-corrected averaging (Tian et al. 2024, arXiv:2404.04616).
 
-    Every node i takes `local_steps` SGD steps (y_i), sends y_i to its neighbours N(i), and
-    combines conservatively what it receives (M = |N(i)| models):
+    Every node i takes `local_steps` steps of its local optimizer (y_i), sends y_i to its
+    neighbours N(i), and combines conservatively what it receives (M = |N(i)| models):
 
       avg_i = beta * y_i + (1 - beta) * (1/M) sum_{j in N(i)} y_j
       for each parameter tensor l:  target_il = (1/M) sum_{j in N(i)} Var(y_j[l])
@@ -102,6 +103,12 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
     which the reference code leaves untouched, do not exist here: fedsim's flat parameters hold
     only `nn.Parameter`s and models with float buffers are rejected.
 
+    The local optimizer defaults to plain SGD with lr 0.1, as `gossip`, so that the two differ
+    only in the averaging; DFL_torch trains with SGD lr 0.01, momentum 0.9, weight decay 1e-4
+    (`lr: 0.01, optimizer: {name: momentum, mass: 0.9, weight_decay: 1.0e-4}`). Its state (the
+    heavy-ball buffer) is kept per node across rounds and is neither averaged nor reset by the
+    combination, as the reference keeps each node's optimizer.
+
     The engine mixes {"x": y, "stats": [Var(y_j[l])..., 1]} with the uniform in-neighbour mean
     ("mean", self excluded); the trailing 1 tells whether a node received anything. Bytes
     count only the model ("stats" is a derived key), since a real receiver computes the
@@ -109,32 +116,41 @@ def gossip_var(*, runtime: StrategyRuntime, lr: NonNegativeFloat = 0.1,
 
     Args:
       runtime: supplies `segments`, the (name, start, stop) of every tensor.
-      lr: local step size (0 gives pure averaging). local_steps: SGD steps per round.
+      lr: local step size (0 gives pure averaging). local_steps: local steps per round.
+      optimizer: the nodes' local optimizer (`strategies.local`: {name: sgd}, {name: momentum,
+        mass: 0.9, weight_decay: 1e-4}, {name: adamw, ...}); its state persists per node.
       beta: conservativeness, the weight of the node's own model.
       eps: added to numerator and denominator inside the square root (0: C++ parity).
       population_var: divide by n (C++) instead of n - 1 (PyTorch port).
       weights_only: rescale only tensors not named "*bias" (C++ parity).
 
-    Shapes: node state {"x": [m, P]}; payload {"x": [m, P], "stats": [m, L + 1]} with L the
-    number of corrected tensors.
+    Shapes: node state {"x": [m, P]} + the optimizer's state (momentum: {"buf": [m, P]});
+    payload {"x": [m, P], "stats": [m, L + 1]} with L the number of corrected tensors.
     """
     segs = corrected_segments(runtime.segments, weights_only)
     unbiased = not population_var
+    if "x" in optimizer.init(torch.zeros(1, 1)):
+        raise ValueError("optimizer: its state may not use the key 'x' (the node model)")
+
+    def init_clients(x0: torch.Tensor, ids: torch.Tensor) -> Tree:
+        nodes = node_models(x0, ids)
+        return {**nodes, **optimizer.init(nodes["x"])}
 
     def local(server: Tree, clients: Tree, oracle: Oracle, ctx: RoundCtx) -> tuple[Tree, Tree, Tree]:
-        y, loss = local_sgd(clients["x"], oracle, local_steps, lr, budget=ctx.steps)
-        var = tensor_variances(y, segs, unbiased)
+        state = {k: v for k, v in clients.items() if k != "x"}
+        run = run_local(clients["x"], oracle, local_steps, lr, optimizer, state=state, budget=ctx.steps)
+        var = tensor_variances(run.y, segs, unbiased)
         stats = torch.cat([var, torch.ones_like(var[:, :1])], dim=1)
-        return {"x": y, "stats": stats}, {"x": y}, {"loss": loss}
+        return {"x": run.y, "stats": stats}, {**run.state, "x": run.y}, {"loss": run.loss}
 
     def node_update(clients: Tree, mixed: Tree, ctx: RoundCtx) -> Tree:
         own, received = clients["x"], mixed["x"]
         has_peer = mixed["stats"][:, -1:] > 0.5
         avg = beta * own + (1 - beta) * received
         out = variance_correct(avg, mixed["stats"][:, :-1], segs, eps=eps, unbiased=unbiased)
-        return {"x": torch.where(has_peer, out, own)}
+        return {**clients, "x": torch.where(has_peer, out, own)}   # optimizer state kept as is
 
-    return Strategy(init_server=lambda x0: {}, init_clients=node_models, local=local,
+    return Strategy(init_server=lambda x0: {}, init_clients=init_clients, local=local,
                     node_update=node_update, comm="mix", mixing={"x": "mean", "stats": "mean"},
                     broadcast=(), payload=lambda p: {"x": (p,), "stats": (len(segs) + 1,)},
                     derived_keys=("stats",), local_steps=local_steps)

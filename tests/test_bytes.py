@@ -32,6 +32,10 @@ EXPECTED = {
     "ef21": ((ROW, TOP1), 1), "econtrol": ((ROW, TOP1), 1),
     "ef21-w": ((ROW + 8, TOP1), 1),                   # + L_i once
     "compressed-gd": ((TOP1, TOP1), 1),
+    "fedprox": ((ROW, ROW), 1), "fedadam": ((ROW, ROW), 1), "fedyogi": ((ROW, ROW), 1),
+    "fedadagrad": ((ROW, ROW), 1), "feddyn": ((ROW, ROW), 1),   # FedDyn's h stays on the server
+    "dp-fedavg": ((ROW, ROW), 1),                     # fixed clip: nothing but the clipped delta
+    "fednova": ((ROW + 8, ROW + 8), 1),               # normalised delta + a_i (one value)
 }
 GOSSIP = {"gossip": ROW, "gossip-var": ROW, "choco": TOP1}   # per message; stats are derived
 

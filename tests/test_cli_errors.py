@@ -33,7 +33,7 @@ CASES = [
     ("wrong type", {"rounds": "many"}, ["rounds", "many"]),
     ("unknown strategy", {"strategy": {"name": "fedavgg"}}, ["strategy.name", "fedavgg", "fedavg"]),
     ("unknown dataset", {"data": {"dataset": "mnistt", "clients": 4}}, ["data.dataset", "mnistt", "digits"]),
-    ("unknown model", {"model": {"kind": "resnet"}}, ["model.kind", "resnet", "mlp"]),
+    ("unknown model", {"model": {"kind": "vgg16"}}, ["model.kind", "vgg16", "mlp"]),
     ("bad model param", {"model": {"kind": "mlp", "hidden": [0]}}, ["model.hidden", "0"]),
     ("unknown partition", {"data": {"partition": {"kind": "weird"}}}, ["data.partition.kind", "weird"]),
     ("unknown topology", {"topology": {"kind": "hypercube9"}}, ["topology.kind", "hypercube9"]),

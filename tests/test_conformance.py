@@ -13,6 +13,7 @@ Each strategy, with its default hyperparameters, must:
 Closed forms for f_i(x) = 0.5 sum_j h_ij (x_j - c_ij)^2 and weights w_i (per coordinate):
   x*            = sum_i w_i h_i c_i / sum_i w_i h_i
   FedAvg(lr, K) : a_i = (1 - lr h_i)^K,  x = sum_i w_i (1 - a_i) c_i / sum_i w_i (1 - a_i)
+  FedProx(mu)   : the same with b_i = (1 - (1 - lr (h_i + mu))^K) h_i / (h_i + mu) for 1 - a_i
   D-SGD (atc)   : X = W (C + A (X - C))            ->  (I - W A) X = W (I - A) C
   CHOCO         : X = M (C + A (X - C)), M = I + gamma (W - I)  (public copies exact)
 """
@@ -67,6 +68,16 @@ def _fedavg(lr: float, steps: int) -> Callable[[testing.QuadraticProblem], np.nd
     return fixed_point
 
 
+def _fedprox(lr: float, steps: int, mu: float) -> Callable[[testing.QuadraticProblem], np.ndarray]:
+    """FedProx(lr, K, mu): b_i = (1 - (1 - lr (h_i + mu))^K) h_i / (h_i + mu), x = sum w b c / sum w b."""
+    def fixed_point(p: testing.QuadraticProblem) -> np.ndarray:
+        h, c = p.h.numpy(), p.c.numpy()
+        w = (p.sizes / p.sizes.sum())[:, None]
+        b = (1 - (1 - lr * (h + mu)) ** steps) * h / (h + mu)
+        return (w * b * c).sum(0) / (w * b).sum(0)
+    return fixed_point
+
+
 def _ring_w(n: int) -> np.ndarray:
     return build_topology("ring", {}, n=n, seed=0).mixing(0).dense()
 
@@ -90,11 +101,12 @@ FIXED_POINTS: dict[str, tuple[Callable[[testing.QuadraticProblem], np.ndarray], 
     # name: (closed form with the strategy's defaults, rounds)
     "fedavg": (_fedavg(0.05, 10), 400),
     "fedavgm": (_fedavg(0.05, 10), 400),
-    "fedau": (_fedavg(0.05, 10), 400),           # full participation: every interval is 1
-    "fedavg-all": (_fedavg(0.05, 10), 400),
-    "known-prob": (_fedavg(0.05, 10), 400),      # p_i = 1
-    "fedvarp": (_fedavg(0.05, 10), 400),
-    "mifa": (_fedavg(0.05, 10), 400),
+    # the FedAU family defaults to the reference code's lr 0.1, 5 local steps
+    "fedau": (_fedavg(0.1, 5), 400),             # full participation: every interval is 1
+    "fedavg-all": (_fedavg(0.1, 5), 400),
+    "known-prob": (_fedavg(0.1, 5), 400),        # p_i = 1
+    "fedvarp": (_fedavg(0.1, 5), 400),
+    "mifa": (_fedavg(0.1, 5), 400),
     "fedavg-m": (_fedavg(0.05 * 0.5, 10), 400),  # FedAvg-M(lr, beta) stops where FedAvg(lr beta) does
     "fedavg-m-vr": (_fedavg(0.05, 10), 400),     # the reconstruction's fixed point is FedAvg(lr)'s
     "scaffold": (_optimum, 400),
@@ -102,17 +114,25 @@ FIXED_POINTS: dict[str, tuple[Callable[[testing.QuadraticProblem], np.ndarray], 
     "scaffold-m-vr": (_optimum, 400),
     "gd": (_optimum, 600),
     "ef21": (_optimum, 1500),
-    "ef21-w": (_optimum, 1500),
+    "ef21-w": (_optimum, 1500),                  # its theory step, from estimated L_i
     "econtrol": (_optimum, 1500),
     "co2": (_fedavg(0.05, 8), 600),              # outer momentum, staleness: same fixed point
     "slowmo": (_fedavg(0.05, 8), 400),
     "local-sgd": (_fedavg(0.05, 8), 400),
+    "fedprox": (_fedprox(0.05, 10, 0.01), 400),
+    "fedadam": (_fedavg(0.05, 10), 600),         # server optimisers stop where the mean update is 0
+    "fedyogi": (_fedavg(0.05, 10), 600),
+    "fedadagrad": (_fedavg(0.05, 10), 400),
+    "fednova": (_fedavg(0.05, 10), 400),         # equal steps: a_i = K for all, FedNova = FedAvg
+    "feddyn": (_optimum, 800),                   # the dynamic regulariser removes client drift
     "gossip": (_gossip(0.1, 1), 600),
     "choco": (_gossip(0.1, 1, gamma=0.2), 3000),
 }
 HOMOGENEOUS_ONLY = {
     "compressed-gd": "naive top-k GD stalls at a point that depends on the compressor's history",
     "gossip-var": "the variance correction is nonlinear in the node models",
+    "dp-fedavg": "per-client clipping makes its fixed point the root of a nonlinear equation (clipped "
+                 "FedAvg); on identical clients every clipped update still points at x*",
 }
 
 

@@ -34,7 +34,9 @@ pytestmark = pytest.mark.mpi
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or mpi4py is None, reason="needs mpiexec and mpi4py")
 
 METRICS = ("train_loss", "test_loss", "test_accuracy", "bytes_up", "bytes_down", "sim_time_s",
-           "consensus_distance", "node_accuracy_mean")
+           "consensus_distance", "node_accuracy_mean", "client_acc_mean", "client_acc_weighted",
+           "client_acc_worst10", "client_acc_std", "client_acc_p10", "client_acc_median", "client_acc_p90",
+           "client_loss", "clients_evaluated")
 
 
 def mpiexec(n: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -100,7 +102,7 @@ def launches(cli_cases, tmp_path_factory):
             extra = ["--loop-check"] if ranks in (2, 3) else []
             paths = [p for p, _, _ in cli_cases.values()]
             done[ranks] = (mpiexec(ranks, [sys.executable, "tests/mpi_scripts/run_many.py", str(out),
-                                           *extra, *paths]), out)
+                                           *extra, *paths], timeout=900), out)
         return done[ranks]
     return launch
 
@@ -139,13 +141,17 @@ def test_loop_matches_in_process_for_every_strategy(ranks, launches):
     """Every registered strategy on quadratics, 2 and 3 ranks over 7 clients ((3, 4) and
     (2, 2, 3)), with rounds where only the last rank, nobody, or only rank 0 takes part; a stale
     (Iallreduce) reduction; gossip with two operators on a ring (2 halo rows per rank and round)
-    and a random graph. (tests/mpi_scripts/loop_check.py, run at the end of the launch.)"""
+    and a random graph; robust aggregators (median, trimmed mean, Krum) under Byzantine clients and
+    DP-FedAvg with noise and an adaptive clip. (tests/mpi_scripts/loop_check.py, run at the end of
+    the launch.)"""
     # Execute
     res, _ = launches(ranks)
     # Assert: every case reported ok (the script aborts the job on any mismatch or exception)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     for case in ("fedavg-stale1-masks", "scaffold-uneven-work-masks", "two-key-gossip-ring",
-                 "ring-halo", "two-key-gossip-random"):
+                 "ring-halo", "two-key-gossip-random", "fedavg-median-signflip-masks",
+                 "scaffold-trimmed-random-masks", "fedavg-krum-signflip-full",
+                 "dp-fedavg-adaptive-noise-masks"):
         assert f"ok {case}" in res.stdout
     for name in _registered():
         assert f"ok {name}-masks" in res.stdout or f"ok {name}-ring" in res.stdout, (name, res.stdout)

@@ -2,10 +2,8 @@
 
 Each stand-in is written in the real source's format (flwrlabs/femnist as a save_to_disk
 directory, flwrlabs/shakespeare as its CSV, uoft-cs/cifar10 as hub-layout parquet files, LEAF
-JSON) and the scenario file itself is run through the CLI with only the data path, the sizes
-and the model overridden: the paper models (femnist-cnn, char-lstm, cifar-cnn) are replaced by
-the built-in mlp / cnn so that the data path is what is tested here (after the models work
-is merged, the overrides can go).
+JSON) and the scenario file itself is run through the CLI with only the data path and the
+sizes overridden: each runs its own paper model (femnist-cnn, char-lstm, cifar-cnn).
 """
 
 from __future__ import annotations
@@ -39,19 +37,22 @@ def test_femnist_scenario_on_a_local_copy(tmp_path, capsys) -> None:
     data = str(tmp_path / "femnist")
     fx.femnist_hf(writers=6, per_writer=30, classes=10).save_to_disk(data)
     run_dir, metrics = _run(capsys, tmp_path, "femnist.yaml", [
-        f"data.path={data}", "data.clients=6", "data.partition.select=all", "model.kind=mlp",
+        f"data.path={data}", "data.clients=6", "data.partition.select=all",
         "rounds=8", "eval.every=4", "participation.clients_per_round=3", "strategy.local_steps=5"])
     cfg = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
     assert cfg["data"]["client_column"] == "writer_id" and cfg["data"]["partition"]["holdout"] == 0.0
+    assert cfg["model"]["kind"] == "femnist-cnn"
     assert [m["round"] for m in metrics] == [4, 8]
-    # images and labels arrive paired: the class templates are learnt (chance: 0.1)
-    assert metrics[-1]["test_accuracy"] >= 0.8
+    assert metrics[-1]["clients_evaluated"] == 6  # every writer on its own 10 %
+    # images and labels arrive paired: the class templates are learnt (chance: 0.1; the
+    # femnist-cnn reaches 0.78 in these 40 steps, labels shuffled against images stay near 0.1)
+    assert metrics[-1]["test_accuracy"] >= 0.5
 
 
 def test_shakespeare_scenario_on_a_local_csv(tmp_path, capsys) -> None:
     data = fx.shakespeare_csv(str(tmp_path / "shakespeare"), roles=5, per_role=30)
     _, metrics = _run(capsys, tmp_path, "shakespeare.yaml", [
-        f"data.path={data}", "data.clients=5", "data.partition.select=all", "model.kind=mlp",
+        f"data.path={data}", "data.clients=5", "data.partition.select=all",
         "rounds=4", "eval.every=2", "participation.clients_per_round=2",
         f"data.cache_dir={tmp_path / 'cache'}", "strategy.lr=0.05", "strategy.local_steps=3"])
     assert [m["round"] for m in metrics] == [2, 4] and metrics[-1]["test_loss"] is not None
@@ -69,7 +70,7 @@ def test_shakespeare_leaf_scenario_on_leaf_json(tmp_path, capsys) -> None:
     fx.leaf_json(str(root / "train" / "all_data_niid_0_keep_0_train_9.json"), train)
     fx.leaf_json(str(root / "test" / "all_data_niid_0_keep_0_test_9.json"), test)
     _, metrics = _run(capsys, tmp_path, "shakespeare-leaf.yaml", [
-        f"data.path={root}", "data.clients=3", "model.kind=mlp", "rounds=2", "eval.every=1",
+        f"data.path={root}", "data.clients=3", "rounds=2", "eval.every=1",
         "participation.clients_per_round=2", "strategy.lr=0.05", "strategy.local_steps=2"])
     assert len(metrics) == 2
 
@@ -79,7 +80,7 @@ def test_cifar10_scenarios_on_local_parquet(tmp_path, capsys, scenario: str) -> 
     data = fx.save_parquet(fx.cifar_hf(n_train=600, n_test=100), str(tmp_path / "cifar10"))
     run_dir, metrics = _run(capsys, tmp_path, scenario, [
         f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.clients=20",
-        "data.partition.min_size=5", "model.kind=cnn", "rounds=2", "eval.every=1",
+        "data.partition.min_size=5", "rounds=2", "eval.every=1",
         "strategy.local_steps=2", "strategy.batch_size=16"])
     cfg = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
     assert cfg["data"]["mean"] == [0.4914, 0.4822, 0.4465]

@@ -31,9 +31,12 @@ from fedsim.work import LocalWork
 
 
 def auto_chunk(problem: Problem, memory_mb: int) -> int:
-    """Clients per stacked computation so that one chunk's working set stays within `memory_mb`."""
+    """Clients per stacked computation so that one chunk's working set stays within `memory_mb`
+    (and within the execution plan's `chunk_cap`, if it has one)."""
     per_client = problem.memory_per_client() if hasattr(problem, "memory_per_client") else 1
-    return max(1, int(memory_mb * 2**20 // max(per_client, 1)))
+    chunk = max(1, int(memory_mb * 2**20 // max(per_client, 1)))
+    cap = getattr(getattr(problem, "plan", None), "chunk_cap", None)
+    return min(chunk, cap) if cap else chunk
 
 
 @dataclass
@@ -103,9 +106,13 @@ class RoundLoop:
         """The loop of a scenario built by `fedsim.setup.build_setup`.
 
         With `memory_mb` and no `chunk_size`, the chunk size is derived from the memory bound.
+        `plan` / `plan_block` choose the execution plan (`fedsim.plan.choose_plan`).
         """
         sc = setup.scenario
         problem = setup.problem()
+        plan, plan_block = kw.pop("plan", "auto"), kw.pop("plan_block", None)
+        if hasattr(problem, "choose_plan"):
+            problem.choose_plan(plan, plan_block, memory_mb or 2048)
         if kw.get("chunk_size") is None and memory_mb:
             kw["chunk_size"] = auto_chunk(problem, memory_mb)
         return cls(setup.strategy, problem, setup.x0, rounds=sc.rounds, seed=sc.seed,
@@ -151,7 +158,10 @@ class RoundLoop:
                 self.train_loss[0] += float(out.loss.double().sum())
                 self.train_loss[1] += ids.numel()
             if strat.comm == "reduce":
-                partial = add_into(partial, kernel.block_partial(strat, s.server, out.payload, ctx))
+                if strat.aggregate is None:
+                    partial = add_into(partial, kernel.block_partial(strat, s.server, out.payload, ctx))
+                else:
+                    rows.append(out.payload)
                 up += int(out.up_bytes.sum())
             else:
                 assert degrees is not None
@@ -159,7 +169,10 @@ class RoundLoop:
                 up += int((out.up_bytes * degrees[ids]).sum())
         if strat.comm == "reduce":
             down = down_per * mine.numel()
-            self._finish_reduce(t, partial, mask, plan)
+            if strat.aggregate is None:
+                self._finish_reduce(t, partial, mask, plan)
+            else:
+                self._finish_gather(t, rows, mask, plan)
         else:
             down = up
             self._finish_mix(t, rows, mine, mask, plan)
@@ -178,6 +191,24 @@ class RoundLoop:
         reduced = s.stale.push(pending)
         ctx = self._ctx(t, torch.nonzero(mask).flatten(), mask, plan)
         s.server = kernel.server_step(strat, s.server, reduced, ctx)
+
+    def _finish_gather(self, t: int, rows: list[Tree], mask: torch.Tensor, plan: Plan) -> None:
+        """A strategy with an `aggregate` (robust aggregation): every process gathers the rows
+        of all participants (its own chunks, then every rank's in rank order = ascending ids)
+        and computes the same reduction; no collective in a round nobody took part in."""
+        s, strat = self.state, self.strategy
+        ctx = self._ctx(t, torch.nonzero(mask).flatten(), mask, plan)
+        gathered: Tree = {}
+        if bool(mask.any()):
+            mine = {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else None
+            if self.comm.size == 1:
+                parts = [mine] if mine else []
+            else:  # pickled host copies, one object per rank
+                host = None if mine is None else {k: v.cpu() for k, v in mine.items()}
+                parts = [p for p in self.comm.allgather(host) if p]
+            gathered = {k: torch.cat([p[k] for p in parts]).to(self.device) for k in parts[0]}
+        reduced = kernel.gathered_reduce(strat, s.server, gathered, ctx)
+        s.server = kernel.server_step(strat, s.server, s.stale.push(Ready(reduced)), ctx)
 
     def _finish_mix(self, t: int, rows: list[Tree], mine: torch.Tensor, mask: torch.Tensor,
                     plan: Plan) -> None:
@@ -228,8 +259,19 @@ class RoundLoop:
         m = kernel.metrics_line(t, float(tl[0]), float(tl[1]), test, s.bytes, self.clock.now)
         if strat.comm == "mix":
             m.update(self._node_metrics(x))
+        owned = torch.as_tensor(self.owned, device=self.device)
+        m.update(kernel.client_eval(self.problem, self._scored_models(x), owned, self.num_clients,
+                                    self.comm.allreduce_scalars))
+        m.update(kernel.strategy_metrics(strat, s.server, self.participation, t, self.seed, self.sizes,
+                                         self.dtype))
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
+
+    def _scored_models(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Client ids -> the models they are scored with on their own test splits."""
+        if self.strategy.comm == "reduce":
+            return lambda ids: x.expand(ids.numel(), -1)
+        return lambda ids: self.state.store.gather(ids)[self.strategy.model_key]
 
     def _node_metrics(self, avg: torch.Tensor) -> dict[str, Any]:
         ids, _ = self.node_rows()

@@ -213,7 +213,10 @@ class FlowerAdapter(FlowerStrategy):
         ids = torch.nonzero(mask_t).flatten()
         steps = kernel.block_steps(plan, self.setup.work, self.strategy, t, ids)
         ctx = kernel.make_ctx(t, self.setup.scenario.seed, ids, mask_t, self.sizes, self.dtype, steps)
-        reduced = kernel.block_partial(self.strategy, self.server, payload, ctx) if payload else {}
+        if self.strategy.aggregate is not None:  # robust aggregation: the rows are all here
+            reduced = kernel.gathered_reduce(self.strategy, self.server, payload, ctx)
+        else:
+            reduced = kernel.block_partial(self.strategy, self.server, payload, ctx) if payload else {}
         self.server = kernel.server_step(self.strategy, self.server, self.stale.push(Ready(reduced)), ctx)
 
     def _relay(self, t: int, payload: Tree, server_round: int) -> None:
@@ -246,6 +249,11 @@ class FlowerAdapter(FlowerStrategy):
             res = self.problem.evaluate(self.node_models)
             acc = float(res[1].double().sum()) if res is not None and res[1] is not None else None
             m.update(kernel.node_metrics(float(((self.node_models - x) ** 2).sum()), acc, self.n))
+        nodes = self.node_models if self.strategy.comm == "mix" else None
+        scored = (lambda ids: x.expand(ids.numel(), -1)) if nodes is None else (lambda ids: nodes[ids])
+        m.update(kernel.client_eval(self.problem, scored, torch.arange(self.n, device=x.device), self.n))
+        m.update(kernel.strategy_metrics(self.strategy, self.server, self.setup.participation, t,
+                                         self.setup.scenario.seed, self.sizes, self.dtype))
         m["flower_bytes_up"], m["flower_bytes_down"] = self.fed.wire[1], self.fed.wire[0]
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m

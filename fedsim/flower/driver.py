@@ -144,6 +144,9 @@ class SeededStrategy(FlowerStrategy):
             m = kernel.metrics_line(t, self.train_loss[0], self.train_loss[1],
                                     self.problem.evaluate(x[None]), self.bytes, self.clock.now)
             self.train_loss = [0.0, 0.0]
+            n = self.setup.num_clients
+            m.update(kernel.client_eval(self.problem, lambda ids: x.expand(ids.numel(), -1),
+                                        torch.arange(n, device=x.device), n))
             m.update(self.client_eval)
             m["flower_bytes_up"], m["flower_bytes_down"] = self.fed.wire[1], self.fed.wire[0]
             m["wall_s"] = round(time.perf_counter() - self.t0, 4)

@@ -4,9 +4,10 @@ Each rank runs the in-process reference (LocalComm, all clients) and its MPI sli
 quadratics, then compares its owned rows / the replicated server model. Cases: rounds where only
 the last rank, nobody, or only rank 0 takes part (partial None, signature agreement, skipped
 collective); a one-step-stale reduction (the Iallreduce overlap); gossip with two mixing
-operators on a ring and a random graph (neighbour exchange, halo size); then every registered
-strategy. Prints "ok <case>" on rank 0; any mismatch or exception prints the reason and aborts
-the job (exit 1): nothing is skipped.
+operators on a ring and a random graph (neighbour exchange, halo size); robust aggregation under
+Byzantine clients (the rows allgathered in rank order) and DP-FedAvg's keyed noise and adaptive
+clip; then every registered strategy. Prints "ok <case>" on rank 0; any mismatch or exception
+prints the reason and aborts the job (exit 1): nothing is skipped.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import torch
 from mpi4py import MPI
 
 from fedsim import testing
+from fedsim.attacks import ATTACKS, with_attack
 from fedsim.comm.mpi import MPIComm
 from fedsim.engines.loop import RoundLoop
 from fedsim.engines.mpi import model_fingerprint
+from fedsim.robust import AGGREGATORS, with_aggregator
 from fedsim.types import Strategy
 from fedsim.work import WORK
 from strategies import STRATEGIES
@@ -94,12 +97,29 @@ def compare(name: str, make, participation=None, topology=None, work=None) -> Ro
                     eval_every=2, on_eval=ref_hist.append, work=work)
         for a, b in zip(hist, ref_hist, strict=True):
             for k in ("train_loss", "test_loss", "bytes_up", "bytes_down", "consensus_distance",
-                      "sim_time_s"):
+                      "sim_time_s", "dp_epsilon", "dp_clip"):
                 if (a.get(k) is None) != (b.get(k) is None) or (
                         a.get(k) is not None and not np.isclose(a[k], b[k], rtol=1e-10, atol=1e-14)):
                     fail(f"{name}: metric {k} at round {a['round']}: {a.get(k)} != {b.get(k)}")
         print(f"ok {name}", flush=True)
     return loop
+
+
+def robust_cases(part) -> None:
+    """Aggregators that gather rows (uneven slices, rounds where one rank has no row) under attacks,
+    and DP-FedAvg with noise and an adaptive clip (replicated server-side draws)."""
+    flip = ATTACKS.build("sign_flip", {"fraction": 0.3, "scale": 3.0}, num_clients=N, seed=0)
+    noise = ATTACKS.build("random", {"fraction": 0.3}, num_clients=N, seed=0)
+
+    def robust(name, agg, params, attack, participation=None):
+        return lambda p: with_aggregator(with_attack(testing.build(name, {}, p, participation), attack),
+                                         AGGREGATORS.build(agg, params))
+    compare("fedavg-median-signflip-masks", robust("fedavg", "median", {}, flip, part), part)
+    trimmed = robust("scaffold", "trimmed-mean", {"beta": 0.2}, noise, part)
+    compare("scaffold-trimmed-random-masks", trimmed, part)
+    compare("fedavg-krum-signflip-full", robust("fedavg", "krum", {"f": 2}, flip))
+    dp = {"noise_multiplier": 0.5, "adaptive": True, "clip_count_stddev": 1.0}
+    compare("dp-fedavg-adaptive-noise-masks", lambda p: testing.build("dp-fedavg", dp, p, part), part)
 
 
 def main() -> None:
@@ -113,6 +133,7 @@ def main() -> None:
     uneven = WORK.build("uniform", {"low": 0, "high": 6}, num_clients=N, seed=0, sizes=np.ones(N),
                         batch_size=None)
     compare("scaffold-uneven-work-masks", lambda p: testing.build("scaffold", {}, p), part, work=uneven)
+    robust_cases(part)
     ring = graph_topology(nx.cycle_graph(N))
     loop = compare("two-key-gossip-ring", lambda p: two_key_gossip(), topology=ring)
     want_halo = 0 if WORLD.size == 1 else 2  # a ring slice reads one row from each side

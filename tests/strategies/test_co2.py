@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from fedsim import testing
+from fedsim.config import parse_scenario
+from fedsim.errors import ConfigError
 from fedsim.registry import build_nested
 from strategies import STRATEGIES
-from strategies.co2 import co2
+from strategies.co2 import (
+    ConstPenalty,
+    ElementwiseClip,
+    GapElementwisePenalty,
+    GapNormPenalty,
+    NoClip,
+    NormClip,
+    co2,
+)
 from strategies.local import adamw
+from tests.conftest import run_cli, small_scenario, write_scenario
 
 H, C, TAU, GAMMA = [1.0, 4.0, 2.0], [0.0, 1.0, -1.0], 8, 0.05
 FIXED_POINT = 0.1511183198
-PLAIN = dict(tau=TAU, lr=GAMMA, penalty="const", clip="none")
+PLAIN = dict(tau=TAU, lr=GAMMA, penalty=ConstPenalty(), clip=NoClip())
 
 
 def _problem(**kw) -> testing.QuadraticProblem:
@@ -161,7 +173,7 @@ def test_gap_compares_the_current_model_with_the_stale_average():
     y2 = _mean_end(x2)
     x4 = x3 - (0.5 * m2 + (x2 - y2) / (1 + abs(x3 - y2)))
     def make():
-        return co2(tau=TAU, lr=GAMMA, beta=0.5, penalty="gap_elementwise", clip="none")
+        return co2(tau=TAU, lr=GAMMA, beta=0.5, penalty=GapElementwisePenalty(), clip=NoClip())
     # Execute
     got3, got4 = _x(make(), 3), _x(make(), 4)
     # Assert
@@ -195,7 +207,7 @@ def test_an_empty_round_changes_nothing_but_still_advances_the_anchor():
     y2 = _mean_end(x2)
     x4 = x2 - (x2 - y2) / (1 + abs(x2 - y2))
     def make():
-        return co2(tau=TAU, lr=GAMMA, beta=0.0, penalty="gap_elementwise", clip="none")
+        return co2(tau=TAU, lr=GAMMA, beta=0.0, penalty=GapElementwisePenalty(), clip=NoClip())
     part = testing.MaskParticipation(masks)
     # Execute
     got = [_x(make(), r, participation=part) for r in (2, 3, 4)]
@@ -208,8 +220,8 @@ def test_staleness_destabilises_momentum_and_clipping_bounds_it():
     # Execute
     stale = float(_x(co2(staleness=1, beta=0.5, **PLAIN), 400)[0])
     sync = float(_x(co2(staleness=0, beta=0.5, **PLAIN), 400)[0])
-    clipped = float(_x(co2(staleness=1, beta=0.5, tau=TAU, lr=GAMMA, penalty="const",
-                           clip="elementwise", clip_threshold=0.5), 2000)[0])
+    clipped = float(_x(co2(staleness=1, beta=0.5, tau=TAU, lr=GAMMA, clip=ElementwiseClip(threshold=0.5)),
+                       2000)[0])
     # Assert
     assert abs(stale) > 1e4 and stale == pytest.approx(_reference(400, True, 1.0, 0.5), rel=1e-9)
     assert sync == pytest.approx(FIXED_POINT, abs=1e-10)
@@ -217,16 +229,15 @@ def test_staleness_destabilises_momentum_and_clipping_bounds_it():
     assert clipped == pytest.approx(_reference(2000, True, 1.0, 0.5, clip=0.5), rel=1e-9)
 
 
-@pytest.mark.parametrize("clip", ["elementwise", "norm"])
+@pytest.mark.parametrize("clip", [ElementwiseClip, NormClip])
 def test_unit_penalty_and_infinite_threshold_change_nothing(clip):
     # Prepare
     problem = testing.heterogeneous_quadratic(num_clients=5, dim=4, noise=0.1, seed=3)
     base = dict(tau=4, lr=0.1, beta=0.4, staleness=1)
     # Execute
-    plain = _x(co2(penalty="const", clip="none", **base), 20, problem)
-    unit = _x(co2(penalty="const", penalty_value=1.0, clip=clip, clip_threshold=math.inf, **base),
-              20, problem)
-    zero_gap = _x(co2(penalty="gap_norm", gap_scale=0.0, clip="none", **base), 20, problem)
+    plain = _x(co2(penalty=ConstPenalty(), clip=NoClip(), **base), 20, problem)
+    unit = _x(co2(penalty=ConstPenalty(value=1.0), clip=clip(threshold=math.inf), **base), 20, problem)
+    zero_gap = _x(co2(penalty=GapNormPenalty(scale=0.0), clip=NoClip(), **base), 20, problem)
     # Assert
     assert torch.equal(unit, plain) and torch.equal(zero_gap, plain)
 
@@ -236,9 +247,9 @@ def test_const_penalty_scales_the_pseudo_gradient():
     # Prepare
     problem = testing.heterogeneous_quadratic(num_clients=4, dim=3, noise=0.1, seed=1)
     # Execute
-    base = dict(penalty="const", tau=3, lr=0.1, beta=0.3, clip="none")
-    halved = _x(co2(penalty_value=2.0, outer_lr=1.0, **base), 15, problem)
-    slower = _x(co2(penalty_value=1.0, outer_lr=0.5, **base), 15, problem)
+    base = dict(tau=3, lr=0.1, beta=0.3, clip=NoClip())
+    halved = _x(co2(penalty=ConstPenalty(value=2.0), outer_lr=1.0, **base), 15, problem)
+    slower = _x(co2(penalty=ConstPenalty(value=1.0), outer_lr=0.5, **base), 15, problem)
     # Assert
     assert torch.equal(halved, slower)
 
@@ -260,7 +271,9 @@ def test_first_stale_update_by_hand(penalty, clip):
     expected = {"gap_norm": d / (1 + d.norm() / math.sqrt(2)), "gap_elementwise": d / (1 + d.abs()),
                 "norm": d * min(1.0, 0.1 / float(d.norm())), "elementwise": d.clamp(-0.1, 0.1)}
     # Execute
-    x2 = _x(co2(tau=5, lr=0.1, beta=0.5, penalty=penalty, clip=clip, clip_threshold=0.1), 2, problem)
+    clip_spec = {"kind": clip, **({} if clip == "none" else {"threshold": 0.1})}
+    strat = STRATEGIES.build("co2", {"tau": 5, "lr": 0.1, "beta": 0.5, "penalty": penalty, "clip": clip_spec})
+    x2 = _x(strat, 2, problem)
     # Assert
     torch.testing.assert_close(x2, -expected[penalty if clip == "none" else clip], rtol=1e-12, atol=0)
 
@@ -282,8 +295,7 @@ def test_inner_state_persists_across_rounds(inner, torch_opt):
     for _ in range(12):
         p.grad = problem.h[0] * (p.detach() - problem.c[0])
         opt.step()
-    strat = co2(tau=4, lr=0.05, inner=build_nested("optimizers", inner), staleness=0, beta=0.0,
-                penalty="const", clip="none")
+    strat = co2(tau=4, lr=0.05, inner=build_nested("optimizers", inner), staleness=0, beta=0.0)
     # Execute
     x = _x(strat, 3, problem)
     # Assert
@@ -299,3 +311,80 @@ def test_inner_state_is_per_client_and_waits_while_absent():
     state = loop.state.store.gather(torch.arange(3))
     # Assert
     assert state["step"].tolist() == [2 * TAU, TAU, 2 * TAU]
+
+
+# ---- defaults and one-key options (issue 16) -----------------------------------------------
+
+def _big_problem() -> testing.QuadraticProblem:
+    """Curvatures and centres large enough that |m| > 1 and the gap is not tiny."""
+    g = np.random.default_rng(4)
+    return testing.QuadraticProblem(g.uniform(1.0, 3.0, (4, 3)), 20 * g.normal(size=(4, 3)))
+
+
+def test_defaults_are_the_released_codes_constant_penalty_and_no_clipping():
+    """fairscale-CO2: co2_gap_penalty = 1.0 (a constant), and `_co2_clip` discards its clamp.
+    The former defaults (gap_norm penalty, element-wise clip at 1) act on this problem."""
+    # Prepare
+    problem, base = _big_problem(), dict(tau=4, lr=0.1)
+    # Execute
+    default = _x(co2(**base), 12, problem)
+    released = _x(co2(penalty=ConstPenalty(value=1.0), clip=NoClip(), **base), 12, problem)
+    former = _x(co2(penalty=GapNormPenalty(), clip=ElementwiseClip(threshold=1.0), **base), 12, problem)
+    # Assert
+    assert torch.equal(default, released)
+    assert float((former - released).abs().max()) > 1e-2
+
+
+def test_co2_and_slowmo_share_their_defaults():
+    """Same tau, lr, inner, outer_lr, beta (0.2) and weighting: without staleness, default co2
+    is default slowmo bitwise, so default-vs-default comparisons isolate the staleness."""
+    shared = ("tau", "lr", "inner", "outer_lr", "beta", "weighting")
+    a, b = STRATEGIES.params("co2"), STRATEGIES.params("slowmo")
+    assert {k: a[k].default for k in shared} == {k: b[k].default for k in shared}
+    assert a["beta"].default == 0.2
+    problem = _big_problem()
+    assert torch.equal(_x(co2(staleness=0), 10, problem), _x(STRATEGIES.build("slowmo", {}), 10, problem))
+
+
+@pytest.mark.parametrize("params,key,text", [
+    ({"penalty": {"kind": "const", "value": 0.5}}, "strategy.penalty.value", "greater than or equal to 1"),
+    ({"penalty": {"kind": "const", "scale": 2.0}}, "strategy.penalty.scale", "unknown key"),
+    ({"penalty": {"kind": "gap_norm", "value": 2.0}}, "strategy.penalty.value", "unknown key"),
+    ({"penalty": {"kind": "huber"}}, "strategy.penalty.kind", "unknown kind"),
+    ({"penalty": {"scale": 2.0}}, "strategy.penalty.kind", "a 'kind' is required"),
+    ({"clip": {"kind": "none", "threshold": 0.1}}, "strategy.clip.threshold", "unknown key"),
+    ({"clip": {"kind": "norm", "threshold": -1}}, "strategy.clip.threshold", "greater than 0"),
+    ({"penalty_value": 2.0}, "strategy.penalty_value", "unknown key"),       # the former keys
+    ({"clip_threshold": 0.1}, "strategy.clip_threshold", "unknown key"),
+    ({"gap_scale": 0.1}, "strategy.gap_scale", "unknown key"),
+])
+def test_an_option_of_another_kind_cannot_be_written(params, key, text):
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(small_scenario(strategy={"name": "co2", **params}))
+    assert err.value.key == key and text in str(err.value)
+
+
+def test_a_gap_penalty_without_staleness_is_refused():
+    with pytest.raises(ConfigError) as err:
+        STRATEGIES.build("co2", {"staleness": 0, "penalty": "gap_norm"})
+    assert err.value.key == "penalty" and "needs staleness 1" in str(err.value)
+
+
+def test_bad_option_exits_2_naming_the_key(tmp_path, capsys):
+    path = write_scenario(tmp_path, small_scenario(
+        strategy={"name": "co2", "penalty": {"kind": "const", "value": 0.5}}))
+    code, _, err = run_cli(["validate", path], capsys)
+    assert code == 2 and "strategy.penalty.value" in err and "Traceback" not in err
+
+
+def test_a_bare_kind_gives_its_defaults_and_the_resolved_config_rebuilds_it():
+    from fedsim.config import to_dict
+
+    sc = parse_scenario(small_scenario(strategy={"name": "co2", "penalty": "gap_norm",
+                                                 "clip": {"kind": "norm", "threshold": 0.5}}))
+    assert sc.strategy.penalty == GapNormPenalty(scale=1.0)
+    resolved = to_dict(sc)["strategy"]
+    assert resolved["penalty"] == {"kind": "gap_norm", "scale": 1.0}
+    assert resolved["clip"] == {"kind": "norm", "threshold": 0.5}
+    again = parse_scenario(small_scenario(strategy={k: v for k, v in resolved.items()}))
+    assert again.strategy.penalty == sc.strategy.penalty and again.strategy.clip == sc.strategy.clip

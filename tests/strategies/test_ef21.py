@@ -1,6 +1,7 @@
 """EF21 family: identities (C = id is GD, EF21-W == EF21 for top_k, EControl eta=0 == EF21),
-the paper's quadratic fixture, the g == mean g_i invariant under partial participation, and the
-behaviour that motivates EF21 (naive top-k stalls; EF21 converges with a fraction of the bytes)."""
+the paper's quadratic fixture, the g == mean g_i invariant under partial participation, the
+behaviour that motivates EF21 (naive top-k stalls; EF21 converges with a fraction of the bytes),
+and the theory steps (`lr: theory`) with the smoothness constants they need."""
 
 from __future__ import annotations
 
@@ -12,17 +13,28 @@ from fedsim import testing
 from fedsim.config import parse_scenario
 from fedsim.errors import ConfigError
 from fedsim.objectives import estimate_smoothness, nonconvex_reg
-from strategies.compress import identity, top_k
-from strategies.ef21 import compressed_gd, econtrol, ef21, gd, theory_constants, theory_lr
+from strategies import STRATEGIES
+from strategies.compress import identity, natural, qsgd, rand_k, top_k
+from strategies.ef21 import (
+    TheoryStep,
+    compressed_gd,
+    econtrol,
+    ef21,
+    gd,
+    smoothness_sums,
+    theory_constants,
+    theory_lr,
+    theory_step,
+)
 from strategies.ef21_w import ef21_w
 from strategies.feedback import ef14
 from strategies.feedback import ef21 as ef21_compressor
-from strategies.uplink import PREFIX, compress_uplink
+from strategies.uplink import compress_uplink
 from tests.conftest import small_scenario
 
 IDENT = identity()
 TOP1 = top_k(k=1)
-G_I = PREFIX + "grad/g"   # EF21's per-client g_i (and the server's g) under the uplink prefix
+G_I = "g"   # EF21's per-client g_i and the server's g
 
 
 def _paper_quadratic():
@@ -202,3 +214,125 @@ def test_a_round_nobody_takes_part_in_still_steps_with_g():
     naive1 = testing.run(compressed_gd(lr=0.1, compressor=TOP1), problem, 1, participation=part)
     naive2 = testing.run(compressed_gd(lr=0.1, compressor=TOP1), problem, 2, participation=part)
     assert torch.equal(naive1.state.server["x"], naive2.state.server["x"])
+
+
+# ---- theory steps and smoothness constants (issue 16) ----------------------------------------
+
+class CountingProblem(testing.QuadraticProblem):
+    """Counts the full-gradient calls of every oracle it builds."""
+
+    full_calls = 0
+
+    def oracle(self, ids, round):
+        inner, outer = super().oracle(ids, round), self
+
+        class Counting:
+            def __call__(self, x, step):
+                return inner(x, step)
+
+            def full(self, x):
+                outer.full_calls += 1
+                return inner.full(x)
+        return Counting()
+
+
+def _uneven(n_big=1, scale=100.0):
+    """Example 2.1 of EF21-W (arXiv:2402.10774): L_i = 1, 1, 1, 100 (x a mild spread over d = 4)."""
+    h = np.ones((4, 4)) * np.linspace(0.5, 1.0, 4)
+    h[-n_big:] *= scale
+    return CountingProblem(h, np.random.default_rng(0).normal(size=(4, 4)))
+
+
+def test_example_2_1_constants_and_steps():
+    """L = (1, 1, 1, 100), uniform: L_AM = 25.75, L_QM = sqrt((3 + 100^2)/4) = 50.0075; at
+    alpha = 0.1 (xi = 18.4868329805) the steps are 1/(L + L_AM xi) and 1/(L + L_QM xi)."""
+    L = torch.tensor([1.0, 1.0, 1.0, 100.0], dtype=torch.float64)
+    pi = torch.full((4,), 0.25, dtype=torch.float64)
+    sums = smoothness_sums(L, pi).sum(0)
+    xi = theory_constants(0.1)[2]
+    am = float(theory_step(TheoryStep(L=2.0), sums, pi, 0.1, "am"))
+    qm = float(theory_step(TheoryStep(L=2.0), sums, pi, 0.1, "qm"))
+    assert am == pytest.approx(1 / (2.0 + 25.75 * xi), rel=1e-13)
+    assert qm == pytest.approx(1 / (2.0 + 50.00749944 * xi), rel=1e-9)
+    # without L: bounded by L_AM; `factor` multiplies
+    assert float(theory_step(TheoryStep(factor=4.0), sums, pi, 0.1, "am")) == \
+        pytest.approx(4 / (25.75 + 25.75 * xi), rel=1e-13)
+
+
+def test_theory_step_on_the_paper_quadratic_is_the_hand_computed_step():
+    """docs/algorithms.md#ef21-quadratic: L = 1.75, L_i = (3, 2), Top-1 of d = 2: 0.1265012371."""
+    problem = _paper_quadratic()
+    a = testing.run(ef21(lr=TheoryStep(L=1.75), compressor=TOP1, smoothness=[3.0, 2.0]), problem, 40)
+    b = testing.run(ef21(lr=0.1265012371, compressor=TOP1), problem, 40)
+    torch.testing.assert_close(a.state.server["x"], b.state.server["x"], rtol=0, atol=1e-11)
+    # from a scenario: `lr: theory` and the mapping form
+    assert STRATEGIES.validate("ef21", {"lr": "theory"})["lr"] == TheoryStep()
+    mapping = {"kind": "theory", "factor": 2}
+    assert STRATEGIES.validate("ef21", {"lr": mapping})["lr"] == TheoryStep(factor=2.0)
+
+
+def test_estimated_constants_reach_the_server_once():
+    """Without `smoothness` each client estimates L_i at its first participation and sends it
+    once (one value); the server's sums are those of the estimates (20 power iterations: within
+    1 % of max_j h_ij here, where the top two curvatures of a client differ by 1/6 only)."""
+    problem = _uneven()
+    loop = testing.run(ef21(lr=TheoryStep(), compressor=TOP1), problem, 3)
+    est = loop.state.store.gather(torch.arange(4))["L"]
+    torch.testing.assert_close(est, problem.h.max(1).values, rtol=1e-2, atol=0)
+    pi = torch.full((4,), 0.25, dtype=torch.float64)
+    torch.testing.assert_close(loop.state.server["Ls"], smoothness_sums(est, pi).sum(0), rtol=0, atol=1e-12)
+    row = 4 * 8
+    assert loop.state.bytes.per_round[0][0] == 4 * (row + 8)       # dense first message + L_i
+    assert loop.state.bytes.per_round[1][0] == 4 * 9                # top-1 of d = 4 only
+
+
+def test_ef21_w_with_its_theory_step_beats_ef21_with_its_own_on_uneven_smoothness():
+    """The EF21-W paper's claim: with very uneven L_i the L_AM step (EF21-W, Thm 2) is far larger
+    than EF21's L_QM step (Thm 1), and EF21-W converges much faster (Top-1, exact L_i)."""
+    problem = _uneven()
+    f_star = float(problem.objective(problem.optimum[None])[0])
+    L = problem.h.max(1).values.tolist()
+    gaps = {}
+    for name in ("ef21", "ef21-w"):
+        trace = []
+        strat = STRATEGIES.build(name, {"lr": "theory", "compressor": {"name": "top_k", "k": 1},
+                                        "smoothness": L}, runtime=None)
+        testing.run(strat, problem, 150, eval_every=150, on_eval=lambda m, t=trace: t.append(m["test_loss"]))
+        gaps[name] = trace[-1] - f_star
+    assert gaps["ef21-w"] < 1e-7 and gaps["ef21"] > 1e-4     # measured: 1.9e-8 and 3.5e-4
+
+
+@pytest.mark.parametrize("comp", [top_k(k=2), rand_k(k=2), qsgd(levels=4)])
+def test_ef21_w_with_a_number_and_a_homogeneous_compressor_estimates_nothing_and_is_ef21(comp):
+    """Its weights cannot change EF21's iterates (C(tv) = t C(v)), so no L_i are estimated:
+    one full gradient per client and round, and the run is `ef21`'s bit for bit."""
+    problem = _uneven()
+    a = testing.run(ef21(lr=0.005, compressor=comp), problem, 20)
+    calls = problem.full_calls
+    b = testing.run(ef21_w(lr=0.005, compressor=comp), problem, 20)
+    assert calls == problem.full_calls - calls == 20       # one block of 4 per round
+    assert torch.equal(a.state.server["x"], b.state.server["x"])
+    assert a.state.bytes.per_round == b.state.bytes.per_round
+
+
+def test_ef21_w_estimates_when_its_weights_matter():
+    """`natural` compression is not positively homogeneous: the weights change the iterates, so
+    EF21-W estimates L_i (21 extra full gradients for the new clients of round 0)."""
+    problem = _uneven()
+    a = testing.run(ef21(lr=0.005, compressor=natural()), problem, 20)
+    before = problem.full_calls
+    b = testing.run(ef21_w(lr=0.005, compressor=natural()), problem, 20)
+    assert problem.full_calls - before == 20 + 21
+    assert not torch.equal(a.state.server["x"], b.state.server["x"])
+
+
+def test_options_nothing_would_use_are_refused():
+    with pytest.raises(ConfigError) as err:
+        STRATEGIES.build("ef21", {"lr": 0.1, "smoothness": [1.0, 2.0]})
+    assert err.value.key == "smoothness" and "only for lr: theory" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        STRATEGIES.build("ef21", {"lr": "theory", "stochastic": True})
+    assert err.value.key == "lr"
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(small_scenario(strategy={"name": "ef21-w", "lr": "thoery"}))
+    assert err.value.key == "strategy.lr" and "theory" in str(err.value)

@@ -82,6 +82,27 @@ def test_full_participation_equals_fedavg_bitwise():
     torch.testing.assert_close(mifa.state.server["x"], ref.state.server["x"], rtol=0, atol=1e-12)
 
 
+def test_full_participation_is_uniform_fedavg_not_sample_weighted():
+    """With unequal sizes FedAU under full participation is `fedavg` with weighting: uniform
+    (same lr, local_steps, server_lr), and not the default sample-weighted `fedavg`."""
+    problem = testing.heterogeneous_quadratic(num_clients=4, dim=3, seed=2, sizes=[1, 2, 3, 14])
+    kw = {"lr": 0.1, "local_steps": 5, "server_lr": 1.0}
+    au = testing.run(testing.build("fedau", kw, problem), problem, 15).state.server["x"]
+    uni = testing.run(testing.build("fedavg", {**kw, "weighting": "uniform"}, problem), problem, 15)
+    smp = testing.run(testing.build("fedavg", kw, problem), problem, 15)
+    assert torch.equal(au, uni.state.server["x"])
+    assert float((au - smp.state.server["x"]).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["fedau", "fedavg-all", "known-prob", "fedvarp", "mifa"])
+def test_the_family_defaults_are_the_reference_codes(name):
+    """IBM/fedau config.py: -lr 0.1, -iters-per-round 5, -lr-global 1 (for every -weighting)."""
+    from strategies import STRATEGIES
+
+    params = STRATEGIES.params(name)
+    assert (params["lr"].default, params["local_steps"].default, params["server_lr"].default) == (0.1, 5, 1.0)
+
+
 @pytest.mark.parametrize("cutoff, expected", [(INF, 10.0), (5, (1 - 0.9**5) / 0.1)])
 def test_estimator_mean_tends_to_truncated_geometric_mean(cutoff, expected):
     """Under Bernoulli(p) omega -> E[min(G, K)] = (1 - (1-p)^K) / p (4.0951 for p=0.1, K=5).

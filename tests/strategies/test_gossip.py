@@ -278,3 +278,60 @@ def test_plain_gossip_shrinks_layer_variance_that_gossip_var_keeps(lr):
     ratio_vc = tensor_variances(corrected, segs).mean(0) / v0
     assert (ratio_plain < 0.2).all(), ratio_plain
     assert ((ratio_vc > 0.8) & (ratio_vc < 1.25)).all(), ratio_vc
+
+
+# ---- gossip-var's local optimizer (issue 16) -----------------------------------------------
+
+DFL_TORCH = {"name": "momentum", "mass": 0.9, "weight_decay": 1e-4}   # SGD(lr 0.01, momentum 0.9, wd 1e-4)
+
+
+def test_gossip_var_alone_with_the_reference_optimizer_is_torch_sgd_across_rounds():
+    """One node (no neighbours: the combination keeps y_i): 4 rounds of 3 local steps equal 12
+    uninterrupted steps of torch.optim.SGD(lr 0.01, momentum 0.9, weight_decay 1e-4), so the
+    heavy-ball buffer persists across rounds (DFL_torch keeps one optimizer per node)."""
+    # Prepare
+    problem = testing.QuadraticProblem([[1.0, 3.0, 0.5]], [[1.0, -2.0, 0.3]])
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.01, momentum=0.9, weight_decay=1e-4)
+    for _ in range(12):
+        p.grad = problem.h[0] * (p.detach() - problem.c[0])
+        opt.step()
+    strat = testing.build("gossip-var", {"lr": 0.01, "local_steps": 3, "optimizer": DFL_TORCH}, problem)
+    # Execute
+    x = testing.final_models(testing.run(strat, problem, 4, topology=build_topology("complete", {}, n=1,
+                                                                                        seed=0)))
+    # Assert
+    torch.testing.assert_close(x[0], p.detach(), rtol=1e-13, atol=1e-15)
+
+
+def test_gossip_var_keeps_each_nodes_buffer_through_the_combination():
+    """Complete graph of 3, K = 1: after round 0 node i's buffer is its own g_i(x_i^0) + wd x_i^0
+    (not averaged, though the models are); round 1 adds to it: b = 0.9 b + g_i(x_i^1) + wd x_i^1."""
+    # Prepare
+    problem = testing.QuadraticProblem(np.array([[1.0, 2.0, 0.5, 1.5]] * 3) * [[1], [2], [3]],
+                                       _rows(3, 4, seed=2).numpy())
+    topo, x0 = build_topology("complete", {}, n=3, seed=0), _rows(3, 4, seed=5)
+    params = {"lr": 0.05, "optimizer": DFL_TORCH}
+
+    def run(rounds):
+        strat = testing.build("gossip-var", params, problem, segments=(("w", 0, 4),))
+        loop = testing.run(strat, problem, rounds, topology=topo, x0_of=lambda ids: x0[ids])
+        return testing.final_models(loop), loop.state.store.gather(torch.arange(3))["buf"]
+
+    def grad(x):
+        return problem.h * (x - problem.c) + 1e-4 * x
+    # Execute
+    x1, b1 = run(1)
+    _, b2 = run(2)
+    # Assert
+    torch.testing.assert_close(b1, grad(x0), rtol=0, atol=1e-15)
+    assert not torch.allclose(x1, x0 - 0.05 * grad(x0))                # the models were combined
+    torch.testing.assert_close(b2, 0.9 * b1 + grad(x1), rtol=0, atol=1e-14)
+
+
+def test_gossip_var_default_optimizer_is_plain_sgd_as_gossip():
+    from strategies import STRATEGIES
+
+    opt = STRATEGIES.params("gossip-var")["optimizer"].default
+    assert opt.spec == {"name": "sgd", "weight_decay": 0.0}
+    assert STRATEGIES.params("gossip-var")["lr"].default == STRATEGIES.params("gossip")["lr"].default

@@ -7,6 +7,7 @@ c = [0, 1], lr 0.1, K = 10: FedAvg stops at 0.6041260077, x* = 0.8).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,8 @@ from fedsim.types import RoundCtx
 DRIFT = dict(lr=0.1, local_steps=10)
 FEDAVG_FP = 0.6041260077
 MOMENTUM = ("fedavg-m", "scaffold-m", "fedavg-m-vr", "scaffold-m-vr")
+VARIANTS = [(n, {}) for n in MOMENTUM] + [(n, {"correction": "prev_trajectory"})
+                                          for n in ("fedavg-m-vr", "scaffold-m-vr")]
 
 
 def _run(name, params, problem, rounds, **kw):
@@ -71,9 +74,9 @@ def test_fedavgm_beta0_is_fedavg_with_server_lr():
 
 # ---- FedAvg-M (client momentum) --------------------------------------------------------
 
-def test_fedavg_m_beta1_gamma_eta_k_is_fedavg():
+def test_fedavg_m_beta1_is_fedavg():
     problem = testing.drift_quadratic()
-    x_m = _x("fedavg-m", {**DRIFT, "beta": 1.0, "gamma": 1.0}, problem, 500)
+    x_m = _x("fedavg-m", {**DRIFT, "beta": 1.0}, problem, 500)
     x_a = _x("fedavg", DRIFT, problem, 500)
     assert abs(float(x_m[0]) - FEDAVG_FP) < 1e-9
     torch.testing.assert_close(x_m, x_a, rtol=0, atol=1e-13)
@@ -132,7 +135,7 @@ def test_scaffold_option2_control_is_mean_of_used_gradients():
 
 def test_scaffold_m_beta1_is_scaffold_option2():
     problem, part = _noisy(), testing.bernoulli([0.6] * 6, seed=2)
-    a = _run("scaffold-m", {"beta": 1.0, "gamma": 0.05 * 10 * 0.8}, problem, 20, participation=part)
+    a = _run("scaffold-m", {"beta": 1.0, "server_lr": 0.8}, problem, 20, participation=part)
     b = _run("scaffold", {"server_lr": 0.8}, problem, 20, participation=part)
     for k in ("x", "c"):
         torch.testing.assert_close(a.state.server[k], b.state.server[k], rtol=0, atol=1e-12)
@@ -140,23 +143,25 @@ def test_scaffold_m_beta1_is_scaffold_option2():
 
 # ---- the server direction of the client-momentum family --------------------------------
 
-@pytest.mark.parametrize("name", MOMENTUM)
-def test_server_direction_is_mean_of_local_directions(name):
+@pytest.mark.parametrize("name,extra", VARIANTS)
+def test_server_direction_is_mean_of_local_directions(name, extra):
     """g+ = (x - mean_i y_i)/(lr K) equals the mean over participants and steps of the d_k.
 
-    d_k = beta G(y_k) + (1 - beta) g, or, VR, G(y_k) - (1 - beta) G(x_prev) + (1 - beta) g,
-    with G(y) = g_i(y; xi_k) (+ c - c_i for SCAFFOLD-M) and the same xi_k at x_prev.
+    d_k = beta G(y_k) + (1 - beta) g, or, VR, G(y_k) - (1 - beta) G(z_k) + (1 - beta) g,
+    with G(y) = g_i(y; xi_k) (+ c - c_i for SCAFFOLD-M) and the same xi_k at z_k: x_prev
+    (prev_global) or the client's iterate at step k of its previous participation
+    (prev_trajectory, which the client then replaces by this round's iterates).
     """
     # Prepare: two rounds of partial participation so that g, c, c_i, x_prev are all set
     problem, beta, lr, k_steps = _noisy(), 0.3, 0.05, 4
-    params = {"beta": beta, "lr": lr, "local_steps": k_steps, "weighting": "uniform"}
+    params = {"beta": beta, "lr": lr, "local_steps": k_steps, "weighting": "uniform", **extra}
     loop = _run(name, params, problem, 2, participation=testing.bernoulli([0.7] * 6, seed=1))
     strat, server = loop.strategy, loop.state.server
     ids = torch.tensor([0, 2, 5])
     clients = loop.state.store.gather(ids)
     ctx, oracle = _ctx(6, ids, 2), Recorder(problem.oracle(ids, 2))
     # Execute
-    payload, _, _ = strat.local(server, clients, oracle, ctx)
+    payload, after, _ = strat.local(server, clients, oracle, ctx)
     new = strat.server_update(server, weighted_sum(payload, strat.weights(server, ctx)), ctx)
     # Assert
     shift = server["c"] - clients["c"] if "c" in clients else 0.0
@@ -164,11 +169,17 @@ def test_server_direction_is_mean_of_local_directions(name):
     calls = [oracle.calls[i:i + 2] for i in range(0, len(oracle.calls), 2)] if vr else \
         [[c] for c in oracle.calls]
     d = []
+    traj = extra.get("correction") == "prev_trajectory"
     for group in calls:
         fresh = group[0][2] + shift
         if vr:
-            (s0, _, _), (s1, x_prev, g_prev) = group
-            assert s0 == s1 and torch.equal(x_prev, server["x_prev"].expand(3, -1))
+            (s0, y, _), (s1, z, g_prev) = group
+            assert s0 == s1
+            if traj:
+                assert torch.equal(z, clients["traj"][:, s0]) and torch.equal(after["traj"][:, s0], y)
+                assert not torch.equal(z, y)
+            else:
+                assert torch.equal(z, server["x_prev"].expand(3, -1))
             d.append(fresh - (1 - beta) * (g_prev + shift) + (1 - beta) * server["g"])
         else:
             d.append(beta * fresh + (1 - beta) * server["g"])
@@ -243,3 +254,118 @@ def test_two_rounds_by_hand(name):
     if c_i is not None:
         got = loop.state.store.gather(torch.arange(2))["c"][:, 0]
         torch.testing.assert_close(got, torch.tensor(c_i, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+# ---- the VR reconstructions, g0, weighting and keys (issue 16) -------------------------------
+
+@pytest.mark.parametrize("beta", [0.5, 0.2, 0.1])
+def test_vr_fixed_points_prev_global_is_fedavgs_prev_trajectory_is_fedavg_ms(beta):
+    """Exact gradients, drift quadratic (docs/algorithms.md#vr-variants). With z_k = x^{r-1}, at a
+    fixed point d_k = h_i (y_k - x) + beta h_i (x - c_i): beta times FedAvg(lr)'s displacement,
+    so the fixed point is FedAvg(lr)'s, 0.6041260077, for every beta. With the client's own
+    previous trajectory the correction cancels (1 - beta) of the fresh gradient there: the fixed
+    point is FedAvg-M's, FedAvg(lr beta)'s (0.689878 / 0.755621 / 0.778038)."""
+    problem = testing.drift_quadratic()
+    glob = float(_x("fedavg-m-vr", {**DRIFT, "beta": beta}, problem, 400)[0])
+    traj = float(_x("fedavg-m-vr", {**DRIFT, "beta": beta, "correction": "prev_trajectory"},
+                    problem, 400)[0])
+    momentum = float(_x("fedavg-m", {**DRIFT, "beta": beta}, problem, 400)[0])
+    assert abs(glob - FEDAVG_FP) < 1e-9
+    assert abs(traj - _fedavg_fixed_point(0.1 * beta)) < 1e-12 and abs(traj - momentum) < 1e-12
+    s_traj = float(_x("scaffold-m-vr", {**DRIFT, "beta": beta, "correction": "prev_trajectory"},
+                      problem, 400)[0])
+    assert abs(s_traj - 0.8) < 1e-9
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.5, 0.1])
+def test_vr_with_one_step_and_g0_grad_is_gradient_descent(beta):
+    """K = 1, exact gradients, x^{-1} = x^0, g^0 = grad f(x^0): g^{r+1} = grad f(x^r) -
+    (1 - beta) grad f(x^{r-1}) + (1 - beta) g^r = grad f(x^r) by induction, so every beta is GD
+    with step gamma = lr. Round 0 only computes g^0: 8 rounds = 7 GD steps of 0.1 from 0
+    (research script: 0.693212890625). FedAvg-M is not GD."""
+    problem = testing.drift_quadratic()
+    params = {"lr": 0.1, "local_steps": 1, "beta": beta, "g0": "grad"}
+    x = float(_x("fedavg-m-vr", params, problem, 8)[0])
+    gd, h, c = 0.0, (1.0, 4.0), (0.0, 1.0)
+    for _ in range(7):
+        gd -= 0.1 * sum(hi * (gd - ci) for hi, ci in zip(h, c, strict=True)) / 2
+    assert x == pytest.approx(gd, abs=1e-15) and x == pytest.approx(0.693212890625, abs=1e-15)
+    assert abs(float(_x("fedavg-m", params, problem, 8)[0]) - gd) > 1e-3
+
+
+@pytest.mark.parametrize("name", MOMENTUM)
+def test_g0_grad_spends_round_0_on_the_mean_gradient(name):
+    """Drift quadratic from x0 = 0: grad f_1(0) = 0, grad f_2(0) = -4, so g^0 = -2; x stays 0."""
+    loop = _run(name, {**DRIFT, "g0": "grad"}, testing.drift_quadratic(), 1)
+    assert float(loop.state.server["x"][0]) == 0.0 and float(loop.state.server["g"][0]) == -2.0
+
+
+@pytest.mark.parametrize("name,beta", [("fedavg-m", 0.5), ("fedavg-m-vr", 0.5)])
+def test_default_weighting_is_the_papers_uniform_mean(name, beta):
+    """Unequal sizes (1, 9): the default weights clients uniformly, as the paper's
+    g = (1/(N K)) sum_i sum_k g_i^k, so the fixed point is the uniform one."""
+    problem = testing.drift_quadratic(sizes=[1, 9])
+    x = float(_x(name, {**DRIFT, "beta": beta}, problem, 400)[0])
+    lr = 0.1 * beta if name == "fedavg-m" else 0.1
+    assert abs(x - _fedavg_fixed_point(lr)) < 1e-9
+    weighted = float(_x(name, {**DRIFT, "beta": beta, "weighting": "samples"}, problem, 400)[0])
+    assert abs(weighted - x) > 0.05
+
+
+@pytest.mark.parametrize("name", MOMENTUM)
+def test_the_global_step_is_one_key(name):
+    """gamma = lr K server_lr: a separate `gamma` (which silently overrode server_lr) is gone."""
+    from fedsim.errors import ConfigError
+    from strategies import STRATEGIES
+
+    with pytest.raises(ConfigError) as err:
+        STRATEGIES.validate(name, {"gamma": 0.5})
+    assert err.value.key == "gamma" and "unknown key" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["fedavg-m-vr", "scaffold-m-vr"])
+def test_the_vr_reconstructions_say_so_in_fedsim_list(name, capsys):
+    from fedsim.cli import main
+
+    assert main(["list", "strategies"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(name + " "))
+    assert "RECONSTRUCTION" in line and "not retrievable" in line
+
+
+def _budgets(steps):
+    from fedsim.work import WORK
+    n = len(steps)
+    return WORK.build("steps", {"steps": steps}, num_clients=n, seed=0, sizes=[1] * n, batch_size=None)
+
+
+class _SkipOnce:
+    """A `fedsim.work.LocalWork`: K steps for everyone, none for `client` in `round`."""
+
+    def __init__(self, k, client, round):
+        self.k, self.client, self.round = k, client, round
+
+    def steps(self, round, ids):
+        return np.where((np.asarray(ids) == self.client) & (round == self.round), 0, self.k)
+
+
+@pytest.mark.parametrize("name", ["fedavg-m-vr", "scaffold-m-vr"])
+def test_prev_trajectory_under_work_budgets(name):
+    """`work:` budgets: K_i = K everywhere is the plain run bit for bit; a client that takes no
+    step keeps its stored trajectory; budgets beyond K run (later steps reuse the last point)."""
+    problem, params = _noisy(), {"correction": "prev_trajectory", "local_steps": 4}
+    n = problem.num_clients
+    plain = _run(name, params, problem, 3)
+    same = _run(name, params, problem, 3, work=_budgets([4] * n))
+    torch.testing.assert_close(same.state.server["x"], plain.state.server["x"], rtol=0, atol=0)
+    ids = torch.arange(n)
+    before = _run(name, params, problem, 2).state.store.gather(ids)["traj"]
+    idle = _run(name, params, problem, 2, work=_SkipOnce(4, client=n - 1, round=1))
+    kept = idle.state.store.gather(ids)["traj"]
+    first = _run(name, params, problem, 1).state.store.gather(ids)["traj"]
+    torch.testing.assert_close(kept[:-1], before[:-1], rtol=0, atol=0)
+    torch.testing.assert_close(kept[-1], first[-1], rtol=0, atol=0)   # still its round-0 path
+    assert not torch.equal(kept[-1], before[-1])
+    longer = _run(name, params, problem, 3, work=_budgets([7] * n))
+    assert torch.isfinite(longer.state.server["x"]).all()
+    assert not torch.equal(longer.state.server["x"], plain.state.server["x"])
+    assert first.shape == kept.shape == (n, 4, problem.dim)
