@@ -91,8 +91,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     sc = load_scenario(args.scenario, args.set)
     setup = build_setup(sc)  # everything `run` builds except the training:
-    ENGINES.build(sc.engine.kind, sc.engine.params()).prepare(setup)  # data placed, engine checks
     check_model_fits(setup.make_module().to(setup.dtype), setup.dataset, setup.dtype, sc)
+    ENGINES.build(sc.engine.kind, sc.engine.params()).prepare(setup)  # data placed, engine checks
     print(f"ok: {args.scenario}: {sc.strategy.name} on {sc.data.dataset} "
           f"({setup.num_clients} clients, {setup.model.spec.size} parameters, {sc.rounds} rounds, "
           f"engine {sc.engine.kind})")
