@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fedsim.errors import ConfigError, RunInterrupted
+from fedsim.errors import ConfigError, RunDiverged, RunInterrupted, check_output_file
 
 LISTABLE = ("strategies", "topologies", "datasets", "partitions", "models", "participation",
             "engines", "compressors", "optimizers", "work", "aggregators", "attacks")
@@ -85,10 +85,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenario
+    from fedsim.engines import ENGINES
     from fedsim.setup import build_setup
+    from fedsim.setup_checks import check_model_fits
 
     sc = load_scenario(args.scenario, args.set)
-    setup = build_setup(sc)
+    setup = build_setup(sc)  # everything `run` builds except the training:
+    check_model_fits(setup.make_module().to(setup.dtype), setup.dataset, setup.dtype, sc)
+    ENGINES.build(sc.engine.kind, sc.engine.params()).prepare(setup)  # data placed, engine checks
     print(f"ok: {args.scenario}: {sc.strategy.name} on {sc.data.dataset} "
           f"({setup.num_clients} clients, {setup.model.spec.size} parameters, {sc.rounds} rounds, "
           f"engine {sc.engine.kind})")
@@ -122,9 +126,11 @@ def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
+    from fedsim.setup_checks import MemoryEstimate, estimate_graph
     from topologies import build_topology, describe
 
     params = _kv(args.params, "topology params")
+    estimate_graph(args.kind, params, args.nodes, MemoryEstimate(None), key="--nodes")
     try:
         topo = build_topology(args.kind, params, n=args.nodes, seed=args.seed)
     except ConfigError as err:
@@ -166,6 +172,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedsim.compare import compare
 
+    if args.output:
+        check_output_file(args.output, "-o")
     fmt = args.format or ("csv" if (args.output or "").endswith(".csv") else None)
     text = compare(args.runs, target=args.target, last=args.last, fmt=fmt, baseline=args.baseline)
     if args.output:
@@ -310,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunInterrupted as stop:
         print(f"error: {stop}", file=sys.stderr)
         return stop.code
+    except RunDiverged as div:
+        print(f"error: {div}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

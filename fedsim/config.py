@@ -13,27 +13,38 @@ from __future__ import annotations
 import copy
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from fedsim.config_system import SystemCfg
 from fedsim.errors import ConfigError
 from fedsim.registry import plain, pydantic_to_config_error
+from fedsim.yaml_safe import load_yaml_text
 
 TOP_KEYS = ("name", "seed", "rounds", "data", "model", "topology", "participation", "strategy",
             "work", "system", "attack", "engine", "eval", "output", "checkpoint", "sweep")
+_NAME = re.compile(r"[^/\\\x00]{1,200}")
+
+
+MAX_YAML_BYTES = 8 * 2**20
+"""Largest scenario file read (a scenario is a few kB; per-client lists of 10^5 values fit)."""
+SEED_LIMIT = 2**63
+"""Seeds are 0 <= seed < 2**63 (the keyed streams of fedsim.rng take 64-bit keys)."""
+
+Int = Annotated[int, Strict()]
+"""An int that is not a bool (`rounds: true` is an error, not 1 round)."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class _PluginSection(BaseModel):
     """A section whose extra keys are the selected plug-in's parameters (validated later)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -45,7 +56,7 @@ class PartitionCfg(_PluginSection):
 
 class DataCfg(_PluginSection):
     dataset: str = "digits"
-    clients: int = Field(10, gt=0)
+    clients: Int = Field(10, gt=0)
     partition: PartitionCfg = PartitionCfg()
 
 
@@ -74,7 +85,7 @@ class ParticipationCfg(_PluginSection):
 
 class StrategyCfg(_PluginSection):
     name: str = "fedavg"
-    batch_size: int | None = Field(32, gt=0)
+    batch_size: Int | None = Field(32, gt=0)
 
 
 class EngineCfg(_PluginSection):
@@ -91,12 +102,12 @@ class EngineCfg(_PluginSection):
 
 
 class EvalCfg(_Section):
-    every: int = Field(1, gt=0)
-    batch_size: int = Field(2048, gt=0)
+    every: Int = Field(1, gt=0)
+    batch_size: Int = Field(2048, gt=0)
 
 
 class CheckpointCfg(_Section):
-    every: int | None = Field(None, ge=0)  # rounds between checkpoints; None: a tenth; 0: at the end
+    every: Int | None = Field(None, ge=0)  # rounds between checkpoints; None: a tenth; 0: at the end
 
 
 class OutputCfg(_Section):
@@ -106,8 +117,8 @@ class OutputCfg(_Section):
 
 class Scenario(_Section):
     name: str = "run"
-    seed: int = 0
-    rounds: int = Field(10, gt=0)
+    seed: Int = Field(0, ge=0, lt=SEED_LIMIT)
+    rounds: Int = Field(10, gt=0)
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()
     topology: TopologyCfg = TopologyCfg()
@@ -123,6 +134,15 @@ class Scenario(_Section):
     sweep: dict[str, Any] | None = Field(None, exclude=True)  # checked by fedsim.sweep
     source: str | None = Field(None, exclude=True)
 
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        """The run folder is ``<output.dir>/<name>-<stamp>``: a name is one path component."""
+        if not _NAME.fullmatch(v) or v in (".", ".."):
+            raise ValueError("name must be one path component (no '/' or '\\', not '.' or '..', "
+                             "1 to 200 characters)")
+        return v
+
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw scenario dict."""
@@ -132,7 +152,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not path or any(not p for p in path.split(".")):
             raise ConfigError("override must look like dotted.key=value", key="--set", value=item)
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = load_yaml_text(text) if text else ""
         except yaml.YAMLError:
             value = text
         node = out
@@ -150,14 +170,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-    """Read a scenario mapping from `path` (ConfigError for missing/unreadable/bad YAML)."""
+    """Read a scenario mapping from `path` (ConfigError for missing/unreadable/bad YAML, a file
+    over `MAX_YAML_BYTES`, duplicate keys, alias bombs)."""
     if not os.path.exists(path):
         raise ConfigError("scenario file not found", file=path)
     if os.path.isdir(path):
         raise ConfigError("scenario path is a directory, expected a YAML file", file=path)
     try:
+        size = os.path.getsize(path)
+        if size > MAX_YAML_BYTES:
+            raise ConfigError("scenario file is too large", file=path, value=f"{size} bytes",
+                              allowed=f"<= {MAX_YAML_BYTES} bytes (put data in data files)")
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = load_yaml_text(fh.read(), path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -13,7 +13,7 @@ import functools
 import math
 from typing import Any
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, check_output_file
 from fedsim.stats import Group, estimate, expand, group_runs, read_run  # noqa: F401 (re-export)
 
 X_AXES = {"round": "round", "bytes": "bytes communicated (up + down)",
@@ -133,6 +133,7 @@ def plot_runs(paths: list[str], x: str = "round", y: str = "test_accuracy",
               output: str | None = None, band: str = "std", title: str | None = None,
               logy: bool | None = None) -> str:
     """Draw run and sweep folders `paths` into a PNG (default plot.png); returns its path."""
+    check_output_file(output or "plot.png", "-o")
     fig = figure(group_runs(expand(paths)), x, y, band, title, logy)
     import matplotlib.pyplot as plt
 

@@ -87,7 +87,11 @@ class DataProblem:
                              self.execution_plan())
         return Regularized(oracle, self.nonconvex_reg) if self.nonconvex_reg else oracle
 
-    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Test loss and accuracy [k] of models x [k, P]; None without test samples (the metrics
+        report null, never a 0.0 that looks measured)."""
+        if self.y_test.numel() == 0:
+            return None
         return evaluate(self.model, x, self.x_test, self.y_test, self.eval_batch, self.execution_plan(),
                         self.data.normalize)
 

@@ -27,8 +27,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
-import os
-import sys
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -102,7 +101,9 @@ class Registry:
             fn = self._factories[name]
             return fn.load() if isinstance(fn, _LazyEntryPoint) else fn
         if ":" in name or "." in name:
-            return _import_path(name, self.noun, self.key)
+            from fedsim.plugin_path import import_path
+
+            return import_path(name, self.noun, self.key, self.kind)
         raise ConfigError(f"unknown {self.noun}", key=self.key, value=name,
                           allowed=", ".join(self.names()) + ", or a dotted path 'pkg.module:factory'")
 
@@ -169,27 +170,6 @@ class _LazyEntryPoint:
     def load(self) -> Callable[..., Any]:
         fn: Callable[..., Any] = self.ep.load()
         return fn
-
-
-def _import_path(path: str, noun: str, key: str) -> Callable[..., Any]:
-    mod_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    try:
-        try:
-            obj: Any = importlib.import_module(mod_name)
-        except ModuleNotFoundError:
-            # like `python -m`: modules next to where the user runs fedsim are importable
-            if os.getcwd() in sys.path:
-                raise
-            sys.path.append(os.getcwd())
-            obj = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"cannot import {noun} from dotted path: {exc}", key=key, value=path,
-                          allowed="'pkg.module:factory' importable from the current environment") from None
-    if not callable(obj):
-        raise ConfigError(f"dotted path does not name a callable {noun}", key=key, value=path)
-    return obj
 
 
 _MODEL_CACHE: dict[Callable[..., Any], Any] = {}
@@ -354,12 +334,44 @@ def _signature_model(fn: Callable[..., Any], reserved: frozenset[str]) -> Any:
             ann = _nested_field(*nested, k, optional=type(None) in typing.get_args(ann))
         elif (variants := _variants(ann)) is not None:
             ann = _variant_field(*variants, k)
+        else:
+            ann = _number_guard(ann, k, p.default)
         fields[k] = (ann, ... if p.default is p.empty else p.default)
     model = create_model(f"{getattr(fn, '__name__', 'factory')}_params",
                          __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True,
                                                strict=False), **fields)
     _MODEL_CACHE[fn] = model
     return model
+
+
+def _number_types(ann: Any) -> set[type]:
+    """The plain types `ann` admits (Annotated and unions unwrapped): e.g. {int, NoneType}."""
+    if typing.get_origin(ann) is typing.Annotated:
+        return _number_types(typing.get_args(ann)[0])
+    args = typing.get_args(ann)
+    if args and typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return set().union(*(_number_types(a) for a in args))
+    return {ann} if isinstance(ann, type) else {object}
+
+
+def _number_guard(ann: Any, key: str, default: Any) -> Any:
+    """`ann` that refuses what pydantic would silently coerce for a number: a bool where no bool
+    is allowed (`local_steps: true` would be 1 step) and NaN, or inf unless the default is inf
+    (`lr: .inf`)."""
+    from pydantic import BeforeValidator
+
+    types_ = _number_types(ann)
+    if not types_ & {int, float} or types_ & {bool, object, str}:
+        return ann
+    inf_ok = isinstance(default, float) and math.isinf(default)
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ConfigError("expected a number, not a boolean", key=key, value=value)
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not inf_ok)):
+            raise ConfigError("expected a finite number", key=key, value=value)
+        return value
+    return typing.Annotated[ann, BeforeValidator(check)]
 
 
 def validate_kwargs(fn: Callable[..., Any], params: dict[str, Any],
@@ -418,7 +430,7 @@ def pydantic_to_config_error(exc: Any, keys: list[str] | None = None) -> ConfigE
     if typ == "missing":
         return ConfigError("required key is missing", key=key)
     value = err.get("input", ...)
-    msg = err.get("msg", "invalid value")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     ctx = err.get("ctx") or {}
     allowed = ctx.get("expected") if isinstance(ctx, dict) else None
     return ConfigError(msg[0].lower() + msg[1:] if msg else "invalid value", key=key,

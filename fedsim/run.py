@@ -10,6 +10,8 @@ crash never leaves something that looks like a finished run.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -22,8 +24,9 @@ import yaml
 
 from fedsim import checkpoint as ckpt
 from fedsim.config import Scenario, to_dict
-from fedsim.errors import RunInterrupted
+from fedsim.errors import ConfigError, RunDiverged, RunInterrupted
 from fedsim.provenance import provenance
+from fedsim.run_checks import Diverged, EtaWarning, check_finite, json_safe
 from fedsim.trackers import check_trackers, open_trackers
 from fedsim.types import Engine
 
@@ -31,7 +34,14 @@ from fedsim.types import Engine
 def _new_folder(base: str, name: str) -> str:
     """Create ``<base>/<name>-<stamp>[-k].partial`` atomically (concurrent runs never collide)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    os.makedirs(base, exist_ok=True)
+    try:
+        os.makedirs(base, exist_ok=True)
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as exc:
+        raise ConfigError(f"cannot create run folders here: {exc.strerror or exc}", key="--out / output.dir",
+                          value=base, allowed="a writable directory (or a path where one can be made)"
+                          ) from None
     for k in range(1, 10_000):
         final = os.path.join(base, f"{name}-{stamp}" + (f"-{k}" if k > 1 else ""))
         if os.path.exists(final):
@@ -45,10 +55,16 @@ def _new_folder(base: str, name: str) -> str:
 
 
 def _write_json(path: str, obj: Any) -> None:
+    """Strict JSON (non-finite floats as null), written whole or not at all."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 class RunWriter:
@@ -70,21 +86,30 @@ class RunWriter:
             self.final = folder.removesuffix(".partial")
             lines = _read_lines(os.path.join(folder, "metrics.jsonl"))[:keep_lines]
         self.trackers = open_trackers(sc, self.path, self.final, os.path.dirname(self.final))
-        with open(os.path.join(self.path, "config.yaml"), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(to_dict(sc), fh, sort_keys=False)
+        _write_text(os.path.join(self.path, "config.yaml"), yaml.safe_dump(to_dict(sc), sort_keys=False))
         self.metrics_path = os.path.join(self.path, "metrics.jsonl")
-        with open(self.metrics_path, "w", encoding="utf-8") as fh:
-            fh.writelines(lines)
+        _write_text(self.metrics_path, "".join(lines))
         self._fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND)
+        self._size = os.fstat(self._fd).st_size
         self.history: list[dict[str, Any]] = [json.loads(line) for line in lines]
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self.history.append(metrics)
-        line = (json.dumps(metrics, sort_keys=False) + "\n").encode()
+        """Append one metrics line (non-finite floats as null). A write that does not complete
+        (disk full, file-size limit) is cut back to the last whole line and raises OSError
+        naming the file."""
+        metrics = json_safe(metrics)
+        line = (json.dumps(metrics, sort_keys=False, allow_nan=False) + "\n").encode()
         try:
-            os.write(self._fd, line)
+            n = os.write(self._fd, line)
+            if n != len(line):
+                raise OSError(errno.ENOSPC, f"only {n} of {len(line)} bytes written")
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot write {self.metrics_path}: {exc.strerror}") from None
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise OSError(exc.errno, f"cannot write {self.metrics_path}: "
+                          f"{exc.strerror or os.strerror(exc.errno or 0)}") from None
+        self._size += n
+        self.history.append(metrics)
         self.trackers.log(metrics)
 
     def close(self, summary: dict[str, Any], ok: bool) -> str:
@@ -95,6 +120,14 @@ class RunWriter:
             os.replace(self.path, self.final)
             return self.final
         return self.path
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _read_lines(path: str) -> list[str]:
@@ -127,7 +160,8 @@ def summarize(sc: Scenario, history: list[dict[str, Any]], wall_s: float, extra:
     return {
         "name": sc.name, "status": extra.pop("status", "ok"),
         "final": {k: last.get(k) for k in ("round", "train_loss", "test_loss", "test_accuracy")},
-        "best_test_accuracy": max((h["test_accuracy"] for h in history), default=None),
+        "best_test_accuracy": max((h["test_accuracy"] for h in history
+                                   if h.get("test_accuracy") is not None), default=None),
         "bytes_up": last.get("bytes_up", 0), "bytes_down": last.get("bytes_down", 0),
         "sim_time_s": last.get("sim_time_s"), "wall_s": round(wall_s, 4), "seed": sc.seed,
         "strategy": sc.strategy.name,
@@ -164,6 +198,15 @@ class _Signals:
             signal.signal(sig, old)
 
 
+def _close_failed(writer: RunWriter | None, sc: Scenario, t0: float, extra: dict[str, Any]) -> None:
+    """Write the summary of a run that did not finish (the folder keeps its .partial name); a
+    failure to write it (a full disk) never hides the error that ended the run."""
+    if writer is None:
+        return
+    with contextlib.suppress(OSError):
+        writer.close(summarize(sc, writer.history, time.perf_counter() - t0, extra), ok=False)
+
+
 def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
             write: bool = True, resume: str | None = None) -> tuple[str | None, dict[str, Any]]:
     """Run scenario `sc` with its engine; returns (run folder or None, summary).
@@ -181,14 +224,28 @@ def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
     point = ckpt.latest(resume) if resume is not None else None
     fingerprint = ckpt.digest(to_dict(sc))
     state = ckpt.read(point, fingerprint) if point is not None else None
+    engine.prepare(setup)  # data placement and engine checks: set-up, before any folder exists
     writer = None
     if write and engine.is_root:
         writer = (RunWriter(sc, folder=resume, keep_lines=int(state["lines"])) if state is not None
                   else RunWriter(sc, out_dir))
     history: list[dict[str, Any]] = []
-    on_eval = writer.log if writer else history.append
+    sink = writer.log if writer else history.append
+
+    def on_eval(m: dict[str, Any]) -> None:
+        try:
+            check_finite(m, setup.dataset.num_classes)
+        finally:
+            sink(m)  # the diverged line too, its non-finite values as null
+
     update, close_bar = _progress(sc.rounds, quiet or not engine.is_root)
-    engine.prepare(setup)  # data placement etc.: part of set-up, not of the timed rounds
+    eta = EtaWarning(sc.rounds - (int(state["round"]) if state is not None else 0))
+
+    def progress(t: int, m: dict[str, Any] | None) -> None:
+        update(t, m)
+        if engine.is_root:
+            eta.round_done()
+
     extra = {"params": setup.model.spec.size, "setup_s": round(time.perf_counter() - t_start, 4)}
     t0 = time.perf_counter()
     with _Signals() as signals:
@@ -197,7 +254,7 @@ def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
                                lines=lambda: len(writer.history) if writer else 0,
                                signal=lambda: signals.received, resume=point)
         try:
-            engine.run(setup, on_eval, update, control if write else None)
+            engine.run(setup, on_eval, progress, control if write else None)
         except ckpt.Interrupted as stop:
             close_bar()
             path = control.folder or None  # every MPI rank knows the folder
@@ -206,12 +263,16 @@ def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
                                        {**extra, "status": "interrupted", "round": stop.round}), ok=False)
             raise RunInterrupted(128 + stop.signum, f"interrupted by signal {stop.signum} after round "
                                  f"{stop.round}; continue with: fedsim resume {path}") from None
+        except Diverged as div:
+            close_bar()
+            _close_failed(writer, sc, t0, {**extra, "status": "diverged", "diverged_round": div.round,
+                                           "error": str(div)})
+            where = f" (run folder {writer.path})" if writer else ""
+            raise RunDiverged(f"{div}{where}") from None
         except BaseException as exc:
             close_bar()
-            if writer:
-                summary = summarize(sc, writer.history, time.perf_counter() - t0,
-                                    {**extra, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
-                writer.close(summary, ok=False)
+            _close_failed(writer, sc, t0, {**extra, "status": "failed",
+                                           "error": f"{type(exc).__name__}: {exc}"})
             raise
     close_bar()
     extra.update(engine.summary_extra())

@@ -18,6 +18,15 @@ from fedsim.oracle import ClientData, device_inputs, to_compute
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem
 from fedsim.round import plan_round
+from fedsim.setup_checks import (
+    MemoryEstimate,
+    check_finite_data,
+    check_topology,
+    estimate_clients,
+    estimate_inputs,
+    estimate_model,
+    model_size,
+)
 from fedsim.system import SystemModel, flops_per_sample
 from fedsim.types import Strategy, StrategyRuntime
 from fedsim.work import WORK, LocalWork
@@ -136,8 +145,11 @@ def build_setup(sc: Scenario) -> Setup:
     device = resolve_device(sc.engine.device)
     dtype = torch.float64 if sc.engine.dtype == "float64" else torch.float32
     n = sc.data.clients
+    mem = MemoryEstimate(sc.source)
+    estimate_inputs(sc, mem)
     with _located(sc.source, "data"):
         ds = load_dataset(sc.data.dataset, sc.data.params(), num_clients=n, seed=sc.seed)
+    check_finite_data(ds, sc.source)
     with _located(sc.source, "data.partition"):
         splits = client_splits(sc.data.partition.kind, sc.data.partition.params(), ds,
                                num_clients=n, seed=sc.seed)
@@ -145,6 +157,11 @@ def build_setup(sc: Scenario) -> Setup:
     with _located(sc.source, "model"):
         make = lambda: build_model(sc.model.kind, sc.model.params(),  # noqa: E731
                                    input_shape=ds.feature_shape, num_classes=ds.num_classes)
+        num_params = model_size(make)
+        elem = 8 if dtype == torch.float64 else 4
+        if num_params is not None:
+            estimate_model(sc, num_params, elem, mem,
+                           f" for inputs {ds.feature_shape} and {ds.num_classes} classes (from the data)")
         model = StackedModel(make().to(dtype))
         x0 = init_params(make, model.spec, sc.seed).to(device, dtype)
     with _located(sc.source, "participation"):
@@ -177,6 +194,7 @@ def build_setup(sc: Scenario) -> Setup:
         if sc.work.kind != "strategy":
             raise ConfigError("a Flower strategy sets its clients' local work itself", file=sc.source,
                               key="work.kind", value=sc.work.kind, allowed="strategy")
+        check_topology(sc, strategy, topology)
         return Setup(sc, ds, parts, sizes, model, make, x0, strategy, participation, topology,
                      device, dtype, splits, None, build_system(sc, strategy, n, make, ds, parts, dtype))
     with _located(sc.source, "strategy"):
@@ -186,6 +204,9 @@ def build_setup(sc: Scenario) -> Setup:
         aggregator = None if "aggregator" in STRATEGIES.params(sc.strategy.name) \
             else params.pop("aggregator", None)
         strategy = STRATEGIES.build(sc.strategy.name, params, runtime=runtime)
+        if not isinstance(strategy, Strategy):
+            raise ConfigError(f"the strategy factory returned a {type(strategy).__name__}, not a "
+                              "fedsim.types.Strategy", key="name", value=sc.strategy.name)
         if uplink is not None:
             try:
                 strategy = compress_uplink(strategy, uplink)
@@ -195,6 +216,8 @@ def build_setup(sc: Scenario) -> Setup:
             raise ConfigError("gossip strategies need every node every round",
                               key="participation.kind", value=sc.participation.kind, allowed="full")
         strategy = _adversarial(strategy, sc, aggregator, participation)
+    check_topology(sc, strategy, topology)
+    estimate_clients(sc, strategy, model.spec.size, elem, mem)
     work = None
     if sc.work.kind != "strategy":
         if not strategy.trains_locally:

@@ -45,6 +45,9 @@ CASES = [
     ("bad engine option", {"engine": {"kind": "multiplex", "chunk_size": 0}}, ["engine.chunk_size", "0"]),
     ("dotted path that does not import", {"strategy": {"name": "nopkg.mod:thing"}},
      ["strategy.name", "nopkg.mod:thing"]),
+    ("bool for a number", {"rounds": True}, ["rounds", "True"]),
+    ("seed out of range", {"seed": 2**70}, ["seed", str(2**70)]),
+    ("name with a path", {"name": "../escaped"}, ["name", "one path component"]),
     ("npz file missing", {"data": {"dataset": "npz", "path": "/nonexistent/x.npz",
                                    "partition": {"kind": "iid"}}}, ["/nonexistent/x.npz"]),
 ]

@@ -101,7 +101,8 @@ def build_topology(kind: str, params: dict[str, Any], *, n: int, seed: int) -> T
         raise ConfigError("a topology needs at least one node", key="n", value=n, allowed=">= 1")
     topo = TOPOLOGIES.build(kind, dict(params), n=int(n), seed=int(seed))
     if getattr(topo, "n", None) != n:
-        raise ValueError(f"topology {kind!r} returned {topo!r}, not a Topology on {n} nodes")
+        raise ConfigError(f"the topology factory returned {type(topo).__name__}, not a Topology on {n} "
+                          "nodes", key="kind", value=kind)
     return topo
 
 

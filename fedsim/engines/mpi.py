@@ -104,7 +104,13 @@ class MPIEngine:
         self.loop: RoundLoop | None = None
 
     def prepare(self, setup: Setup) -> None:
-        """Nothing to place before the rounds: each rank builds its slice in `run`."""
+        """Check the layout (before any run folder exists); each rank builds its slice in `run`."""
+        self._check(setup)
+
+    def _check(self, setup: Setup) -> None:
+        if self.size > setup.num_clients:
+            raise ConfigError("more MPI ranks than clients/nodes", key="data.clients",
+                              value=setup.num_clients, allowed=f">= the number of ranks ({self.size})")
 
     def run(self, setup: Setup, on_eval: OnEval, progress: Progress | None = None,
             control: Control | None = None) -> list[dict[str, Any]]:
@@ -133,9 +139,7 @@ class MPIEngine:
         from fedsim.comm.mpi import MPIComm, block_starts
 
         n = setup.num_clients
-        if self.size > n:
-            raise ConfigError("more MPI ranks than clients/nodes", key="data.clients", value=n,
-                              allowed=f">= the number of ranks ({self.size})")
+        self._check(setup)
         torch.set_num_threads(self.threads)
         starts = block_starts(n, self.size)
         owned = np.arange(starts[self.rank], starts[self.rank + 1])

@@ -22,7 +22,8 @@ to multiplex a round's local training); Flower's runtimes call the app once per 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,7 +188,8 @@ class FedsimClientApp(ClientApp):
     def _single(self, fn: Callable[..., list[Message]]) -> Callable[[Message, Any], Message]:
         def handler(msg: Message, context: Any) -> Message:
             self._threads()
-            return fn([msg], [context], self.opts)[0]
+            with _naming_clients([msg], [context]):
+                return fn([msg], [context], self.opts)[0]
         return handler
 
     def _threads(self) -> None:
@@ -204,7 +206,8 @@ class FedsimClientApp(ClientApp):
         for kind, idx in kinds.items():
             if kind not in HANDLERS:
                 raise ValueError(f"fedsim's ClientApp has no handler for message type {kind!r}")
-            replies = HANDLERS[kind]([msgs[j] for j in idx], [contexts[j] for j in idx], self.opts)
+            with _naming_clients([msgs[j] for j in idx], [contexts[j] for j in idx]):
+                replies = HANDLERS[kind]([msgs[j] for j in idx], [contexts[j] for j in idx], self.opts)
             for j, r in zip(idx, replies, strict=True):
                 out[j] = r
         return out  # type: ignore[return-value]
@@ -214,3 +217,27 @@ def make_client_app(threads: int | None = None, chunk_size: int | None = None,
                     memory_mb: int = 2048) -> FedsimClientApp:
     """The fedsim ClientApp (see `FedsimClientApp`)."""
     return FedsimClientApp(threads, chunk_size, memory_mb)
+
+
+class ClientFailure(RuntimeError):
+    """A node's work failed: one line naming the partition ids, the round and the error."""
+
+    one_line = True  # the error reply carries it; no traceback in the log
+
+
+@contextmanager
+def _naming_clients(msgs: Sequence[Message], contexts: Sequence[Any]) -> Iterator[None]:
+    """Re-raise an exception of the nodes' work as one `ClientFailure` line (multiplexed nodes
+    fail together: every partition id of the push is named)."""
+    try:
+        yield
+    except (ClientFailure, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        pids = sorted(int(c.node_config.get("partition-id", -1)) for c in contexts)
+        rounds = sorted({str(m.metadata.group_id) for m in msgs})
+        first = (str(exc).strip().splitlines() or [""])[0]
+        who = f"client (partition id) {pids[0]}" if len(pids) == 1 else \
+            f"clients (partition ids) {', '.join(map(str, pids[:10]))}{' ...' if len(pids) > 10 else ''}"
+        raise ClientFailure(f"{who} failed in round {', '.join(rounds)}: {type(exc).__name__}: "
+                            f"{first}") from exc

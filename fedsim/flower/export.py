@@ -113,9 +113,12 @@ def export_flower(scenario_path: str, out_dir: str, overrides: list[str] | None 
 
     sc = load_scenario(scenario_path, overrides or [])
     build_setup(sc)  # fail here, not inside Flower, if the scenario cannot be built
-    if os.path.exists(os.path.join(out_dir, "pyproject.toml")) and not force:
-        raise ConfigError("export folder already holds a Flower app (use --force to overwrite)",
-                          value=out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError("export path is a file, not a folder", value=out_dir,
+                          allowed="a new or empty folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise ConfigError("export folder is not empty (use --force to write into it)",
+                          value=out_dir, allowed="a new or empty folder, or --force")
     os.makedirs(os.path.join(out_dir, "fedsim_app"), exist_ok=True)
     name = re.sub(r"[^a-z0-9-]+", "-", f"fedsim-{sc.name}".lower()).strip("-")
     fields: dict[str, Any] = dict(name=name, scenario=sc.name, strategy=sc.strategy.name,

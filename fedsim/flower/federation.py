@@ -8,6 +8,7 @@ resolved scenario and learns its `partition-id`.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple, cast
@@ -66,11 +67,14 @@ class Federation:
 
     def collect(self, replies: Iterable[Message], expected: np.ndarray) -> Replies:
         """The replies by partition id, checked against `expected`; an error reply raises."""
-        rows = []
+        rows, failed = [], []
         for r in self.count_up(replies):
             if r.has_error():
-                raise RuntimeError(f"Flower node {r.metadata.src_node_id} failed: {r.error.reason}")
+                failed.append(r)
+                continue
             rows.append((self.pid_of[r.metadata.src_node_id], r.content))
+        if failed:
+            raise RuntimeError(self.failure_line(failed))
         rows.sort(key=lambda r: r[0])
         got = [p for p, _ in rows]
         if got != [int(p) for p in expected]:
@@ -79,6 +83,18 @@ class Federation:
         arrays = [c["arrays"] for _, c in rows if "arrays" in c]
         stacked = stack_records(arrays, self.device) if len(arrays) == len(rows) else {}
         return Replies(got, stacked, [c.get("metrics", {}) for _, c in rows])
+
+    def failure_line(self, failed: list[Message]) -> str:
+        """One line for error replies: the partition ids, the round and the error's last line
+        (a Flower error reason is a whole traceback)."""
+        pids = sorted(self.pid_of.get(r.metadata.src_node_id, -1) for r in failed)
+        rounds = sorted({str(r.metadata.group_id) for r in failed})
+        lines = [ln.strip() for ln in str(failed[0].error.reason).splitlines() if ln.strip()]
+        tail = next((ln for ln in reversed(lines) if "failed in round" in ln), lines[-1] if lines else "")
+        named = re.search(r"failed in round [^:]*: (.*)", tail)  # fedsim's own ClientFailure line
+        err = named.group(1).rstrip("'\"> ") if named else tail
+        who = ", ".join(map(str, pids[:10])) + (" ..." if len(pids) > 10 else "")
+        return f"clients (partition ids) {who} failed in round {', '.join(rounds)}: {err}"
 
     def join(self, grid: Grid, text: str) -> None:
         """Wait for all nodes, send them the scenario, and map partition ids to node ids."""

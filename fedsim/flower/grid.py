@@ -81,7 +81,7 @@ def seed_globals(seed: int) -> None:
 
 def _error_reply(msg: Message, exc: BaseException, log: bool = True) -> Message:
     """The error reply Flower's runtimes send for a ClientApp that raised (call in `except`)."""
-    if log:
+    if log and not getattr(exc, "one_line", False):  # fedsim's ClientFailure says it all
         logging.getLogger("flwr").error("ClientApp of node %s raised:\n%s",
                                         msg.metadata.dst_node_id, traceback.format_exc())
     return Message(Error(code=internals.client_app_error_code(),

@@ -45,6 +45,9 @@ def load_app(spec: str, kind: str, app_dir: str | None = None) -> Any:
     if not sep or not mod or not attr:
         raise ConfigError(f"{kind} must look like 'package.module:attribute'", value=spec)
     path = os.path.abspath(app_dir or os.getcwd())
+    if not os.path.isdir(path):
+        raise ConfigError("app directory not found", key="--app-dir", value=app_dir,
+                          allowed="a directory holding the app's modules")
     if path not in sys.path:
         sys.path.insert(0, path)
     try:
@@ -53,6 +56,9 @@ def load_app(spec: str, kind: str, app_dir: str | None = None) -> Any:
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"cannot load {kind}: {exc}", value=spec) from None
+    except Exception as exc:  # noqa: BLE001 - the app module itself raises or has a syntax error
+        raise ConfigError(f"importing the {kind} module failed: {type(exc).__name__}: {exc}",
+                          value=spec) from None
     return obj
 
 
