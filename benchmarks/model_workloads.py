@@ -17,14 +17,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fedsim.data import Dataset
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEST_SAMPLES = 500
 
 
 def generated(*, form: Literal["images", "tokens"], shape: list[int], classes: int,
-              samples_per_client: int, num_clients: int, seed: int) -> Any:
+              samples_per_client: int, num_clients: int, seed: int) -> Dataset:
     """Images [n, *shape] float32 or token ids [n, T] int64, labels [n] int64 in [0, classes)."""
-    from fedsim.data import Dataset
 
     rs = np.random.RandomState(seed)
     n = num_clients * samples_per_client + TEST_SAMPLES

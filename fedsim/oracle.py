@@ -51,6 +51,12 @@ def to_compute(x: torch.Tensor, dtype: torch.dtype, normalize: Any = None) -> to
     return x
 
 
+def model_batch(ds: Any, rows: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Training rows `rows` of dataset `ds` on the CPU as the model sees a minibatch of them
+    (set-up checks and FLOP counting)."""
+    return to_compute(device_inputs(ds.x_train[rows], "cpu", dtype), dtype, ds.normalize)
+
+
 @dataclass
 class ClientData:
     """Training samples of all clients, concatenated client by client, on one device.

@@ -14,7 +14,7 @@ from fedsim.config import TOP_KEYS, Scenario
 from fedsim.data import ClientSplits, Dataset, client_splits, label_distribution, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import StackedModel, build_model, init_params
-from fedsim.oracle import ClientData, device_inputs, to_compute
+from fedsim.oracle import ClientData, device_inputs, model_batch
 from fedsim.participation import build_participation
 from fedsim.problem import DataProblem
 from fedsim.round import plan_round
@@ -264,7 +264,7 @@ def build_system(sc: Scenario, strategy: Strategy, n: int, make: Any, ds: Datase
         rows = np.concatenate(parts)[: max(1, sc.strategy.batch_size or 32)] if parts else np.zeros(0, int)
         if not rows.size:
             return 0.0
-        x = to_compute(device_inputs(ds.x_train[rows], "cpu", dtype), dtype, ds.normalize)  # as a minibatch
+        x = model_batch(ds, rows, dtype)
         return flops_per_sample(make().to(dtype), x, torch.as_tensor(ds.y_train[rows], dtype=torch.int64))
     try:
         return SystemModel(cfg, n, sc.seed, fps)

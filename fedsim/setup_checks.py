@@ -173,10 +173,11 @@ def check_model_fits(module: Any, ds: Any, dtype: Any, sc: Any) -> None:
     validate` only (building a scenario never runs the model), in eval mode without gradients."""
     import torch
 
-    rows = ds.x_train[:2]
-    if len(rows) == 0:
+    from fedsim.oracle import model_batch
+
+    if len(ds.x_train) == 0:
         return
-    x = torch.as_tensor(ds.features(rows), dtype=dtype)  # as the problem holds it
+    x = model_batch(ds, np.arange(min(2, len(ds.x_train))), dtype)
     was = module.training
     module.eval()
     try:

@@ -148,10 +148,9 @@ def test_a_failed_point_is_recorded_and_the_others_still_run(tmp_path, capsys):
         assert bad["status"] == "failed" and bad["error"] == "RuntimeError: boom in forward"
         assert f"failed fail=error,seed={s}: RuntimeError: boom in forward" in err
         assert not (tmp_path / "sw" / f"fail=error,seed={s}").exists()
-    attempts = [p.name for p in (tmp_path / "sw").iterdir() if p.name.endswith(".partial")]
-    assert len(attempts) == 2 and all(a.startswith("fail=error-") for a in attempts)
-    seeds = [yaml.safe_load(open(tmp_path / "sw" / a / "config.yaml"))["seed"] for a in attempts]
-    assert sorted(seeds) == [0, 1]
+    # the model fails in the engine's set-up (its execution-plan calibration runs it), before the
+    # run folder exists: the failed attempts leave nothing half-written
+    assert not [p.name for p in (tmp_path / "sw").iterdir() if p.name.endswith(".partial")]
     code, _, err = run_cli(["sweep", sc, "--out", str(tmp_path / "sw"), *args], capsys)
     assert code == 1 and "2 had finished before" in err
     assert _index(tmp_path / "sw")["fail=error,seed=0"]["attempts"] == 2
@@ -266,10 +265,13 @@ def test_slurm_launcher_runs_a_job_array_with_submitits_local_executor(tmp_path,
     pytest.importorskip("submitit")
     sc = write_scenario(tmp_path, small_scenario(model=FLAKY))
     assert _sweep(capsys, sc, tmp_path / "seq", "--grid", "model.fail=never")[0] == 0
-    code, _, err = _sweep(capsys, sc, tmp_path / "sl", "--grid", "model.fail=never,error",
-                          "--launcher", "slurm", "--submitit", "cluster=local",
-                          "--submitit", "timeout_min=5")
-    assert code == 1, err
+    # a real `fedsim sweep` process: submitit's job watchers must not outlive a test's captured
+    # stdio (in-process they wrote to pytest's closed capture at exit: "lost sys.stderr")
+    res = subprocess.run([sys.executable, "-m", "fedsim", "sweep", sc, "--out", str(tmp_path / "sl"),
+                          "--quiet", "--grid", "model.fail=never,error", "--launcher", "slurm",
+                          "--submitit", "cluster=local", "--submitit", "timeout_min=5"],
+                         capture_output=True, text=True, timeout=600, env=child_env(1))
+    assert res.returncode == 1, res.stderr[-3000:]
     idx = _index(tmp_path / "sl")
     ok, bad = idx["fail=never,seed=3"], idx["fail=error,seed=3"]
     assert ok["status"] == "ok" and ok["job_id"] and bad["status"] == "failed"
