@@ -261,17 +261,21 @@ def test_an_mpi_point_runs_under_mpiexec(tmp_path, capsys):
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-9)
 
 
+def _sweep_process(sc: str, out: Path, *args: str) -> tuple[int, str]:
+    """`fedsim sweep` as a real process: submitit's executors and log handlers must not bind to a
+    test's captured stdio (in-process they outlived it: "lost sys.stderr" at pytest's exit)."""
+    res = subprocess.run([sys.executable, "-m", "fedsim", "sweep", sc, "--out", str(out), "--quiet",
+                          *args], capture_output=True, text=True, timeout=600, env=child_env(1))
+    return res.returncode, res.stderr
+
+
 def test_slurm_launcher_runs_a_job_array_with_submitits_local_executor(tmp_path, capsys):
     pytest.importorskip("submitit")
     sc = write_scenario(tmp_path, small_scenario(model=FLAKY))
     assert _sweep(capsys, sc, tmp_path / "seq", "--grid", "model.fail=never")[0] == 0
-    # a real `fedsim sweep` process: submitit's job watchers must not outlive a test's captured
-    # stdio (in-process they wrote to pytest's closed capture at exit: "lost sys.stderr")
-    res = subprocess.run([sys.executable, "-m", "fedsim", "sweep", sc, "--out", str(tmp_path / "sl"),
-                          "--quiet", "--grid", "model.fail=never,error", "--launcher", "slurm",
-                          "--submitit", "cluster=local", "--submitit", "timeout_min=5"],
-                         capture_output=True, text=True, timeout=600, env=child_env(1))
-    assert res.returncode == 1, res.stderr[-3000:]
+    code, err = _sweep_process(sc, tmp_path / "sl", "--grid", "model.fail=never,error", "--launcher",
+                               "slurm", "--submitit", "cluster=local", "--submitit", "timeout_min=5")
+    assert code == 1, err[-3000:]
     idx = _index(tmp_path / "sl")
     ok, bad = idx["fail=never,seed=3"], idx["fail=error,seed=3"]
     assert ok["status"] == "ok" and ok["job_id"] and bad["status"] == "failed"
@@ -279,15 +283,14 @@ def test_slurm_launcher_runs_a_job_array_with_submitits_local_executor(tmp_path,
     assert _strip(read_metrics(tmp_path / "sl" / "fail=never,seed=3")) == \
         _strip(read_metrics(tmp_path / "seq" / "fail=never,seed=3"))
     # bad executor parameters, and MPI points without real Slurm tasks: exit 2, nothing runs
-    code, _, err = _sweep(capsys, sc, tmp_path / "x", "--launcher", "slurm",
-                          "--submitit", "cluster=local", "--submitit", "slurm_partitionn=gpu")
+    code, err = _sweep_process(sc, tmp_path / "x", "--launcher", "slurm", "--submitit", "cluster=local",
+                               "--submitit", "slurm_partitionn=gpu")
     assert code == 2 and "sweep.submitit" in err and "partitionn" in err
     if shutil.which("srun") is None:  # this machine is no Slurm cluster
-        code, _, err = _sweep(capsys, sc, tmp_path / "x", "--launcher", "slurm")
+        code, err = _sweep_process(sc, tmp_path / "x", "--launcher", "slurm")
         assert code == 2 and "sweep.submitit.cluster" in err and "srun" in err
     mpi = write_scenario(tmp_path, small_scenario(engine={"kind": "mpi"}), "mpi.yaml")
-    code, _, err = _sweep(capsys, mpi, tmp_path / "x", "--launcher", "slurm",
-                          "--submitit", "cluster=local")
+    code, err = _sweep_process(mpi, tmp_path / "x", "--launcher", "slurm", "--submitit", "cluster=local")
     assert code == 2 and "sweep.submitit.cluster" in err and not (tmp_path / "x").exists()
 
 
