@@ -113,14 +113,12 @@ def test_gossip_on_a_disconnected_random_graph_is_refused(tmp_path, capsys):
     ("tests.reliability_plugins:WrongOutputs", ["outputs (2, 3)", "10 classes", "model.kind"]),
     ("tests.reliability_plugins:WrongInputs", ["does not accept", "(60,)", "model.kind"]),
 ])
-def test_model_that_does_not_fit_the_data_is_caught_by_validate(tmp_path, capsys, monkeypatch,
-                                                                  kind, needles):
-    """`fedsim validate` runs the model once on two training rows (`run` does not: building a
-    scenario never runs user model code; the run fails in round 1, exit 1)."""
+def test_model_that_does_not_fit_the_data_is_bad_input(tmp_path, capsys, monkeypatch, kind, needles):
+    """`run` and `validate` run the model once on two training rows after set-up (building a
+    scenario never runs it): the same line, exit 2, no run folder (tests/test_bad_input_model.py
+    drives real processes, sweeps and MPI ranks)."""
     monkeypatch.syspath_prepend(str(ROOT))
-    path = write_scenario(tmp_path, small_scenario(model={"kind": kind}), "bad.yaml")
-    code, _, err = run_cli(["validate", path], capsys)
-    assert code == 2 and err.count("\n") == 1 and "bad.yaml" in err
+    err = bad(tmp_path, capsys, small_scenario(model={"kind": kind}))
     for needle in needles:
         assert needle in err, (needle, err)
 
