@@ -16,8 +16,10 @@ engine.plan auto), `fedsim-stacked-all` (W6 only: plan stacked with every partic
 pass, the engine's behaviour before execution plans), `fedsim-stacked-10` (W7/W8: stacked,
 10 clients per pass), `loop` and `vmap` (model_baselines.py), `flower` (flower_models.py,
 W6 only). FLOP/s = FLOPs of one client step (from the plan: Linear/Conv/LSTM layers, x3 for
-forward + backward) x client steps / in-loop seconds; the GEMM peak is a single-thread
-2048 x 2048 float32 matmul measured in its own process at the start.
+forward + backward) x client steps / in-loop CPU seconds; the GEMM peak is a single-thread
+2048 x 2048 float32 matmul measured in its own process before every repeat (median of all).
+`loop-tuned` (model_baselines.py) is the loop with fedsim's CPU measures, the per-client-loop
+floor; `layer_ceiling.py` times each layer alone, the kernels' own limit.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def plan_items(workloads: list[str], sets: list[str], t: str) -> list[dict]:
         if w in ("w7", "w8"):
             items.append({"workload": w, "impl": "fedsim-stacked-10",
                           "cmd": fed + ["--set", "engine.plan=stacked", "--set", "engine.plan_block=10"]})
-        for impl in ("loop", "vmap"):
+        for impl in ("loop", "loop-tuned", "vmap"):
             items.append({"workload": w, "impl": impl,
                           "cmd": [PY, str(HERE / "model_baselines.py"), impl, w, t, *extra]})
         if w == "w6":
@@ -138,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     items = [i for i in items if f"{i['workload']}/{i['impl']}" not in args.skip.split(",")]
     meta = {"machine": machine(args.threads), "git": git_state(), "sets": args.set,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    gemm = measure([PY, "-c", GEMM], env, False, 300)
-    peak = json.loads(gemm["stdout"])["gflops"]
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    for r in range(args.repeats):
-        for it in items:
+    peak = 0.0
+    for r in range(max(args.repeats, 1)):  # the GEMM peak is re-measured with every repeat
+        peak = json.loads(measure([PY, "-c", GEMM], env, False, 300)["stdout"])["gflops"]
+        for it in items if args.repeats else []:
             res = measure(it["cmd"], env, False, args.timeout)
             row = {k: res[k] for k in ("process_s", "rss_mb", "load1")}
             if res["rc"] == 0:

@@ -21,7 +21,8 @@ Choosing (`choose_plan`, at set-up):
     ``stacked`` where the model has a folded form, else ``vmap``;
   * on CPU, `chunk_cap` also bounds the round loop's chunks so that their [m, P] tensors stay
     below 16 MiB and are reused from the heap (W6: 12 % less CPU time per client step than
-    chunks of 61 clients, whose 130 MB tensors were mapped and faulted in every step).
+    chunks of 61 clients, whose 130 MB tensors were mapped and faulted in every step), and
+    `fedsim.heap.reuse_freed_memory` keeps glibc from unmapping freed blocks below 32 MiB.
 - ``measure``: like cuDNN's benchmark mode, time a few one-step candidates (each kind,
   blocks 1, 2, 4, ... up to the memory bound, stopping once a kind's time per client grows)
   and take the fastest. Timing noise can flip the choice between runs; plans agree to float
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import ConfigError
+from fedsim.heap import reuse_freed_memory
 from fedsim.models import KINDS
 from fedsim.models.flops import FlopCounter
 from fedsim.oracle import BlockOracle
@@ -54,8 +56,9 @@ CPU_CACHE_BYTES = 4 * 2**20
 EPYC: MLP and CNN per-client times level off or grow beyond it)."""
 CPU_ROW_BYTES = 16 * 2**20
 """On CPU, a chunk's [m, P] tensors (models, updates, gradients) stay below this size: glibc
-serves allocations under its 32 MiB mmap ceiling from the heap and reuses them step after step,
-while larger ones are mapped and page-faulted in afresh every local step."""
+serves allocations under its mmap threshold (fixed at 32 MiB by `fedsim.heap`) from the heap
+and reuses them step after step, while larger ones are mapped and page-faulted in afresh every
+local step."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class ExecutionPlan:
       timings: measured candidates ("kind:block", seconds per client-step), fastest first.
       chunk_cap: CPU only: most clients per round-loop chunk (a multiple of `block`) so that
         the chunk's [m, P] tensors stay under `CPU_ROW_BYTES`; None: no cap.
+      heap: CPU only: how freed memory is reused (`fedsim.heap.reuse_freed_memory`).
     """
 
     kind: str
@@ -87,6 +91,7 @@ class ExecutionPlan:
     peak_bytes: int | None = None
     timings: tuple[tuple[str, float], ...] = ()
     chunk_cap: int | None = None
+    heap: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready record for summary.json."""
@@ -110,6 +115,7 @@ def choose_plan(problem: Any, option: str = "auto", block: int | None = None,
                           allowed=", ".join(OPTIONS))
     model, dev = problem.model, problem.device
     _check_token_ids(problem)
+    heap = reuse_freed_memory() if dev.type == "cpu" else None
     probe = _probe_oracle(problem, 1)
     rows, _ = probe.batch_rows(0)
     available = model.status(problem.data.inputs(rows))
@@ -122,7 +128,7 @@ def choose_plan(problem: Any, option: str = "auto", block: int | None = None,
     c_cost = min(c_cost, problem.num_clients)
     base = dict(device=str(dev), available=dict(available), batch=int(rows.shape[1]),
                 param_bytes=param_bytes, act_bytes=stats["act"], flops=stats["flops"],
-                peak_bytes=stats["peak"])
+                peak_bytes=stats["peak"], heap=heap)
 
     def plan(kind: str, c: int, source: str, **kw: Any) -> ExecutionPlan:
         cap = None if dev.type == "cuda" else max(1, CPU_ROW_BYTES // param_bytes // c) * c

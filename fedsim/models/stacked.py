@@ -29,6 +29,7 @@ from torch.func import functional_call
 from fedsim.errors import ConfigError
 from fedsim.models.leaves import AmbiguousBatch, NoBatchAxis, Run, fold
 from fedsim.models.recurrent import FunctionalRNN, rnn_mode
+from fedsim.models.rewrite import pool_before_relu
 from fedsim.models.spec import ParamSpec, check_supported
 
 KINDS = ("stacked", "vmap", "loop")
@@ -44,9 +45,10 @@ class StackedModel:
         self.module = module
         self.spec = ParamSpec.of(module)
         self._run = Run()
-        self._shadow, self.fold_reason = fold(module, self._run)
+        self._exec = pool_before_relu(module)  # what every kind runs: exact rewrites, shared layers
+        self._shadow, self.fold_reason = fold(self._exec, self._run)
         self._fm = _feature_major_plan(module)
-        self._vmap_module, self.vmap_reason = _vmappable(module)
+        self._vmap_module, self.vmap_reason = _vmappable(self._exec)
         # Per-client image batches run channels-last through conv nets: on CPU oneDNN's NHWC
         # max-pool backward skips NCHW's zero-filled index scatter (measured ~10-25 % per step).
         self._channels_last = any(isinstance(mod, nn.Conv2d) for mod in module.modules())
@@ -55,7 +57,7 @@ class StackedModel:
 
     def _to(self, device: torch.device) -> None:
         """Move the modules (their buffers matter: functional_call uses them) to `device`."""
-        mods = (self.module, self._shadow, self._vmap_module)
+        mods = (self.module, self._exec, self._shadow, self._vmap_module)
         for mod in {id(m): m for m in mods if m is not None}.values():
             mod.to(device)
         self.device = device
@@ -117,7 +119,7 @@ class StackedModel:
         shared = inputs.unsqueeze(0).expand(x.shape[0], *inputs.shape)
         if self.resolve(kind, shared) == "loop":
             params, inp = self.spec.unflatten(x), self._layout(inputs)
-            return torch.stack([functional_call(self.module, {k: v[i] for k, v in params.items()},
+            return torch.stack([functional_call(self._exec, {k: v[i] for k, v in params.items()},
                                                 (inp,)) for i in range(x.shape[0])])
         return self.forward(x, shared, kind)
 
@@ -139,8 +141,12 @@ class StackedModel:
         return vmap(one)(params, inputs)
 
     def _loop(self, params: Params, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.stack([functional_call(self.module, {k: v[i] for k, v in params.items()},
-                                            (self._layout(inputs[i]),)) for i in range(inputs.shape[0])])
+        m = inputs.shape[0]
+        if m == 1:  # a view, not a select: select's backward zero-fills a full [1, *shape] gradient
+            one = {k: v.view(v.shape[1:]) for k, v in params.items()}
+            return functional_call(self._exec, one, (self._layout(inputs[0]),)).unsqueeze(0)
+        return torch.stack([functional_call(self._exec, {k: v[i] for k, v in params.items()},
+                                            (self._layout(inputs[i]),)) for i in range(m)])
 
     def _layout(self, batch: torch.Tensor) -> torch.Tensor:
         """One client's batch [B, *feature] in the memory format its layers run fastest in."""
