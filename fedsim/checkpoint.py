@@ -11,14 +11,18 @@ new one is in place, so a kill while writing leaves the previous checkpoint vali
 
 Files are read with ``torch.load(weights_only=True)`` (tensors and plain containers only), and a
 checkpoint written by another scenario, or not by fedsim, is refused with the file and the reason.
+A write that fails (a full disk, a file-size limit, a read-only folder) raises one OSError naming
+the checkpoint file and the system's reason, as a failed metrics write does (`fedsim.run`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,26 +91,56 @@ def staging(folder: str, round: int) -> str:
     return os.path.join(folder, FOLDER, f"round-{round:08d}.tmp")
 
 
+@contextlib.contextmanager
+def _writing(path: str, tmp: str) -> Iterator[None]:
+    """Writes of checkpoint file `path` (through `tmp`): any failure becomes one OSError
+    ``cannot write PATH: REASON`` with the system's errno and reason where there is one (torch's
+    own error, e.g. "unexpected pos 576 vs 534", hides the OSError it chains), `tmp` removed."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError over the OSError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno), None)
+        if cause is None:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise OSError(f"cannot write {path}: {type(exc).__name__}: {first}") from None
+        code = int(cause.errno or 0)
+        raise OSError(code, f"cannot write {path}: {cause.strerror or os.strerror(code)}") from None
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from or while handling, and so on."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def write_part(folder: str, round: int, name: str, payload: dict[str, Any]) -> None:
     """One file of the checkpoint of `round` (every process writes its own clients part)."""
     path = staging(folder, round)
-    os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, f".{name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, os.path.join(path, name))
+    with _writing(os.path.join(path, name), tmp):
+        os.makedirs(path, exist_ok=True)
+        with open(tmp, "wb") as fh:  # a Python file: a failed write chains its OSError
+            torch.save(payload, fh)
+        os.replace(tmp, os.path.join(path, name))
 
 
 def commit(folder: str, round: int) -> str:
     """Publish the staged checkpoint of `round` (after every part was written) and drop older ones."""
     base = os.path.join(folder, FOLDER)
     final = os.path.join(base, f"round-{round:08d}")
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(staging(folder, round), final)
     tmp = os.path.join(base, f".{LATEST}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(os.path.basename(final) + "\n")
-    os.replace(tmp, os.path.join(base, LATEST))
+    with _writing(os.path.join(base, LATEST), tmp):
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staging(folder, round), final)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(os.path.basename(final) + "\n")
+        os.replace(tmp, os.path.join(base, LATEST))
     for entry in os.listdir(base):
         if entry.startswith("round-") and entry != os.path.basename(final):
             shutil.rmtree(os.path.join(base, entry), ignore_errors=True)

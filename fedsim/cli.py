@@ -91,7 +91,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     sc = load_scenario(args.scenario, args.set)
     setup = build_setup(sc)  # everything `run` builds except the training:
-    check_model_fits(setup.make_module().to(setup.dtype), setup.dataset, setup.dtype, sc)
+    check_model_fits(setup)
     ENGINES.build(sc.engine.kind, sc.engine.params()).prepare(setup)  # data placed, engine checks
     print(f"ok: {args.scenario}: {sc.strategy.name} on {sc.data.dataset} "
           f"({setup.num_clients} clients, {setup.model.spec.size} parameters, {sc.rounds} rounds, "

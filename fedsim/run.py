@@ -217,9 +217,11 @@ def execute(sc: Scenario, out_dir: str | None = None, quiet: bool = False,
     """
     from fedsim.engines import ENGINES
     from fedsim.setup import build_setup
+    from fedsim.setup_checks import check_model_fits
 
     t_start = time.perf_counter()
     setup = build_setup(sc)
+    check_model_fits(setup)  # as `fedsim validate`: a model that does not fit the data is bad input
     engine: Engine = ENGINES.build(sc.engine.kind, sc.engine.params())
     point = ckpt.latest(resume) if resume is not None else None
     fingerprint = ckpt.digest(to_dict(sc))

@@ -183,14 +183,8 @@ def build_setup(sc: Scenario) -> Setup:
                               allowed="none with strategy.name: flower")
         with _located(sc.source, "strategy"):
             strategy = client_strategy(sc)
-        cfg = sc.system
-        for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
-                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star"),
-                        ("asynchrony", cfg.asynchrony is not None)):
-            if on:
-                raise ConfigError("a Flower strategy samples its clients itself: fedsim's straggler "
-                                  "model does not apply", file=sc.source, key=f"system.{key}",
-                                  value=getattr(cfg, key), allowed="the default")
+        refuse_server_system(sc, "a Flower strategy samples its clients itself: fedsim's straggler "
+                             "model does not apply")
         if sc.work.kind != "strategy":
             raise ConfigError("a Flower strategy sets its clients' local work itself", file=sc.source,
                               key="work.kind", value=sc.work.kind, allowed="strategy")
@@ -239,18 +233,28 @@ def build_setup(sc: Scenario) -> Setup:
                  device, dtype, splits, work, system)
 
 
+def refuse_server_system(sc: Scenario, why: str) -> None:
+    """ConfigError `why` naming the first `system:` setting of fedsim's own server rounds
+    (stragglers: dropout, over_selection, deadline; the all-reduce network; asynchrony) that
+    scenario `sc` moves off its default although its strategy would ignore it (gossip, a Flower
+    strategy object)."""
+    cfg = sc.system
+    for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
+                    ("deadline", cfg.deadline is not None), ("network", cfg.network != "star"),
+                    ("asynchrony", cfg.asynchrony is not None)):
+        if on:
+            value = getattr(cfg, key)
+            raise ConfigError(why, file=sc.source, key=f"system.{key}", allowed="the default",
+                              value=value.model_dump() if hasattr(value, "model_dump") else value)
+
+
 def build_system(sc: Scenario, strategy: Strategy, n: int, make: Any, ds: Dataset,
                  parts: list[np.ndarray], dtype: torch.dtype) -> SystemModel:
     """The simulated system of the scenario; FLOPs per sample measured on one training batch."""
     cfg = sc.system
     if strategy.comm == "mix":
-        for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
-                        ("deadline", cfg.deadline is not None), ("network", cfg.network != "star"),
-                        ("asynchrony", cfg.asynchrony is not None)):
-            if on:
-                raise ConfigError("gossip nodes all take part every round: stragglers, all-reduce "
-                                  "networks and asynchrony apply to server strategies",
-                                  key=f"system.{key}", value=getattr(cfg, key), allowed="the default")
+        refuse_server_system(sc, "gossip nodes all take part every round: stragglers, all-reduce "
+                             "networks and asynchrony apply to server strategies")
     if cfg.asynchrony is not None:
         from fedsim.engines.async_loop import check_async
         try:

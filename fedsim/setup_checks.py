@@ -4,6 +4,8 @@
   setting would be ignored), a gossip strategy on a disconnected static graph (the components
   never agree: consensus is impossible).
 * `check_finite_data`: NaN or infinite features in the training or test data.
+* `check_model_fits`: a model that does not take the data's inputs or does not output one logit
+  per class (one forward pass, after set-up and before any run folder).
 * `MemoryEstimate`: bytes the scenario will hold (data, graph, models x clients, client state),
   summed from the scenario *before* each part is allocated, and refused with the key of the
   largest part, the estimate and the machine's memory when they exceed it.
@@ -167,18 +169,21 @@ def check_finite_data(ds: Any, source: str | None) -> None:
                               value=f"row {row}", allowed="finite numbers")
 
 
-def check_model_fits(module: Any, ds: Any, dtype: Any, sc: Any) -> None:
-    """One forward pass on two training rows: a model that rejects the data's input shape or
-    does not output one logit per class is bad input (named by `model.kind`). Run by `fedsim
-    validate` only (building a scenario never runs the model), in eval mode without gradients."""
+def check_model_fits(setup: Any) -> None:
+    """One forward pass of a fresh model on two training rows of `setup` (a `fedsim.setup.Setup`):
+    a model that rejects the data's input shape or does not output one logit per class is bad
+    input (named by `model.kind`). Building a scenario never runs the model; `fedsim validate`,
+    `fedsim run` / `resume` (every MPI rank) and each point of `fedsim sweep` call this after
+    `build_setup` and before the engine's prepare and any run folder. Eval mode, no gradients."""
     import torch
 
     from fedsim.oracle import model_batch
 
+    ds, dtype, sc = setup.dataset, setup.dtype, setup.scenario
     if len(ds.x_train) == 0:
         return
+    module = setup.make_module().to(dtype)
     x = model_batch(ds, np.arange(min(2, len(ds.x_train))), dtype)
-    was = module.training
     module.eval()
     try:
         with torch.no_grad():
@@ -188,8 +193,6 @@ def check_model_fits(module: Any, ds: Any, dtype: Any, sc: Any) -> None:
         raise ConfigError(f"the model does not accept the data's inputs of shape {ds.feature_shape}: "
                           f"{type(exc).__name__}: {first}", file=sc.source, key="model.kind",
                           value=sc.model.kind, allowed="a model whose input matches the data") from None
-    finally:
-        module.train(was)
     want = (len(x), ds.num_classes)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

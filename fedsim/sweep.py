@@ -226,9 +226,10 @@ def validate_point(base: dict[str, Any], point: Point, source: str, build: bool 
         sc = parse_scenario(point_raw(base, point), source=where)
         if build:
             from fedsim.setup import build_setup
+            from fedsim.setup_checks import check_model_fits
 
-            build_setup(sc.model_copy(update={"engine": sc.engine.model_copy(
-                update={"device": "cpu"})}) if cpu_only else sc)
+            check_model_fits(build_setup(sc.model_copy(update={"engine": sc.engine.model_copy(
+                update={"device": "cpu"})}) if cpu_only else sc))
     except ConfigError as err:
         raise err.at(file=where) from None
     return sc

@@ -109,18 +109,42 @@ def test_gossip_on_a_disconnected_random_graph_is_refused(tmp_path, capsys):
     assert "no connected graph" in err and "topology.p" in err
 
 
+SERVER_SYSTEM = [("dropout", 0.2, "0.2"), ("over_selection", 1.5, "1.5"),
+                 ("deadline", {"seconds": 2.0}, "{'seconds': 2.0, 'policy': 'drop'}"),
+                 ("network", "allreduce", "'allreduce'"),
+                 ("asynchrony", {"concurrency": 2}, "{'concurrency': 2, 'buffer': 1")]
+
+
+@pytest.mark.parametrize("key,value,shown", SERVER_SYSTEM)
+def test_server_system_settings_on_gossip_are_bad_input(tmp_path, capsys, key, value, shown):
+    """Stragglers, all-reduce networks and asynchrony would be ignored by gossip nodes."""
+    err = bad(tmp_path, capsys, _gossip(topology={"kind": "ring"}, system={key: value}))
+    assert f"bad.yaml: system.{key}: gossip nodes all take part every round" in err, err
+    assert f"(got {shown}" in err and err.rstrip().endswith("allowed: the default"), err
+
+
+@pytest.mark.flower
+@pytest.mark.parametrize("key,value,shown", SERVER_SYSTEM)
+def test_server_system_settings_on_a_flower_strategy_are_bad_input(tmp_path, capsys, key, value, shown):
+    """A Flower strategy object samples its clients itself: fedsim's straggler model is ignored."""
+    body = small_scenario(participation={"kind": "full"}, engine={"kind": "flower"}, system={key: value},
+                          strategy={"name": "flower", "class": "flwr.serverapp.strategy.FedAvg",
+                                    "lr": 0.1, "local_steps": 3, "batch_size": 8})
+    err = bad(tmp_path, capsys, body)
+    assert f"bad.yaml: system.{key}: a Flower strategy samples its clients itself" in err, err
+    assert f"(got {shown}" in err and err.rstrip().endswith("allowed: the default"), err
+
+
 @pytest.mark.parametrize("kind,needles", [
     ("tests.reliability_plugins:WrongOutputs", ["outputs (2, 3)", "10 classes", "model.kind"]),
     ("tests.reliability_plugins:WrongInputs", ["does not accept", "(60,)", "model.kind"]),
 ])
-def test_model_that_does_not_fit_the_data_is_caught_by_validate(tmp_path, capsys, monkeypatch,
-                                                                  kind, needles):
-    """`fedsim validate` runs the model once on two training rows (`run` does not: building a
-    scenario never runs user model code; the run fails in round 1, exit 1)."""
+def test_model_that_does_not_fit_the_data_is_bad_input(tmp_path, capsys, monkeypatch, kind, needles):
+    """`run` and `validate` run the model once on two training rows after set-up (building a
+    scenario never runs it): the same line, exit 2, no run folder (tests/test_bad_input_model.py
+    drives real processes, sweeps and MPI ranks)."""
     monkeypatch.syspath_prepend(str(ROOT))
-    path = write_scenario(tmp_path, small_scenario(model={"kind": kind}), "bad.yaml")
-    code, _, err = run_cli(["validate", path], capsys)
-    assert code == 2 and err.count("\n") == 1 and "bad.yaml" in err
+    err = bad(tmp_path, capsys, small_scenario(model={"kind": kind}))
     for needle in needles:
         assert needle in err, (needle, err)
 

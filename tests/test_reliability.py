@@ -330,6 +330,95 @@ def test_disk_full_in_a_real_process_marks_the_run_failed(tmp_path):
     assert summary["status"] == "failed" and "metrics.jsonl" in summary["error"]
 
 
+def test_checkpoint_write_failure_in_a_real_process_names_the_file(tmp_path):
+    """A file-size limit (as a full disk does) that the metrics lines fit but the model checkpoint
+    (18186 float64 parameters, ~145 kB) does not: exit 1 with one line naming the checkpoint file
+    and the system's reason (not torch's "unexpected pos"), the folder stays .partial, its summary
+    says failed, no half-written file and no `latest` pointer to a missing checkpoint."""
+    path = write_scenario(tmp_path, small_scenario(rounds=4, model={"hidden": [256]},
+                                                   checkpoint={"every": 1}))
+    out = tmp_path / "runs"
+    limit = 20_000
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    res = subprocess.run([str(BIN / "fedsim"), "run", path, "--out", str(out), "--quiet"],
+                         cwd=ROOT, capture_output=True, text=True, preexec_fn=cap, timeout=300)
+    assert res.returncode == 1, res.stderr
+    err = _one_line_error(res.stderr)
+    (folder,) = out.iterdir()
+    staged = folder / "checkpoint" / "round-00000001.tmp" / "state.pt"
+    assert f"cannot write {staged}: File too large" in err and "[Errno 27]" in err, err
+    assert "enforce fail" not in err and "unexpected pos" not in err
+    assert folder.name.endswith(".partial")
+    assert not (folder / "checkpoint" / "latest").exists()
+    # the staging folder may stay (it is not a checkpoint); no partly written file does
+    assert all(p.is_dir() for p in folder.rglob("*.tmp")), list(folder.rglob("*"))
+    assert [json.loads(ln)["round"] for ln in (folder / "metrics.jsonl").read_text().splitlines()] == [1]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "failed" and f"cannot write {staged}" in summary["error"]
+
+
+def test_a_failed_checkpoint_keeps_the_previous_one_resumable(tmp_path, capsys, monkeypatch):
+    """The second checkpoint's write fails as torch reports a full disk (its RuntimeError raised
+    while handling the OSError): one line naming the file with the system's reason; `latest`
+    still names the first checkpoint, and `fedsim resume` finishes the run from it."""
+    from fedsim import checkpoint as ckpt
+
+    real, calls = ckpt.torch.save, []
+
+    def full_disk(obj, fh, *args, **kwargs):
+        calls.append(fh.name)
+        if os.path.basename(fh.name) == ".state.pt.tmp" and len(calls) > 2:
+            fh.write(b"half")
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:  # raised while handling it, as torch does: chained as __context__
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")  # noqa: B904
+        return real(obj, fh, *args, **kwargs)
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    path = write_scenario(tmp_path, small_scenario(rounds=3, checkpoint={"every": 1}))
+    code, _, err = run_cli(["run", path, "--out", str(tmp_path / "runs"), "--quiet"], capsys)
+    assert code == 1
+    (folder,) = (tmp_path / "runs").iterdir()
+    staged = folder / "checkpoint" / "round-00000002.tmp" / "state.pt"
+    assert f"[Errno {errno.ENOSPC}] cannot write {staged}: No space left on device" in _one_line_error(err)
+    assert (folder / "checkpoint" / "latest").read_text() == "round-00000001\n"
+    assert not (staged.parent / ".state.pt.tmp").exists()
+    assert json.loads((folder / "summary.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(ckpt.torch, "save", real)
+    code, out, err = run_cli(["resume", str(folder), "--quiet"], capsys)
+    assert code == 0, err
+    done = Path(out.strip())
+    assert [m["round"] for m in read_metrics(str(done))] == [1, 2, 3]
+    assert json.loads((done / "summary.json").read_text())["status"] == "ok"
+
+
+def test_checkpoint_write_errors_name_the_file(tmp_path, monkeypatch):
+    """torch's own error without a system cause keeps its first line; publishing a checkpoint
+    whose `latest` cannot be replaced names `latest`; no temporary file stays behind."""
+    from fedsim import checkpoint as ckpt
+
+    def torn(obj, fh, *args, **kwargs):
+        fh.write(b"half")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0\nsecond line")
+    monkeypatch.setattr(ckpt.torch, "save", torn)
+    with pytest.raises(OSError) as info:
+        ckpt.write_part(str(tmp_path), 4, "state.pt", {"round": 4})
+    staged = Path(ckpt.staging(str(tmp_path), 4))
+    assert str(info.value) == (f"cannot write {staged / 'state.pt'}: RuntimeError: "
+                               "PytorchStreamWriter failed writing file data/0")
+    assert info.value.errno is None and not list(staged.iterdir())
+    monkeypatch.undo()
+    ckpt.write_part(str(tmp_path), 4, "state.pt", {"round": 4})
+    (tmp_path / "checkpoint" / "latest").mkdir()  # not a file: the pointer cannot be replaced
+    with pytest.raises(OSError) as info:
+        ckpt.commit(str(tmp_path), 4)
+    assert f"cannot write {tmp_path / 'checkpoint' / 'latest'}: " in str(info.value)
+    assert info.value.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
+    assert not (tmp_path / "checkpoint" / ".latest.tmp").exists()
+
+
 def test_concurrent_runs_get_distinct_folders(tmp_path):
     names: list[str] = []
     errors: list[BaseException] = []
