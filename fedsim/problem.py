@@ -109,6 +109,8 @@ class DataProblem:
             return None
         k = x.shape[0]
         sizes, offsets = ct.sizes[ids], ct.offsets[ids]
+        if k > 1 and x.stride(0) == 0:  # one model for every client (a server model, expanded)
+            return self._evaluate_one_model(x[:1], sizes, offsets)
         loss = torch.zeros(k, dtype=torch.float64, device=x.device)
         correct = torch.zeros(k, dtype=torch.float64, device=x.device)
         plan = self.execution_plan()
@@ -124,6 +126,28 @@ class DataProblem:
             per = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
             loss += torch.where(valid, per, 0).sum(1).double()
             correct += ((logits.argmax(-1) == y) & valid).sum(1).double()
+        return loss, correct, sizes.double()
+
+    def _evaluate_one_model(self, x1: torch.Tensor, sizes: torch.Tensor, offsets: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`evaluate_clients` when all k clients are scored by the one model x1 [1, P]: their test
+        rows, client after client, go `eval_batch` at a time through one shared forward pass,
+        and per-row loss / correctness are summed into each row's client (float64 [k])."""
+        ct = self.client_test
+        assert ct is not None
+        dev, k = x1.device, sizes.numel()
+        owner = torch.repeat_interleave(torch.arange(k, device=dev), sizes)
+        first = torch.cumsum(sizes, 0) - sizes
+        rows = offsets[owner] + torch.arange(owner.numel(), device=dev) - first[owner]
+        loss = torch.zeros(k, dtype=torch.float64, device=dev)
+        correct = torch.zeros(k, dtype=torch.float64, device=dev)
+        plan = self.execution_plan()
+        for s in range(0, rows.numel(), self.eval_batch):
+            r, o = rows[s:s + self.eval_batch], owner[s:s + self.eval_batch]
+            logits = self.model.forward_shared(x1, ct.inputs(r), plan.kind)[0]  # [b, C]
+            y = ct.y[r]
+            loss.index_add_(0, o, F.cross_entropy(logits, y, reduction="none").double())
+            correct.index_add_(0, o, (logits.argmax(-1) == y).double())
         return loss, correct, sizes.double()
 
     def restrict(self, owned: np.ndarray) -> DataProblem:

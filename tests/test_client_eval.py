@@ -73,6 +73,32 @@ def test_evaluate_clients_equals_per_client_loop(eval_batch: int) -> None:
     assert np.allclose(l2.numpy(), ref_loss[[3, 0]]) and np.array_equal(c2.numpy(), ref_correct[[3, 0]])
 
 
+@pytest.mark.parametrize("eval_batch", [2048, 7])
+def test_one_model_for_every_client_equals_per_client_loop(eval_batch: int) -> None:
+    """A server model expanded over the clients (stride 0) takes the shared-forward path: the
+    same per-client sums as scoring it client by client, in any order of ids, across batch
+    boundaries, on a restricted (MPI-rank) problem, and for a client with no test rows."""
+    s = _setup(data={"dataset": "synthetic", "clients": 8, "samples_per_client": 40,
+                     "size_skew": 1.0, "partition": {"kind": "natural"}})
+    prob = s.problem()
+    prob.eval_batch = eval_batch
+    ids = [5, 0, 7, 2, 3]
+    g = torch.Generator().manual_seed(1)
+    server = torch.randn(s.model.spec.size, generator=g, dtype=torch.float64)
+    x = server.expand(len(ids), -1)
+    assert x.stride(0) == 0
+    loss, correct, count = prob.evaluate_clients(x, torch.tensor(ids))
+    ref_loss, ref_correct = _loop(prob, server.repeat(len(ids), 1), ids)
+    assert np.allclose(loss.numpy(), ref_loss, rtol=1e-10)
+    assert np.array_equal(correct.numpy(), ref_correct)
+    assert count.tolist() == [int(prob.client_test.sizes[i]) for i in ids]
+    part = prob.restrict(np.array([2, 5]))  # other clients' splits are empty there
+    l2, c2, n2 = part.evaluate_clients(server.expand(3, -1), torch.tensor([2, 4, 5]))
+    assert n2.tolist()[1] == 0 and l2[1] == 0 and c2[1] == 0
+    assert np.allclose(l2.numpy()[[0, 2]], ref_loss[[3, 0]]) and np.array_equal(c2.numpy()[[0, 2]],
+                                                                                ref_correct[[3, 0]])
+
+
 def test_holdout_gives_each_client_its_own_test_split() -> None:
     s = _setup(data={"dataset": "digits", "clients": 10, "partition": {"kind": "dirichlet",
                                                                         "alpha": 0.5, "holdout": 0.2}})
