@@ -62,9 +62,9 @@ def floor(w: dict) -> tuple[float, float]:
                     p -= w["lr"] * gr
         wt = (n[ids].double() / n[ids].sum()).float()
         glob = [torch.tensordot(wt, p.detach(), dims=([0], [0])) for p in ws]
-    dt = time.perf_counter() - t0
-    with torch.no_grad():
+    with torch.no_grad():  # the final evaluation is timed, as it is in fedsim's wall_s
         pred = (torch.relu(xt @ glob[0] + glob[1]) @ glob[2] + glob[3]).argmax(1)
+    dt = time.perf_counter() - t0
     return dt, float((pred == yt).double().mean())
 
 
@@ -96,9 +96,9 @@ def loop(w: dict) -> tuple[float, float]:
         with torch.no_grad():
             for p, a in zip(glob.parameters(), acc, strict=True):
                 p.copy_(a)
-    dt = time.perf_counter() - t0
-    with torch.no_grad():
+    with torch.no_grad():  # the final evaluation is timed, as it is in fedsim's wall_s
         pred = glob(xt).argmax(1)
+    dt = time.perf_counter() - t0
     return dt, float((pred == yt).double().mean())
 
 

@@ -82,9 +82,15 @@ _TERMINATED: list[bool] = []
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM, delivered like Ctrl-C so that the same clean-up runs (and exit 143)."""
+    """SIGTERM, delivered like Ctrl-C so that the same clean-up runs (and exit 143).
+
+    Only the first raises: a second SIGTERM (two points signalling at once, or a scheduler
+    repeating it) must not break off the clean-up that interrupts the running points, which
+    would leave the driver waiting on children nobody told to stop."""
+    first = not _TERMINATED
     _TERMINATED.append(True)
-    raise KeyboardInterrupt
+    if first:
+        raise KeyboardInterrupt
 
 
 def run_sweep(base: dict[str, Any], spec: SweepSpec, source: str, out: str | None = None,

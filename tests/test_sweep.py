@@ -385,3 +385,16 @@ def test_the_fedau_sweep_is_the_former_per_pattern_runs():
         old = to_dict(load_scenario(str(here / f"{pattern}.yaml"), flags[strategy]))
         new = to_dict(validate_point(raw, p, "sweep.yaml", build=False))
         assert {**new, "name": None} == {**old, "name": None}, p.id
+
+
+def test_only_the_first_sigterm_breaks_into_the_driver(monkeypatch):
+    """Two points may signal the driver at once: the second SIGTERM is recorded but must not
+    raise inside the clean-up that interrupts the running points (it would leave the driver
+    waiting on children nobody told to stop)."""
+    from fedsim import sweep_driver
+
+    monkeypatch.setattr(sweep_driver, "_TERMINATED", [])
+    with pytest.raises(KeyboardInterrupt):
+        sweep_driver._on_sigterm(signal.SIGTERM, None)
+    sweep_driver._on_sigterm(signal.SIGTERM, None)  # no second KeyboardInterrupt
+    assert sweep_driver._TERMINATED == [True, True]
