@@ -141,6 +141,9 @@ def _dispatch(sweep_dir: str, spec: SweepSpec, index: Index, todo: list[tuple[st
 
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
+    # A driver started with SIGINT ignored (`fedsim sweep ... &` in a script) would hand that
+    # to its points, which then could not be interrupted while setting up: handle it here.
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
     _TERMINATED.clear()
     try:
         if spec.launcher == "slurm":
@@ -163,6 +166,7 @@ def _dispatch(sweep_dir: str, spec: SweepSpec, index: Index, todo: list[tuple[st
     finally:
         if main:
             signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGINT, old_int)
     return 0
 
 

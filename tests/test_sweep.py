@@ -197,15 +197,22 @@ def test_an_interrupted_point_resumes_from_its_checkpoint(tmp_path, capsys, monk
     assert not list((tmp_path / "sw").glob("*.partial"))  # the attempt became the point's folder
 
 
-def test_a_signal_to_the_driver_interrupts_its_child_processes(tmp_path):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_a_signal_to_the_driver_interrupts_its_child_processes(tmp_path, sigint):
     """The driver (a real process) gets SIGTERM from one of its points (Ctrl-C takes the same
-    path), forwards SIGINT to the running children, records them as interrupted and exits 143."""
+    path), forwards SIGINT to the running children, records them as interrupted and exits 143.
+    Also when the driver starts with SIGINT ignored (a background job of a script): its points,
+    interrupted while setting up, must not inherit that."""
     sig, code = "sigterm", 143
     sc = write_scenario(tmp_path, small_scenario(model=FLAKY))
     res = subprocess.run([sys.executable, "-m", "fedsim", "sweep", sc, "--out", str(tmp_path / "sw"),
                           "--jobs", "2", "--grid", f"model.fail={sig}-parent,never",
                           "--seeds", "0-2"], capture_output=True, text=True, timeout=50,
-                         env=child_env(1))
+                         env=child_env(1), preexec_fn=_ignore_sigint if sigint == "ignored" else None)
     assert res.returncode == code, res.stderr[-2000:]
     assert "sweep interrupted: rerun the same command to continue" in res.stderr
     idx = _index(tmp_path / "sw")
