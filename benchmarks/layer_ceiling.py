@@ -6,8 +6,7 @@
 For every Linear / Conv layer of the workload's model, at the shapes one client step feeds it
 (recorded by forward hooks on one real minibatch), time forward + the backward the training
 step needs (weight gradient always; input gradient except for the first layer), hot in cache,
-1 thread, median of many calls; FLOPs as fedsim counts them (2 per multiply-add, x2 per
-backward product). Interleaved with the 2048^2 float32 GEMM that defines the peak. The sum
+1 thread, median of many calls; FLOPs by fedsim's own counter (`fedsim.models.flops.layer_flops`). Interleaved with the 2048^2 float32 GEMM that defines the peak. The sum
 over layers is what a step would take if everything but these kernels were free: no engine
 (nor hand-written loop) can beat that fraction of the peak with these kernels.
 
@@ -26,6 +25,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from fedsim.models.flops import layer_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -63,15 +64,12 @@ def layer_kernels(net: nn.Module, batch: torch.Tensor) -> list[tuple[str, float,
         x.requires_grad_(i > 0)
         with torch.no_grad():
             y = mod(x)
-        macs = y.numel() * (mod.weight.numel() // mod.weight.shape[0])
-        if isinstance(mod, nn.Conv2d | nn.Conv1d):
-            macs //= mod.groups if mod.groups > 1 else 1
         wrt = [mod.weight] + ([x] if i > 0 else [])
         cot = torch.ones_like(y)
 
         def fn(mod: nn.Module = mod, x: torch.Tensor = x, wrt: list = wrt, cot: torch.Tensor = cot) -> object:
             return torch.autograd.grad(mod(x), wrt, cot)
-        out.append((name, 2.0 * macs * (1 + len(wrt)), fn))
+        out.append((name, layer_flops(mod, (x,), y), fn))
     return out
 
 
