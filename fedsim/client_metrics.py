@@ -5,7 +5,7 @@ split (`DataProblem.evaluate_clients`), `client_metrics` returns the mean, the
 sample-weighted mean, the worst-10%, the 10th / 50th / 90th percentiles and the spread
 (standard deviation) of client accuracy. `client_test_sums` scores every client of a process
 (the server model, or each gossip node's own model) for the round kernel's metrics line
-(`fedsim.round.client_eval`), the same way on every engine.
+(`fedsim.round.evaluation`), the same way on every engine.
 
 References: Li, Sanjabi, Beirami, Smith, "Fair Resource Allocation in Federated Learning"
 (q-FFL), ICLR 2020 (worst-10% and variance of client accuracy); Li, Hu, Beirami, Smith,
