@@ -389,8 +389,8 @@ def evaluation(problem: Any, x: torch.Tensor, ids: torch.Tensor, n: int, *,
         sums = allreduce(sums.reshape(-1)).reshape(3, n)
     if sums is None:
         return (problem.evaluate(x[None]) if here else None), {}
-    if shared and getattr(problem, "client_test_covers", False):
-        total = sums[1].sum()
+    total = sums[1].sum()
+    if shared and getattr(problem, "client_test_covers", False) and float(total) > 0:
         test: Any = ((sums[2].sum() / total).reshape(1), (sums[0].sum() / total).reshape(1))
     else:
         test = problem.evaluate(x[None]) if here else None

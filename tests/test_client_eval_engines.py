@@ -146,3 +146,4 @@ def test_test_splits_partition_the_test_set_only_when_every_row_is_in_exactly_on
     holdout = ClientSplits(train, [np.array([0, 1]), np.array([2, 3])], "train")  # rows of x_train
     assert not holdout.partitions_test(4)
     assert not ClientSplits(train, None).partitions_test(4)
+    assert not ClientSplits(train, [np.zeros(0, np.int64)] * 2).partitions_test(0)  # no test rows: no figures

@@ -44,9 +44,9 @@ class ClientSplits:
         return (ds.x_train, ds.y_train) if self.test_from == "train" else (ds.x_test, ds.y_test)
 
     def partitions_test(self, n_test: int) -> bool:
-        """Whether the clients' test splits partition the dataset's n_test test rows (each row in
-        exactly one split): then the global test figures are the totals of the per-client ones."""
-        if self.test is None or self.test_from != "test":
+        """Whether the clients' test splits partition the dataset's n_test > 0 test rows (each row
+        in exactly one split): then the global test figures are the totals of the per-client ones."""
+        if self.test is None or self.test_from != "test" or n_test == 0:
             return False
         parts = [np.asarray(r, dtype=np.int64) for r in self.test]
         rows = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
