@@ -34,15 +34,20 @@ def flaky(fail: str):
     return parse_scenario(small_scenario(rounds=2, model={"kind": "tests.sweep_plugins:Flaky", "fail": fail}))
 
 
-@pytest.mark.parametrize("fail,raises", [("never", None), ("error", RuntimeError),
-                                         ("interrupt", KeyboardInterrupt), ("sigterm", RunInterrupted)])
+@pytest.mark.parametrize("fail,raises", [("never", None), ("sigterm", RunInterrupted),
+                                         ("error", RuntimeError), ("interrupt", KeyboardInterrupt)])
 def test_a_run_puts_back_the_handlers_it_found(tmp_path, monkeypatch, own_handlers, fail, raises):
-    """Finished, failed (an exception, Ctrl-C twice) or stopped by its own SIGTERM: the caller's
-    handlers are back. "sigterm" also shows the run had its own handler meanwhile (else `mine`
-    would swallow the signal and the run would finish)."""
+    """Finished, stopped by its own SIGTERM, failed in a round (an exception, Ctrl-C twice): the
+    caller's handlers are back. "sigterm" also shows the run had its own handler meanwhile (else
+    `mine` would swallow the signal and the run would finish)."""
     monkeypatch.syspath_prepend(str(ROOT))
+    if raises in (RuntimeError, KeyboardInterrupt):  # raised after round 1, inside the run
+        def fail_after_round(*args):
+            raise raises("after round 1")
+        monkeypatch.setattr("fedsim.run.EtaWarning.round_done", fail_after_round)
     with pytest.raises(raises) if raises else contextlib.nullcontext():
-        execute(flaky(fail), out_dir=str(tmp_path / "runs"), quiet=True)
+        execute(flaky("sigterm" if fail == "sigterm" else "never"), out_dir=str(tmp_path / "runs"),
+                quiet=True)
     assert [signal.getsignal(sig) for sig in WATCHED] == [mine] * 3
 
 
@@ -75,6 +80,17 @@ def test_a_run_off_the_main_thread_changes_no_handler(tmp_path, monkeypatch):
     thread.join(120)
     assert done and done[0][1]["final"]["round"] == 2
     assert seen and all(d == before for d in seen)
+
+
+def test_signals_restored_puts_them_back_when_the_body_raises(own_handlers):
+    """As around Flower's `run_simulation` when a ServerApp fails after Ray's init."""
+    with pytest.raises(RuntimeError, match="app failed"):
+        with signals_restored() as kept:
+            assert kept == list(WATCHED)
+            for sig in WATCHED:
+                signal.signal(sig, signal.SIG_IGN)
+            raise RuntimeError("app failed")
+    assert [signal.getsignal(sig) for sig in WATCHED] == [mine] * 3
 
 
 def test_a_handler_python_cannot_put_back_is_left_alone(monkeypatch):
