@@ -70,6 +70,7 @@ class Setup:
                 x, y = self.splits.test_arrays(ds)  # stored compactly, like the training rows
                 prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype,
                                                          ds.normalize)
+                prob.client_test_covers = self.splits.partitions_test(len(ds.y_test))
             self._problem = prob
         return self._problem
 
