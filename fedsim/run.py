@@ -115,6 +115,7 @@ class RunWriter:
 
     def close(self, summary: dict[str, Any], ok: bool) -> str:
         os.close(self._fd)
+        ckpt.settle()  # no checkpoint folder is being removed while the run folder is renamed
         self.trackers.close(summary, ok)
         _write_json(os.path.join(self.path, "summary.json"), summary)
         if ok and self.path != self.final:
