@@ -16,9 +16,8 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -28,6 +27,7 @@ from fedsim.config import Scenario, to_dict
 from fedsim.errors import ConfigError, RunDiverged, RunInterrupted
 from fedsim.provenance import provenance
 from fedsim.run_checks import Diverged, EtaWarning, check_finite, json_safe
+from fedsim.signals import signals_restored
 from fedsim.trackers import check_trackers, open_trackers
 from fedsim.types import Engine
 
@@ -170,28 +170,6 @@ def summarize(sc: Scenario, history: list[dict[str, Any]], wall_s: float, extra:
         "engine": sc.engine.kind, "device": sc.engine.device, "rounds": sc.rounds,
         "clients": sc.data.clients, **extra, "provenance": provenance(sc.engine.device, sc.source),
     }
-
-
-WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-"""The signals that stop a run (SIGHUP and SIGTERM: what batch schedulers send)."""
-
-
-@contextlib.contextmanager
-def signals_restored(sigs: tuple[int, ...] = WATCHED) -> Iterator[list[int]]:
-    """Put the handlers of `sigs` back on exit, also when the body raises; yields the signals it
-    can put back, which are the only ones a caller may change: none off the main thread, and
-    not one whose handler a native library installed (`signal.getsignal` gives None: Python
-    cannot restore it). Around fedsim's run handlers, and around Flower's `run_simulation`
-    (Ray's `init` sets its own SIGTERM handler and never puts the old one back)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield []
-        return
-    old = {sig: handler for sig in sigs if (handler := signal.getsignal(sig)) is not None}
-    try:
-        yield list(old)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 class _Signals:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -19,6 +18,7 @@ import yaml
 
 from fedsim.config import Scenario, to_dict
 from fedsim.errors import ConfigError
+from fedsim.signals import signals_restored
 from fedsim.stats import flatten
 from fedsim.sweep import Point, SweepSpec, point_raw, points, validate_point
 from fedsim.sweep_run import POINTS, Index, LocalPool, Outcome, finished, run_inprocess
@@ -139,11 +139,19 @@ def _dispatch(sweep_dir: str, spec: SweepSpec, index: Index, todo: list[tuple[st
             tail = f"({o.wall_s:.1f} s)" if o.wall_s is not None else f"- {o.error}"
             print(f"[{done[0]}/{len(todo)}] {o.status:<11} {pid} {tail}", file=sys.stderr)
 
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
-    # A driver started with SIGINT ignored (`fedsim sweep ... &` in a script) would hand that
-    # to its points, which then could not be interrupted while setting up: handle it here.
-    old_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
+    with signals_restored((signal.SIGTERM, signal.SIGINT)) as mine:
+        if signal.SIGTERM in mine:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        # A driver started with SIGINT ignored (`fedsim sweep ... &` in a script) would hand that
+        # to its points, which then could not be interrupted while setting up: handle it here.
+        if signal.SIGINT in mine:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return _run_points(sweep_dir, spec, todo, on_start, on_done)
+
+
+def _run_points(sweep_dir: str, spec: SweepSpec, todo: list[tuple[str, bool]], on_start: Any,
+                on_done: Any) -> int:
+    """Run the points with the driver's signal handlers in place; 0, or 130 / 143 when interrupted."""
     _TERMINATED.clear()
     try:
         if spec.launcher == "slurm":
@@ -163,10 +171,6 @@ def _dispatch(sweep_dir: str, spec: SweepSpec, index: Index, todo: list[tuple[st
     except KeyboardInterrupt:
         print("sweep interrupted: rerun the same command to continue", file=sys.stderr)
         return 143 if _TERMINATED else 130
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, old)
-            signal.signal(signal.SIGINT, old_int)
     return 0
 
 

@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from fedsim.config import parse_scenario
-from fedsim.run import WATCHED, signals_restored
 from fedsim.setup import build_setup
+from fedsim.signals import WATCHED, signals_restored
 from tests.conftest import read_metrics, run_cli, small_scenario, write_scenario
 from tests.flower_apps.support import (
     DIGITS,

@@ -14,7 +14,8 @@ import pytest
 
 from fedsim.config import parse_scenario
 from fedsim.errors import RunInterrupted
-from fedsim.run import WATCHED, execute, signals_restored
+from fedsim.run import execute
+from fedsim.signals import WATCHED, signals_restored
 from tests.conftest import ROOT, dispositions, small_scenario
 
 

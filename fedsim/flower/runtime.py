@@ -107,7 +107,7 @@ def _run_ray(server_app: Any, client_app: Any, num_nodes: int, run_config: dict 
     SIGINT / SIGTERM / SIGHUP handlers are put back afterwards (Ray's `init` replaces SIGTERM's)."""
     from flwr.simulation import run_simulation
 
-    from fedsim.run import signals_restored
+    from fedsim.signals import signals_restored
 
     backend = {"client_resources": client_resources or {"num_cpus": 1, "num_gpus": 0.0}}
     if run_config:
