@@ -139,3 +139,14 @@ def test_node_metrics_are_means_over_the_nodes():
 
     assert kernel.node_metrics(6.0, 1.5, 3) == {"consensus_distance": 2.0, "node_accuracy_mean": 0.5}
     assert kernel.node_metrics(6.0, None, 3)["node_accuracy_mean"] is None
+
+
+def test_train_loss_is_the_mean_over_participations_since_the_last_evaluation():
+    """gd, lr 0.1, two equal clients f_0 = 0.5 (x_0^2 + 2 (x_1 - 1)^2), f_1 = 0.5 (3 (x_0 - 1)^2 + x_1^2),
+    evaluated every 2 rounds: round 0 at x = 0 has losses 1 and 1.5; the step
+    x = 0 - 0.1 (0.5 [0, -2] + 0.5 [-3, 0]) = [0.15, 0.1] gives 0.82125 and 1.08875; the metric is
+    their mean 1.1025. Kills `loss_sum / loss_count` -> `loss_sum` in `metrics_line` (R31)."""
+    problem = testing.QuadraticProblem([[1.0, 2.0], [3.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]])
+    lines: list[dict] = []
+    testing.run(testing.build("gd", {"lr": 0.1}, problem), problem, 2, eval_every=2, on_eval=lines.append)
+    assert [m["train_loss"] for m in lines] == pytest.approx([(1 + 1.5 + 0.82125 + 1.08875) / 4], rel=1e-12)

@@ -1,0 +1,28 @@
+"""Tests added by the mutation pass over the compressors and error-feedback wrappers
+(strategies/compress.py, strategies/feedback.py, strategies/ef21.py, strategies/uplink.py);
+each kills a named single-point mutant (table in tests/test_mutation_strategies.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedsim import round as kernel
+from fedsim.registry import build_nested
+
+
+def _ctx(ids, round=0, seed=0, n=1000):
+    ids = torch.as_tensor(ids, dtype=torch.int64)
+    return kernel.make_ctx(round, seed, ids, torch.ones(n, dtype=torch.bool),
+                           torch.ones(n, dtype=torch.int64), torch.float64)
+
+
+def test_top_k_ratio_rounds_the_count_up():
+    """k = ceil(ratio d) (Stich et al. 2018's k = ratio d, rounded up so that ratio > 0 keeps at
+    least ratio d): ratio 0.1 of d = 25 keeps 3 values and alpha = 3/25. Kills `ceil` -> `floor`
+    in `_num_kept` (C02: 2 values, alpha 2/25)."""
+    comp = build_nested("compressors", {"name": "top_k", "ratio": 0.1})
+    v = torch.arange(1.0, 26.0, dtype=torch.float64)[None]
+    dec, enc, _ = comp.compress(v, {}, _ctx([0]))
+    assert dec.nonzero()[:, 1].tolist() == [22, 23, 24]
+    assert enc.values.tolist() == [3.0]
+    assert comp.alpha(25) == 3 / 25
