@@ -26,3 +26,19 @@ def test_top_k_ratio_rounds_the_count_up():
     assert dec.nonzero()[:, 1].tolist() == [22, 23, 24]
     assert enc.values.tolist() == [3.0]
     assert comp.alpha(25) == 3 / 25
+
+
+def test_ef14_memory_telescopes():
+    """EF14 (Seide et al. 2014; Karimireddy et al. 2019): e_{t+1} = e_t + v_t - c_t, so after T
+    rounds sum_t c_t + e_T = sum_t v_t exactly (nothing is lost, only delayed). Kills
+    `e <- v - c` (S: F01, the memory forgetting its past error)."""
+    comp = build_nested("compressors", {"name": "ef14", "inner": {"name": "top_k", "k": 1}})
+    g = torch.Generator().manual_seed(0)
+    vs = [torch.randn(2, 4, generator=g, dtype=torch.float64) for _ in range(5)]
+    state = comp.init(torch.zeros(2, 4, dtype=torch.float64))
+    sent = torch.zeros(2, 4, dtype=torch.float64)
+    for t, v in enumerate(vs):
+        c, _, state = comp.compress(v, state, _ctx([0, 1], round=t))
+        assert (c != 0).sum(1).tolist() == [1, 1]
+        sent = sent + c
+    torch.testing.assert_close(sent + state["e"], sum(vs), rtol=1e-12, atol=1e-12)

@@ -14,6 +14,7 @@ from fedsim import testing
 from fedsim.config_system import SystemCfg
 from fedsim.system import SystemModel
 
+TWO = ([[1.0, 2.0], [3.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]])
 FAST_LINKS = {"uplink": {"bandwidth": 1e12, "latency": 0.0}, "downlink": {"bandwidth": 1e12, "latency": 0.0}}
 
 
@@ -150,3 +151,36 @@ def test_train_loss_is_the_mean_over_participations_since_the_last_evaluation():
     lines: list[dict] = []
     testing.run(testing.build("gd", {"lr": 0.1}, problem), problem, 2, eval_every=2, on_eval=lines.append)
     assert [m["train_loss"] for m in lines] == pytest.approx([(1 + 1.5 + 0.82125 + 1.08875) / 4], rel=1e-12)
+
+
+# P = 2 float64 values: 16 bytes each way at 128 bit/s is exactly 1 s down and 1 s up.
+SLOW_LINKS = {"uplink": {"bandwidth": 128.0, "latency": 0.0},
+              "downlink": {"bandwidth": 128.0, "latency": 0.0}}
+
+
+def test_a_client_finishing_exactly_at_the_deadline_is_kept():
+    """Down 1 s + 2 steps at 1 sample/s + up 1 s = 4 s: on a 4 s deadline (policy drop) the client
+    finishes in time, so the run equals the run without a system. Kills `total > deadline` ->
+    `>=` in `SystemModel.plan` (Y12)."""
+    problem = testing.QuadraticProblem(*TWO)
+    strat = testing.build("fedavg", {"lr": 0.1, "local_steps": 2}, problem)
+    cfg = {"speed": 1.0, "speed_unit": "samples", **SLOW_LINKS, "deadline": {"seconds": 4.0}}
+    timed = testing.run(strat, problem, 2, system=_system(cfg))
+    plain = testing.run(strat, problem, 2)
+    torch.testing.assert_close(timed.state.server["x"], plain.state.server["x"], rtol=0, atol=0)
+
+
+def test_partial_deadline_leaves_time_for_the_transfers():
+    """policy partial: a 5 s deadline minus 1 s down and 1 s up leaves 3 s, i.e. 3 of the 10 local
+    steps at 1 step/s, the same as a work budget of 3 steps. Kills computing the cap from the
+    whole deadline, `(d.seconds - comm)` -> `d.seconds` (Y13: 5 steps)."""
+    from fedsim.work import WORK
+
+    problem = testing.QuadraticProblem(*TWO)
+    strat = testing.build("fedavg", {"lr": 0.05, "local_steps": 10}, problem)
+    cfg = {"speed": 1.0, "speed_unit": "samples", **SLOW_LINKS,
+           "deadline": {"seconds": 5.0, "policy": "partial"}}
+    capped = testing.run(strat, problem, 2, system=_system(cfg))
+    work = WORK.build("steps", {"steps": [3, 3]}, num_clients=2, seed=0, sizes=problem.sizes, batch_size=None)
+    same = testing.run(strat, problem, 2, work=work)
+    torch.testing.assert_close(capped.state.server["x"], same.state.server["x"], rtol=0, atol=0)
