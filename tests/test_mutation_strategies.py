@@ -54,3 +54,18 @@ def test_scaffold_client_without_steps_keeps_its_control_variate():
     assert torch.equal(c[1], torch.zeros(2, dtype=torch.float64))
     assert not torch.equal(c[0], torch.zeros(2, dtype=torch.float64))
     torch.testing.assert_close(loop.state.server["c"], c.mean(0), rtol=1e-12, atol=1e-14)
+
+
+def test_gossip_var_beta_weighs_the_nodes_own_model():
+    """Tian et al. 2024's conservative combination avg_i = beta y_i + (1 - beta) mean_{N(i)} y_j,
+    then a rescaling that keeps each tensor's mean: with lr 0 on the complete graph of 3 and
+    beta 0.8, node i's tensor mean is 0.8 mean(x_i) + 0.2 mean of its neighbours' means. Kills
+    swapping beta and 1 - beta (G08; the default beta 0.5 cannot see it)."""
+    from tests.strategies.test_gossip import _pure_gossip
+    from topologies import build_topology
+
+    x0 = torch.tensor([[0.0, 1, 3], [1, 3, 2], [4, 0, -1]], dtype=torch.float64)
+    x = _pure_gossip("gossip-var", x0, build_topology("complete", {}, n=3, seed=0), rounds=1, beta=0.8)
+    mu = x0.mean(1)
+    want = torch.stack([0.8 * mu[i] + 0.2 * (mu.sum() - mu[i]) / 2 for i in range(3)])
+    torch.testing.assert_close(x.mean(1), want, rtol=0, atol=1e-12)
