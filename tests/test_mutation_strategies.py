@@ -69,3 +69,23 @@ def test_gossip_var_beta_weighs_the_nodes_own_model():
     mu = x0.mean(1)
     want = torch.stack([0.8 * mu[i] + 0.2 * (mu.sum() - mu[i]) / 2 for i in range(3)])
     torch.testing.assert_close(x.mean(1), want, rtol=0, atol=1e-12)
+
+
+def test_feddyn_sample_weighted_h_is_the_weighted_mean_of_client_gradients():
+    """FedDyn (Acar et al. 2021) keeps h = sum_i pi_i g_i over ALL clients; with sample weights
+    pi_i = n_i / n and partial participation the server scales the participants' mean update by
+    their share sum_S n_j / n. Kills that share -> |S| / N in `covered` (D05; the existing test
+    covers uniform weights only)."""
+    from fedsim.engines.loop import RoundLoop
+
+    sizes = [3, 1, 4, 1, 5, 9, 2]
+    base = testing.heterogeneous_quadratic(num_clients=7, dim=3, seed=3)
+    problem = testing.QuadraticProblem(base.h, base.c, sizes=sizes)
+    strat = testing.build("feddyn", {"alpha": 0.3, "weighting": "samples"}, problem)
+    loop = RoundLoop(strat, problem, torch.zeros(3, dtype=torch.float64), rounds=6, seed=0,
+                     participation=testing.bernoulli([0.4] * 7, seed=2))
+    pi = torch.tensor(sizes, dtype=torch.float64)[:, None] / sum(sizes)
+    for t in range(6):
+        loop.step(t)
+        g = loop.state.store.gather(torch.arange(7))["g"]
+        torch.testing.assert_close(loop.state.server["h"], (pi * g).sum(0), rtol=0, atol=1e-13)
