@@ -42,3 +42,16 @@ def test_ef14_memory_telescopes():
         assert (c != 0).sum(1).tolist() == [1, 1]
         sent = sent + c
     torch.testing.assert_close(sent + state["e"], sum(vs), rtol=1e-12, atol=1e-12)
+
+
+def test_compressed_gd_with_the_identity_is_one_gd_step():
+    """Naive compressed GD x <- x - sum_S p_i C(gamma grad_i(x)) with C = identity is gradient
+    descent with step gamma: from x = 0 on f_0 = 0.5 (x_0^2 + 2 (x_1 - 1)^2), f_1 = 0.5 (3 (x_0 - 1)^2
+    + x_1^2) (equal sizes), x1 = -0.3 * 0.5 ([0, -2] + [-3, 0]) = [0.45, 0.3]. Kills sending
+    grad instead of gamma grad (E16)."""
+    from fedsim import testing
+
+    problem = testing.QuadraticProblem([[1.0, 2.0], [3.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]])
+    strat = testing.build("compressed-gd", {"lr": 0.3, "compressor": {"name": "identity"}}, problem)
+    x = testing.run(strat, problem, 1).state.server["x"]
+    torch.testing.assert_close(x, torch.tensor([0.45, 0.3], dtype=torch.float64), rtol=1e-12, atol=1e-15)
