@@ -55,3 +55,61 @@ def test_compressed_gd_with_the_identity_is_one_gd_step():
     strat = testing.build("compressed-gd", {"lr": 0.3, "compressor": {"name": "identity"}}, problem)
     x = testing.run(strat, problem, 1).state.server["x"]
     torch.testing.assert_close(x, torch.tensor([0.45, 0.3], dtype=torch.float64), rtol=1e-12, atol=1e-15)
+
+
+def test_econtrol_error_telescopes():
+    """EControl (Gao et al. 2024): Delta_t = C(eta e_t + v_t - h_t), e_{t+1} = e_t + v_t - h_t - Delta_t,
+    h_{t+1} = h_t + Delta_t, so sum_t Delta_t + e_T = sum_t (v_t - h_t) exactly. Kills
+    `e <- v - h - Delta` (F05, the error forgetting its past)."""
+    comp = build_nested("compressors", {"name": "econtrol", "eta": 0.5, "init": "compressed",
+                                        "inner": {"name": "top_k", "k": 1}})
+    g = torch.Generator().manual_seed(1)
+    state = comp.init(torch.zeros(2, 4, dtype=torch.float64))
+    sent = torch.zeros(2, 4, dtype=torch.float64)
+    target = torch.zeros(2, 4, dtype=torch.float64)
+    for t in range(5):
+        v = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        target = target + v - state["g"]
+        c, _, state = comp.compress(v, state, _ctx([0, 1], round=t))
+        sent = sent + c
+    torch.testing.assert_close(sent + state["e"], target, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(state["e"], torch.zeros_like(state["e"]))
+
+
+def _scaffold_uplink(compressor):
+    from fedsim import testing
+    from strategies.scaffold import scaffold
+    from strategies.uplink import compress_uplink
+
+    problem = testing.heterogeneous_quadratic(num_clients=16, dim=4, seed=0)
+    return problem, compress_uplink(scaffold(lr=0.1, local_steps=1), build_nested("compressors", compressor))
+
+
+def test_every_compressed_payload_key_is_counted():
+    """SCAFFOLD sends two keys (delta, dc); top-1 of P = 4 float64 sends per key one value and a
+    2-bit index, so a client's upload is ceil(2 (64 + 2) / 8) = 17 bytes, not the last key's
+    value alone. Kills `values + enc.values` -> `enc.values` in `compress_uplink` (U01)."""
+    from fedsim import testing
+
+    problem, strat = _scaffold_uplink({"name": "top_k", "k": 1})
+    loop = testing.run(strat, problem, 2)
+    assert loop.state.bytes.per_round[0][0] == 16 * 17
+    assert loop.state.bytes.up == 2 * 16 * 17
+
+
+def test_payload_keys_are_compressed_with_independent_random_streams():
+    """compress_uplink hands key j the compressor stream (j,): rand-1 of P = 4 draws the kept
+    coordinate of delta and of dc independently, so over 16 clients they do not always
+    coincide (P(all equal) = 4^-16). Kills giving every key stream (0,) (U03)."""
+    problem, strat = _scaffold_uplink({"name": "rand_k", "k": 1})
+    server = strat.init_server(torch.zeros(4, dtype=torch.float64))
+    ids = torch.arange(16)
+    ctx = _ctx(ids, n=16)
+    clients = strat.init_clients(torch.zeros(4, dtype=torch.float64), ids)
+    # a nonzero control so that dc is dense before compression (delta always is)
+    server = {**server, "c": torch.ones(4, dtype=torch.float64)}
+    payload, _, _ = strat.local(server, clients, problem.oracle(ids, 0), ctx)
+    where_delta = payload["delta"].ne(0).to(torch.int64).argmax(1)
+    where_dc = payload["dc"].ne(0).to(torch.int64).argmax(1)
+    assert payload["delta"].ne(0).sum(1).tolist() == [1] * 16
+    assert not torch.equal(where_delta, where_dc)

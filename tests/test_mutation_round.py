@@ -184,3 +184,28 @@ def test_partial_deadline_leaves_time_for_the_transfers():
     work = WORK.build("steps", {"steps": [3, 3]}, num_clients=2, seed=0, sizes=problem.sizes, batch_size=None)
     same = testing.run(strat, problem, 2, work=work)
     torch.testing.assert_close(capped.state.server["x"], same.state.server["x"], rtol=0, atol=0)
+
+
+def test_over_selection_keeps_the_rounded_share():
+    """over_selection f keeps round(|S| / f) of the selected clients: 7 selected with f = 2 keep
+    the 4 fastest (speeds 1..7: clients 3-6), not floor(3.5) = 3. Kills `round` -> floor
+    division in `SystemModel.plan` (Y11)."""
+    import numpy as np
+
+    system = _system({"speed": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], "speed_unit": "samples",
+                      "over_selection": 2.0}, n=7)
+    plan = system.plan(0, np.ones(7, bool), np.ones(7), np.ones(7), 0.0, 0.0)
+    assert np.flatnonzero(plan.mask).tolist() == [3, 4, 5, 6]
+
+
+def test_star_clients_idle_while_waiting_for_the_slowest_upload():
+    """test_system's two clients take 3.6 s and 3.2 s (down + compute + up): the faster one waits
+    0.4 s a round, a mean of 0.2 s per participation. Kills measuring the wait against the
+    slowest compute instead of the slowest total (Y19: clamped to 0)."""
+    problem = testing.QuadraticProblem(*TWO)
+    cfg = {"speed": [1.0, 4.0], "speed_unit": "samples",
+           "uplink": {"bandwidth": [128.0, 64.0], "latency": [0.1, 0.2]},
+           "downlink": {"bandwidth": 256.0, "latency": 0.0}, "server_time": 0.25}
+    loop = testing.run(testing.build("fedavg", {"lr": 0.1, "local_steps": 2}, problem), problem, 3,
+                       system=_system(cfg))
+    assert loop.clock.summary()["idle_client_s_mean"] == pytest.approx(0.2, rel=1e-9)
