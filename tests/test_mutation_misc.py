@@ -17,3 +17,13 @@ def test_krum_needs_2f_plus_3_participants():
     # Multi-Krum averages at most M - f rows: select 6 of 7 with f = 2 is refused, of 8 fits
     assert multi_krum(f=2, select=6).fits(7)[0] == "select"  # type: ignore[index]
     assert multi_krum(f=2, select=6).fits(8) is None
+
+
+def test_uniform_participation_rounds_the_fraction():
+    """`uniform` with a fraction takes k = max(1, round(fraction N)) clients every round:
+    fraction 0.37 of 10 clients is 4 (not floor(3.7) = 3). Kills `round` -> `int` (P04)."""
+    from fedsim.participation import build_participation
+
+    part = build_participation("uniform", {"fraction": 0.37}, num_clients=10, seed=0, label_dist=None)
+    assert [int(part.mask(t).sum()) for t in range(5)] == [4] * 5
+    assert part.probabilities.tolist() == [0.4] * 10

@@ -209,3 +209,18 @@ def test_star_clients_idle_while_waiting_for_the_slowest_upload():
     loop = testing.run(testing.build("fedavg", {"lr": 0.1, "local_steps": 2}, problem), problem, 3,
                        system=_system(cfg))
     assert loop.clock.summary()["idle_client_s_mean"] == pytest.approx(0.2, rel=1e-9)
+
+
+def test_stale_rounds_measure_idle_time_against_the_overlapped_round():
+    """CO2 (staleness 1) on a star: client 0 computes 2 s (tau 2 at 1 sample/s) and sends at once,
+    client 1 computes 0.5 s and its upload takes 3 s (latency). Round 0 lasts 2 s; later rounds
+    last max(2, the previous upload 3) = 3 s, in which they work 2 and 3.5 s: 0.5 s of waiting
+    per round (rounds 1 and 2), a mean of 1/6 s over 6 participations. Kills measuring the wait
+    against the slowest compute under overlap (Y24: 0)."""
+    problem = testing.QuadraticProblem(*TWO)
+    cfg = {"speed": [1.0, 4.0], "speed_unit": "samples",
+           "uplink": {"bandwidth": 1e12, "latency": [0.0, 3.0]},
+           "downlink": {"bandwidth": 1e12, "latency": 0.0}}
+    loop = testing.run(testing.build("co2", {"tau": 2}, problem), problem, 3, system=_system(cfg))
+    assert loop.clock.history == pytest.approx([2.0, 3.0, 3.0], rel=1e-9)
+    assert loop.clock.summary()["idle_client_s_mean"] == pytest.approx(1 / 6, rel=1e-6)
