@@ -89,3 +89,14 @@ def test_feddyn_sample_weighted_h_is_the_weighted_mean_of_client_gradients():
         loop.step(t)
         g = loop.state.store.gather(torch.arange(7))["g"]
         torch.testing.assert_close(loop.state.server["h"], (pi * g).sum(0), rtol=0, atol=1e-13)
+
+
+def test_dp_an_update_exactly_at_the_clip_counts_as_unclipped():
+    """Andrew et al. 2021's bit is b_i = [||Delta_i|| <= C]: an update of norm exactly C is
+    unchanged and counts as unclipped (the quantile is of norms <= C). Kills `<=` -> `<` (Z02)."""
+    from strategies.dp import clip_rows
+
+    delta = torch.tensor([[3.0, 4.0], [6.0, 8.0]], dtype=torch.float64)
+    rows, bits = clip_rows(delta, 5.0)
+    assert bits.flatten().tolist() == [1.0, 0.0]
+    torch.testing.assert_close(rows, torch.tensor([[3.0, 4.0], [3.0, 4.0]], dtype=torch.float64))
