@@ -100,3 +100,20 @@ def test_dp_an_update_exactly_at_the_clip_counts_as_unclipped():
     rows, bits = clip_rows(delta, 5.0)
     assert bits.flatten().tolist() == [1.0, 0.0]
     torch.testing.assert_close(rows, torch.tensor([[3.0, 4.0], [3.0, 4.0]], dtype=torch.float64))
+
+
+def test_dp_default_count_noise_is_one_twentieth_of_the_expected_participants():
+    """Andrew et al. 2021 set the bit-count noise sigma_b = m / 20 (m expected participants), and
+    the value noise z_D = (z^-2 - (2 sigma_b)^-2)^(-1/2) exists only for z < 2 sigma_b: with
+    m = 10 (sigma_b = 0.5), z = 0.9 builds and z = 1.5 is refused with the default named.
+    Kills the default 0.05 m -> 0.5 m (Z09)."""
+    import pytest
+
+    from fedsim.errors import ConfigError
+
+    problem = testing.heterogeneous_quadratic(num_clients=10, dim=3, seed=0)
+    full = testing.bernoulli([1.0] * 10)
+    params = {"adaptive": True, "clip": 1.0, "accountant": "none"}
+    testing.build("dp-fedavg", {**params, "noise_multiplier": 0.9}, problem, full)
+    with pytest.raises(ConfigError, match=r"got 0\.5 \(the default 0\.05 m with m = 10"):
+        testing.build("dp-fedavg", {**params, "noise_multiplier": 1.5}, problem, full)
