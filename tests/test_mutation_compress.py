@@ -113,3 +113,21 @@ def test_payload_keys_are_compressed_with_independent_random_streams():
     where_dc = payload["dc"].ne(0).to(torch.int64).argmax(1)
     assert payload["delta"].ne(0).sum(1).tolist() == [1] * 16
     assert not torch.equal(where_delta, where_dc)
+
+
+def test_ef21_pp_server_estimate_is_the_uniform_mean_over_all_clients():
+    """EF21-PP (Fatkhullin et al. 2021) with uniform pi_i = 1/N: g = (1/N) sum_i g_i over ALL N
+    clients, absent ones keeping their g_i, whoever takes part. Kills pi_i = 1/|S| (E18)."""
+    from fedsim import testing
+    from fedsim.engines.loop import RoundLoop
+
+    problem = testing.heterogeneous_quadratic(num_clients=4, dim=3, seed=1)
+    params = {"lr": 0.1, "weighting": "uniform", "compressor": {"name": "top_k", "k": 1}}
+    strat = testing.build("ef21", params, problem)
+    masks = testing.MaskParticipation([[1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 1]])
+    loop = RoundLoop(strat, problem, torch.zeros(3, dtype=torch.float64), rounds=3, seed=0,
+                     participation=masks)
+    for t in range(3):
+        loop.step(t)
+        g = loop.state.store.gather(torch.arange(4))["g"]
+        torch.testing.assert_close(loop.state.server["g"], g.mean(0), rtol=0, atol=1e-14)
