@@ -1,6 +1,6 @@
 """Tests added by the mutation pass over the compressors and error-feedback wrappers
 (strategies/compress.py, strategies/feedback.py, strategies/ef21.py, strategies/uplink.py);
-each kills a named single-point mutant (table in tests/test_mutation_strategies.py)."""
+each kills a named single-point mutant (table in tests/README.md)."""
 
 from __future__ import annotations
 

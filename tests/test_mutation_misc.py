@@ -1,6 +1,6 @@
 """Tests added by the mutation pass over fedsim/participation.py, fedsim/client_metrics.py and
 fedsim/robust.py; each kills a named single-point mutant (table in
-tests/test_mutation_strategies.py)."""
+tests/README.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Each test kills a single-point mutant of `fedsim/round.py` or `fedsim/system.py` that the rest of
 the suite let through; the mutant is named in the test's docstring, and the table of the whole
-pass (mutants tried, killed before, test added) is in tests/test_mutation_strategies.py.
+pass (mutants tried, killed before, test added) is in tests/README.md.
 """
 
 from __future__ import annotations

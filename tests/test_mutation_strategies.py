@@ -2,14 +2,8 @@
 
 Each test kills a single-point mutant that the strategy's own tests, the conformance suite and
 the byte tests let through, and checks a property from the paper (a hand-computed round, an
-identity, a closed form). The mutant's id refers to the table below.
-
-Mutation pass, mutation table (ids: R = fedsim/round.py, S = strategies (fedavg, fedavgm, local,
-scaffold, momentum, fedau, fedvarp_mifa), C = strategies/compress.py, E / F = ef21.py /
-feedback.py, G = gossip.py / gossip_var.py, O = co2.py, H = choco.py, U = uplink.py,
-Y = fedsim/system.py, P = fedsim/participation.py, M = fedsim/client_metrics.py,
-B = fedsim/robust.py). "before": killed by the suite's relevant files before this pass;
-"added": the test (in tests/test_mutation_*.py) that kills it now.
+identity, a closed form). The mutant ids (S.., G.., D.., Z..) refer to the table of the whole
+pass in tests/README.md ("Mutation pass").
 """
 
 from __future__ import annotations
