@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -129,8 +130,32 @@ def write_part(folder: str, round: int, name: str, payload: dict[str, Any]) -> N
         os.replace(tmp, os.path.join(path, name))
 
 
+_SWEEPS: list[threading.Thread] = []
+_SWEEPS_LOCK = threading.Lock()
+
+
+def settle() -> None:
+    """Wait until superseded checkpoints are removed (before a run folder is renamed)."""
+    with _SWEEPS_LOCK:
+        pending, _SWEEPS[:] = list(_SWEEPS), []
+    for th in pending:
+        th.join()
+
+
+def _sweep(paths: list[str]) -> None:
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def commit(folder: str, round: int) -> str:
-    """Publish the staged checkpoint of `round` (after every part was written) and drop older ones."""
+    """Publish the staged checkpoint of `round` (after every part was written) and drop older ones.
+
+    Older published folders are removed on a background thread (unlinks cost milliseconds on
+    network and journaling file systems; nothing reads a superseded checkpoint): `settle` waits
+    for it, as the next commit and the run's close do. Staging folders a killed process left
+    are removed at once (a later round of this run may stage under the same name).
+    """
+    settle()
     base = os.path.join(folder, FOLDER)
     final = os.path.join(base, f"round-{round:08d}")
     tmp = os.path.join(base, f".{LATEST}.tmp")
@@ -141,9 +166,15 @@ def commit(folder: str, round: int) -> str:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(os.path.basename(final) + "\n")
         os.replace(tmp, os.path.join(base, LATEST))
-    for entry in os.listdir(base):
-        if entry.startswith("round-") and entry != os.path.basename(final):
-            shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+    old = [os.path.join(base, e) for e in os.listdir(base)
+           if e.startswith("round-") and e != os.path.basename(final)]
+    _sweep([p for p in old if p.endswith(".tmp")])  # a killed run's staging: a later round may reuse it
+    old = [p for p in old if not p.endswith(".tmp")]
+    if old:
+        th = threading.Thread(target=_sweep, args=(old,), name="fedsim-checkpoint-sweep", daemon=True)
+        with _SWEEPS_LOCK:
+            _SWEEPS.append(th)
+        th.start()
     return final
 
 
@@ -177,9 +208,14 @@ def read(path: str, expect_digest: str) -> dict[str, Any]:
 
 
 def client_parts(path: str) -> list[dict[str, Any]]:
-    """Every process's client rows of checkpoint `path`."""
+    """Every process's client rows of checkpoint `path`: the parts clients-0..R-1 of the R
+    processes that wrote it (R as rank 0's part records it). A part of another layout can lie
+    beside them when a killed run of more processes left its staging folder for the same
+    round and the resumed run staged there again; it is not part of this checkpoint."""
     names = sorted(n for n in os.listdir(path) if n.startswith("clients-") and n.endswith(".pt"))
-    return [_load(os.path.join(path, n)) for n in names]
+    parts = [_load(os.path.join(path, n)) for n in names]
+    ranks = int(parts[0].get("ranks", len(parts))) if parts else 0
+    return [p for p in parts if int(p.get("ranks", ranks)) == ranks][:ranks]
 
 
 def _cpu(tree: Tree) -> Tree:

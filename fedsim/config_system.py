@@ -9,9 +9,10 @@ defaults are the documented profile every run uses when the section is absent.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -108,14 +109,35 @@ class SystemCfg(_Frozen):
 
     @model_validator(mode="after")
     def _async_alone(self) -> SystemCfg:
-        if self.asynchrony is None:
-            return self
-        for key, on in (("deadline", self.deadline is not None), ("dropout", self.dropout > 0),
-                        ("over_selection", self.over_selection > 1), ("network", self.network != "star")):
-            if on:
-                raise ValueError(f"{key}: synchronous-round setting; with asynchrony leave it at the default")
+        moved = None if self.asynchrony is None else first_set(self, ROUND_KEYS)
+        if moved is not None:
+            raise default_only(*moved, "a synchronous-round setting, which asynchronous aggregation "
+                               "(system.asynchrony) does not use")
         return self
 
 
-__all__ = ["SystemCfg", "AsyncCfg", "StalenessCfg", "LinkCfg", "CollectiveCfg", "DeadlineCfg",
-           "LognormalCfg", "UniformCfg", "Positive", "NonNegative"]
+ROUND_KEYS = ("dropout", "over_selection", "deadline", "network")
+"""`system:` keys of fedsim's synchronous server rounds: stragglers and the all-reduce network."""
+
+
+def first_set(cfg: SystemCfg, keys: tuple[str, ...]) -> tuple[str, Any] | None:
+    """(key, value) of the first of `keys` that `cfg` moves off its default (a section's value as
+    a dict), or None. The one test behind "in this mode these keys stay at their defaults": with
+    asynchrony (`SystemCfg`), gossip and Flower strategy objects (`fedsim.setup.refuse_server_system`)."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value != type(cfg).model_fields[key].default:
+            return key, value.model_dump() if isinstance(value, BaseModel) else value
+    return None
+
+
+def default_only(key: str, value: Any, why: str) -> ValidationError:
+    """The validation error of `key` (under ``system``) holding `value` where only its default is
+    allowed: the scenario's line names ``system.KEY``, the value, `why` and "allowed: the default"."""
+    kind = PydanticCustomError("default_only", why, {"expected": "the default"})
+    return ValidationError.from_exception_data("SystemCfg", [InitErrorDetails(type=kind, loc=(key,),
+                                                                               input=value)])
+
+
+__all__ = ["SystemCfg", "ROUND_KEYS", "first_set", "AsyncCfg", "StalenessCfg", "LinkCfg", "CollectiveCfg",
+           "DeadlineCfg", "LognormalCfg", "UniformCfg", "Positive", "NonNegative"]

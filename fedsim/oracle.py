@@ -224,6 +224,6 @@ def evaluate(model: StackedModel, x: torch.Tensor, inputs: torch.Tensor, labels:
             logits = model.forward_shared(x[j:j + c], xb, kind)
             yy = yb.unsqueeze(0).expand(logits.shape[0], -1)
             loss[j:j + c] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yy.reshape(-1),
-                                             reduction="none").view(logits.shape[0], -1).sum(1).double()
+                                             reduction="none").view(logits.shape[0], -1).double().sum(1)
             correct[j:j + c] += (logits.argmax(-1) == yy).sum(1).double()
     return loss / max(n, 1), correct / max(n, 1)

@@ -52,10 +52,13 @@ class DataProblem:
     chooses it at set-up with `choose_plan`, and the cost model's choice is taken otherwise.
     ``client_test`` (optional) holds every client's own test split, rows concatenated client
     by client as in `ClientData` (set by `fedsim.setup.Setup.problem`); `evaluate_clients`
-    scores models on it.
+    scores models on it. ``client_test_covers``: those splits partition the global test set
+    (every test row in exactly one client's split), so the server model's test figures are the
+    totals of its per-client scores (`fedsim.round.evaluation`).
     """
 
     client_test: ClientData | None = None
+    client_test_covers: bool = False
     flops_per_sample: float = 0.0  # measured at set-up (`fedsim.system.flops_per_sample`)
 
     def __init__(self, model: StackedModel, data: ClientData, x_test: torch.Tensor,
@@ -158,6 +161,7 @@ class DataProblem:
                           self.execution_plan())
         if self.client_test is not None:
             out.client_test = self.client_test.subset(np.asarray(owned))
+            out.client_test_covers = self.client_test_covers  # of every process's splits together
         out.flops_per_sample = self.flops_per_sample
         return out
 

@@ -19,7 +19,7 @@ everything a round *means* lives here and is called by the multiplex / MPI loop
 * `server_step`: the strategy's server update (not called while the FIFO fills);
 * `row_bytes` / `broadcast_bytes`: the one byte rule;
 * `MixingOps`: the round's mixing operators ("W" and the uniform neighbour mean "mean");
-* `eval_due`, `metrics_line`, `node_metrics`, `client_eval`, `strategy_metrics`: when to
+* `eval_due`, `evaluation`, `metrics_line`, `node_metrics`, `strategy_metrics`: when to
   evaluate and the metrics line.
 """
 
@@ -361,22 +361,40 @@ def node_metrics(sq_dist_sum: float, acc_sum: float | None, n: int) -> dict[str,
 
 
 
-def client_eval(problem: Any, models_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
-                n: int, allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
-    """Per-client test metrics (`fedsim.client_metrics.client_metrics`: mean, weighted mean,
-    worst-10 %, percentiles and spread of client accuracy, client loss) for the metrics line.
+def evaluation(problem: Any, x: torch.Tensor, ids: torch.Tensor, n: int, *,
+               models_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               here: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The metrics line's test figures: (`test` for `metrics_line`, the per-client metrics).
 
-    Every client is scored on its own test split with `models_of(ids)` (server strategies: the
-    server model; gossip: each node's own model). `ids` are the clients this process holds;
-    `allreduce` sums the [3, N] per-client table over processes (MPI ranks), so every engine
-    reports the same figures. {} when the data has no per-client test splits.
+    Args:
+      x: [P] the evaluated model (the server model; gossip: the nodes' average), scored on the
+        test set (`problem.evaluate(x[None])`) where `here` (rank 0; None elsewhere).
+      ids: the clients this process holds; every client is scored on its own test split
+        (`fedsim.client_metrics.client_metrics`: mean, weighted mean, worst-10 %, percentiles
+        and spread of client accuracy, client loss; {} without per-client test splits).
+      models_of: client ids -> the models they are scored with (gossip: each node's own
+        model); None: x for every client.
+      allreduce: sums the [3, N] per-client table over processes (MPI ranks), so every engine
+        reports the same figures.
+
+    When every client is scored by x and the clients' test splits partition the test set
+    (`problem.client_test_covers`: natural splits of LEAF-style data), the test loss and
+    accuracy are that table's totals, sum loss / sum count and sum correct / sum count: one
+    pass over the test rows instead of two, on every process.
     """
-    sums = client_test_sums(problem, models_of, ids, n)
-    if sums is None:
-        return {}
-    if allreduce is not None:
+    shared = models_of is None
+    sums = client_test_sums(problem, (lambda c: x.expand(c.numel(), -1)) if shared else models_of, ids, n)
+    if sums is not None and allreduce is not None:
         sums = allreduce(sums.reshape(-1)).reshape(3, n)
-    return client_metrics(sums[0], sums[1], sums[2])
+    if sums is None:
+        return (problem.evaluate(x[None]) if here else None), {}
+    total = sums[1].sum()
+    if shared and getattr(problem, "client_test_covers", False) and float(total) > 0:
+        test: Any = ((sums[2].sum() / total).reshape(1), (sums[0].sum() / total).reshape(1))
+    else:
+        test = problem.evaluate(x[None]) if here else None
+    return test, client_metrics(sums[0], sums[1], sums[2])
 
 
 def strategy_metrics(strategy: Strategy, server: Tree, participation: Participation | None, t: int,

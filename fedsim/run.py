@@ -16,8 +16,9 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
@@ -114,6 +115,7 @@ class RunWriter:
 
     def close(self, summary: dict[str, Any], ok: bool) -> str:
         os.close(self._fd)
+        ckpt.settle()  # no checkpoint folder is being removed while the run folder is renamed
         self.trackers.close(summary, ok)
         _write_json(os.path.join(self.path, "summary.json"), summary)
         if ok and self.path != self.final:
@@ -170,15 +172,36 @@ def summarize(sc: Scenario, history: list[dict[str, Any]], wall_s: float, extra:
     }
 
 
+WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that stop a run (SIGHUP and SIGTERM: what batch schedulers send)."""
+
+
+@contextlib.contextmanager
+def signals_restored(sigs: tuple[int, ...] = WATCHED) -> Iterator[list[int]]:
+    """Put the handlers of `sigs` back on exit, also when the body raises; yields the signals it
+    can put back, which are the only ones a caller may change: none off the main thread, and
+    not one whose handler a native library installed (`signal.getsignal` gives None: Python
+    cannot restore it). Around fedsim's run handlers, and around Flower's `run_simulation`
+    (Ray's `init` sets its own SIGTERM handler and never puts the old one back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    old = {sig: handler for sig in sigs if (handler := signal.getsignal(sig)) is not None}
+    try:
+        yield list(old)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 class _Signals:
     """SIGINT, SIGTERM and SIGHUP (what batch schedulers send) ask the run to stop at the end of
-    the current round; a second SIGINT stops at once (KeyboardInterrupt)."""
-
-    WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    the current round; a second SIGINT stops at once (KeyboardInterrupt). The handlers found
+    are put back on exit (`signals_restored`)."""
 
     def __init__(self) -> None:
         self.received = 0
-        self._old: dict[int, Any] = {}
+        self._stack = contextlib.ExitStack()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received and signum == signal.SIGINT:
@@ -186,16 +209,16 @@ class _Signals:
         self.received = self.received or signum
 
     def __enter__(self) -> _Signals:
-        for sig in self.WATCHED:
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (embedded use): no handlers
-                break
+        try:
+            for sig in self._stack.enter_context(signals_restored()):
+                signal.signal(sig, self._handle)
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self._stack.close()
 
 
 def _close_failed(writer: RunWriter | None, sc: Scenario, t0: float, extra: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fedsim.config import TOP_KEYS, Scenario
+from fedsim.config_system import ROUND_KEYS, first_set
 from fedsim.data import ClientSplits, Dataset, client_splits, label_distribution, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import StackedModel, build_model, init_params
@@ -69,6 +70,7 @@ class Setup:
                 x, y = self.splits.test_arrays(ds)  # stored compactly, like the training rows
                 prob.client_test = ClientData.from_parts(x, y, self.splits.test, self.device, self.dtype,
                                                          ds.normalize)
+                prob.client_test_covers = self.splits.partitions_test(len(ds.y_test))
             self._problem = prob
         return self._problem
 
@@ -238,14 +240,10 @@ def refuse_server_system(sc: Scenario, why: str) -> None:
     (stragglers: dropout, over_selection, deadline; the all-reduce network; asynchrony) that
     scenario `sc` moves off its default although its strategy would ignore it (gossip, a Flower
     strategy object)."""
-    cfg = sc.system
-    for key, on in (("dropout", cfg.dropout > 0), ("over_selection", cfg.over_selection > 1),
-                    ("deadline", cfg.deadline is not None), ("network", cfg.network != "star"),
-                    ("asynchrony", cfg.asynchrony is not None)):
-        if on:
-            value = getattr(cfg, key)
-            raise ConfigError(why, file=sc.source, key=f"system.{key}", allowed="the default",
-                              value=value.model_dump() if hasattr(value, "model_dump") else value)
+    moved = first_set(sc.system, (*ROUND_KEYS, "asynchrony"))
+    if moved is not None:
+        raise ConfigError(why, file=sc.source, key=f"system.{moved[0]}", value=moved[1],
+                          allowed="the default")
 
 
 def build_system(sc: Scenario, strategy: Strategy, n: int, make: Any, ds: Dataset,

@@ -173,8 +173,9 @@ def check_model_fits(setup: Any) -> None:
     """One forward pass of a fresh model on two training rows of `setup` (a `fedsim.setup.Setup`):
     a model that rejects the data's input shape or does not output one logit per class is bad
     input (named by `model.kind`). Building a scenario never runs the model; `fedsim validate`,
-    `fedsim run` / `resume` (every MPI rank) and each point of `fedsim sweep` call this after
-    `build_setup` and before the engine's prepare and any run folder. Eval mode, no gradients."""
+    `fedsim run` / `resume` (every MPI rank), each point of `fedsim sweep`, `fedsim export-flower`
+    and the exported ServerApp call this after `build_setup` and before the engine's prepare and
+    any run or export folder. Eval mode, no gradients."""
     import torch
 
     from fedsim.oracle import model_batch

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +81,35 @@ def scenario_file(tmp_path: Path):
     def make(**over: Any) -> str:
         return write_scenario(tmp_path, small_scenario(**over))
     return make
+
+
+
+WATCHED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def dispositions() -> dict[int, tuple[Any, bool | None]]:
+    """(Python's handler, whether the kernel ignores it) of SIGINT, SIGTERM and SIGHUP. The
+    kernel's ignore mask (/proc/self/status SigIgn; None off Linux) is what child processes
+    inherit, and it also sees a native library's `signal(SIG_IGN)` that Python's record misses."""
+    mask = None
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as fh:
+            mask = next((int(ln.split()[1], 16) for ln in fh if ln.startswith("SigIgn:")), None)
+    return {int(s): (signal.getsignal(s), None if mask is None else bool(mask >> (int(s) - 1) & 1))
+            for s in WATCHED_SIGNALS}
+
+
+@pytest.fixture(autouse=True)
+def _signals_left_as_found():
+    """Fail a test that leaves a signal disposition changed (a library must put back what it
+    changes: a SIGINT left ignored is inherited by every process started later), then put them
+    back so that the following tests start clean."""
+    before = dispositions()
+    yield
+    after = dispositions()
+    if after != before:
+        for sig, (handler, _) in before.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        changed = {signal.Signals(s).name: (before[s], after[s]) for s in before if before[s] != after[s]}
+        pytest.fail(f"the test changed signal dispositions, (handler, ignored) before and after: {changed}")

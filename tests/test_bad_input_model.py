@@ -1,7 +1,8 @@
 """A model that does not fit the data (wrong input size, wrong number of outputs) is bad input in
-every command that would run it: `fedsim run`, `fedsim sweep` and each MPI rank exit 2 with
-`fedsim validate`'s one line (scenario file, `model.kind`, the shapes), before any run or sweep
-folder exists. Real `fedsim` processes: the exit code and stderr are the user's."""
+every command that would run it: `fedsim run`, `fedsim sweep`, each MPI rank, `fedsim
+export-flower` and the exported Flower app exit 2 with `fedsim validate`'s one line (scenario
+file, `model.kind`, the shapes), before any run, sweep or export folder exists. Real `fedsim`
+processes: the exit code and stderr are the user's."""
 
 from __future__ import annotations
 
@@ -101,3 +102,40 @@ def test_every_mpi_rank_refuses_a_model_that_does_not_fit(tmp_path):
     for line in lines:
         assert "bad.yaml: model.kind: " in line and all(n in line for n in needles), line
     assert empty(out)
+
+
+@pytest.mark.parametrize("kind,needles", MISFITS)
+def test_export_flower_refuses_a_model_that_does_not_fit_as_validate_does(tmp_path, kind, needles):
+    path = write_scenario(tmp_path, small_scenario(model={"kind": kind}), "bad.yaml")
+    app = tmp_path / "app"
+    exported = one_line(fedsim("export-flower", path, str(app)), kind, needles)
+    assert exported == one_line(fedsim("validate", path), kind, needles)
+    assert not app.exists()  # refused before the folder is made
+
+
+def test_export_flower_refuses_a_misfit_given_by_set_and_leaves_the_folder_as_it_was(tmp_path):
+    """A misfit model from `--set`, exported with --force into the user's folder: nothing written."""
+    path = write_scenario(tmp_path, small_scenario())
+    kind, needles = MISFITS[0]
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "notes.txt").write_text("mine")
+    res = fedsim("export-flower", path, str(app), "--force", "--set", f"model={{kind: {kind}}}")
+    one_line(res, kind, needles, file="scenario.yaml")
+    assert [p.name for p in app.iterdir()] == ["notes.txt"] and (app / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.flower
+def test_the_exported_app_refuses_a_scenario_whose_model_does_not_fit(tmp_path):
+    """The exported ServerApp runs whatever scenario its run config names (`flwr run --run-config
+    "scenario='...'"`, an edited scenario.yaml), not only the one the export checked: it checks
+    that one too, before its run folder. Here under `fedsim flower-run`, a real process."""
+    app = tmp_path / "app"
+    res = fedsim("export-flower", write_scenario(tmp_path, small_scenario(rounds=1)), str(app))
+    assert res.returncode == 0, res.stderr
+    kind, needles = MISFITS[1]
+    write_scenario(app, small_scenario(model={"kind": kind}), "bad.yaml")
+    res = fedsim("flower-run", "fedsim_app.server_app:app", "fedsim_app.client_app:app", "--app-dir",
+                 str(app), "--nodes", "8", "--run-config", "scenario='bad.yaml'")
+    one_line(res, kind, needles, file=str(app / "bad.yaml"))
+    assert not (app / "runs").exists()

@@ -135,6 +135,27 @@ def test_server_system_settings_on_a_flower_strategy_are_bad_input(tmp_path, cap
     assert f"(got {shown}" in err and err.rstrip().endswith("allowed: the default"), err
 
 
+ASYNC = {"concurrency": 2}
+
+
+@pytest.mark.parametrize("key,value,shown", SERVER_SYSTEM[:4])
+def test_synchronous_round_settings_with_asynchrony_are_bad_input(tmp_path, capsys, key, value, shown):
+    """FedBuff / FedAsync have no rounds to drop clients from, over-select, time out or all-reduce."""
+    err = bad(tmp_path, capsys, small_scenario(system={"asynchrony": ASYNC, key: value}))
+    assert f"bad.yaml: system.{key}: a synchronous-round setting, which asynchronous aggregation" in err, err
+    assert f"(got {shown})" in err and err.rstrip().endswith("allowed: the default"), err
+
+
+def test_server_system_keys_written_out_at_their_defaults_are_accepted(tmp_path, capsys):
+    """Only a value off the default is refused: the defaults spelled out pass with asynchrony and
+    on gossip (a check on "key present" or on a wrong default would refuse these)."""
+    defaults = {"dropout": 0, "over_selection": 1.0, "deadline": None, "network": "star"}
+    for body in (small_scenario(system={**defaults, "asynchrony": ASYNC}),
+                 _gossip(topology={"kind": "ring"}, system={**defaults, "asynchrony": None})):
+        code, out, err = run_cli(["validate", write_scenario(tmp_path, body)], capsys)
+        assert code == 0 and out.startswith("ok: "), err
+
+
 @pytest.mark.parametrize("kind,needles", [
     ("tests.reliability_plugins:WrongOutputs", ["outputs (2, 3)", "10 classes", "model.kind"]),
     ("tests.reliability_plugins:WrongInputs", ["does not accept", "(60,)", "model.kind"]),

@@ -73,13 +73,14 @@ def test_more_clients_than_one_eval_block_are_all_scored():
 
 
 @pytest.mark.flower
-@pytest.mark.parametrize("body", [small_scenario(data=HOLDOUT), _gossip()], ids=["server", "gossip"])
+@pytest.mark.parametrize("body", [small_scenario(data=HOLDOUT), small_scenario(), _gossip()],
+                         ids=["server", "server-natural", "gossip"])
 def test_flower_reports_the_multiplex_client_metrics(body):
     ref = RoundLoop.from_setup(build_setup(parse_scenario(body))).run()
     _, got = flower(body)
     assert len(got) == len(ref)
     for a, b in zip(ref, got, strict=True):
-        for k in CLIENT_KEYS:
+        for k in (*CLIENT_KEYS, "test_loss", "test_accuracy"):
             assert b[k] == pytest.approx(a[k], rel=1e-12, abs=1e-12), (k, a["round"])
 
 
@@ -91,6 +92,7 @@ def test_mpi_ranks_report_the_multiplex_client_metrics(tmp_path):
     if MPIEXEC is None or mpi4py is None:
         pytest.skip("needs mpiexec and mpi4py")
     bodies = {"server": {**small_scenario(data=HOLDOUT), "name": "server"},
+              "natural": {**small_scenario(), "name": "natural"},  # test figures from the summed table
               "gossip": {**_gossip(data={**HOLDOUT, "partition": {"kind": "iid", "holdout": 0.3}}),
                          "name": "gossip"}}
     paths = [write_scenario(tmp_path, b, f"{k}.yaml") for k, b in bodies.items()]
@@ -102,5 +104,46 @@ def test_mpi_ranks_report_the_multiplex_client_metrics(tmp_path):
         got = read_metrics(run)
         assert len(got) == len(ref)
         for a, b in zip(ref, got, strict=True):
-            for k in CLIENT_KEYS:
+            for k in (*CLIENT_KEYS, "test_loss", "test_accuracy"):
                 assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), (name, k, a["round"])
+
+
+@pytest.mark.parametrize("body, covers", [(small_scenario(), True), (small_scenario(data=HOLDOUT), False),
+                                          (small_scenario(data={"clients": 8, "partition": {"kind": "iid"}}),
+                                           False)],
+                         ids=["natural", "holdout", "iid"])
+def test_server_test_figures_come_from_one_pass_when_client_splits_partition_the_test_set(
+        body, covers, monkeypatch):
+    """Natural splits: every test row is in one client's split, so test loss / accuracy are the
+    per-client table's totals and the test set is not scored a second time; otherwise it is."""
+    from fedsim.problem import DataProblem
+
+    setup = build_setup(parse_scenario(body))
+    prob = setup.problem()
+    assert prob.client_test_covers is covers
+    global_passes: list[int] = []
+    real = DataProblem.evaluate
+    monkeypatch.setattr(DataProblem, "evaluate", lambda self, x: global_passes.append(1) or real(self, x))
+    loop = RoundLoop.from_setup(setup)
+    lines = loop.run()
+    monkeypatch.undo()
+    assert len(global_passes) == (0 if covers else len(lines)) and len(lines) == 3
+    x = loop.state.server[loop.strategy.model_key]
+    loss, acc = prob.evaluate(x[None])
+    assert lines[-1]["test_accuracy"] == float(acc[0])  # counts: exact either way
+    assert lines[-1]["test_loss"] == pytest.approx(float(loss[0]), rel=1e-12)
+    if covers:  # and they are the client table's totals
+        assert lines[-1]["test_accuracy"] == lines[-1]["client_acc_weighted"]
+
+
+def test_test_splits_partition_the_test_set_only_when_every_row_is_in_exactly_one():
+    from fedsim.data.splits import ClientSplits
+
+    train = [np.arange(3), np.arange(3, 5)]
+    assert ClientSplits(train, [np.array([2, 0]), np.array([1, 3])]).partitions_test(4)
+    assert not ClientSplits(train, [np.array([2, 0]), np.array([1])]).partitions_test(4)  # row 3 in none
+    assert not ClientSplits(train, [np.array([2, 0, 1]), np.array([1, 3])]).partitions_test(4)  # row 1 twice
+    holdout = ClientSplits(train, [np.array([0, 1]), np.array([2, 3])], "train")  # rows of x_train
+    assert not holdout.partitions_test(4)
+    assert not ClientSplits(train, None).partitions_test(4)
+    assert not ClientSplits(train, [np.zeros(0, np.int64)] * 2).partitions_test(0)  # no test rows: no figures

@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import typing
@@ -25,6 +26,7 @@ import pytest
 import torch
 
 from fedsim.config import parse_scenario
+from fedsim.run import WATCHED, signals_restored
 from fedsim.setup import build_setup
 from tests.conftest import read_metrics, run_cli, small_scenario, write_scenario
 from tests.flower_apps.support import (
@@ -349,9 +351,10 @@ def test_ray_flower_equals_multiplex_for_every_strategy():
         for _, _, setup, text in cases:
             done.append(run_adapter(grid, setup, text))
 
-    run_simulation(app, client.make_client_app(threads=1), 8,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": "ERROR"}})
+    with signals_restored():  # Ray's init replaces SIGTERM's handler (conftest's guard)
+        run_simulation(app, client.make_client_app(threads=1), 8,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"logging_level": "ERROR"}})
     assert len(done) == len(cases) == len(CASES)
     for (ref, hist, _, _), adapter in zip(cases, done, strict=True):
         assert_same_run(ref, hist, final(adapter), adapter.history)
@@ -359,10 +362,19 @@ def test_ray_flower_equals_multiplex_for_every_strategy():
 
 @pytest.mark.slow
 def test_flower_run_cli_on_ray_with_run_config(tmp_path, capsys):
+    """... and the caller's SIGINT / SIGTERM / SIGHUP handlers are still its own afterwards
+    (Ray's init installs a SIGTERM handler and never puts the old one back)."""
+    def mine(signum, frame):  # the caller's handler: not a default one
+        pass
+
     out = tmp_path / "ray.pt"
     srv, cli = DIGITS.format("fedavg").split()
-    code, _, err = run_cli(["flower-run", srv, cli, "--nodes", "4", "--runtime", "ray",
-                            "--run-config", f"num-server-rounds=2 final-model='{out}'"], capsys)
+    with signals_restored():
+        for sig in WATCHED:
+            signal.signal(sig, mine)
+        code, _, err = run_cli(["flower-run", srv, cli, "--nodes", "4", "--runtime", "ray",
+                                "--run-config", f"num-server-rounds=2 final-model='{out}'"], capsys)
+        assert [signal.getsignal(sig) for sig in WATCHED] == [mine] * 3
     assert code == 0, err
     assert all(torch.isfinite(v).all() for v in torch.load(out).values())
 

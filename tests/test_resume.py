@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -299,3 +300,29 @@ def test_resuming_a_flower_strategy_object_run_exits_2(tmp_path, capsys):
     os.makedirs(Path(run, "checkpoint"), exist_ok=True)
     code, _, err = run_cli(["resume", run, "--set", "rounds=4"], capsys)
     assert code == 2 and "no checkpoint" in err, err
+
+
+def test_a_finished_run_keeps_only_its_last_checkpoint(tmp_path):
+    # checkpoints after rounds 2, 4, 6: the older folders are removed (on a background thread,
+    # waited for before the run folder is renamed), leaving round 6 complete and named by latest
+    body = {**strategy_scenario("scaffold"), "rounds": 6, "checkpoint": {"every": 2}}
+    path, _ = execute(_scenario(body, tmp_path), quiet=True)
+    folder = Path(path, "checkpoint")
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "round-00000006"]
+    assert ckpt.latest(path) == str(folder / "round-00000006")
+    assert sorted(p.name for p in (folder / "round-00000006").iterdir()) == ["clients-00000.pt", "state.pt"]
+    assert not [t for t in threading.enumerate() if t.name == "fedsim-checkpoint-sweep"]
+
+
+def test_a_stale_part_of_another_process_layout_is_not_read_back(tmp_path):
+    # A killed 3-process run left clients-00002.pt in round 4's staging folder; the resumed
+    # single-process run stages round 4 there again: its checkpoint is its own part only.
+    x = {"x": torch.ones(2, 3)}
+    ckpt.write_part(str(tmp_path), 4, "clients-00002.pt", ckpt.clients_payload(torch.tensor([5, 6]), x,
+                                                                               [1.0, 2.0], 2, 3))
+    ckpt.write_part(str(tmp_path), 4, "clients-00000.pt",
+                    ckpt.clients_payload(torch.arange(7), {"x": torch.zeros(7, 3)}, [0.5, 1.0]))
+    ckpt.write_part(str(tmp_path), 4, "state.pt", {"round": 4})
+    path = ckpt.commit(str(tmp_path), 4)
+    parts = ckpt.client_parts(path)
+    assert [p["ranks"] for p in parts] == [1] and parts[0]["ids"].tolist() == list(range(7))

@@ -43,6 +43,15 @@ class ClientSplits:
         """(x, y) that the `test` rows index (stored arrays; ``ds.features`` normalises)."""
         return (ds.x_train, ds.y_train) if self.test_from == "train" else (ds.x_test, ds.y_test)
 
+    def partitions_test(self, n_test: int) -> bool:
+        """Whether the clients' test splits partition the dataset's n_test > 0 test rows (each row
+        in exactly one split): then the global test figures are the totals of the per-client ones."""
+        if self.test is None or self.test_from != "test" or n_test == 0:
+            return False
+        parts = [np.asarray(r, dtype=np.int64) for r in self.test]
+        rows = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        return rows.size == n_test and bool((rows == np.arange(n_test)).all())
+
 
 def client_splits(kind: str, params: dict, ds: Dataset, *, num_clients: int,
                   seed: int) -> ClientSplits:

@@ -264,23 +264,18 @@ class RoundLoop:
         else:
             _, rows = self.node_rows()
             x = self.comm.allreduce({"x": rows.sum(0)})["x"] / self.num_clients
-        test = self.problem.evaluate(x[None]) if self.comm.rank == 0 else None
+        owned = torch.as_tensor(self.owned, device=self.device)
+        nodes = (lambda ids: s.store.gather(ids)[strat.model_key]) if strat.comm == "mix" else None
+        test, per_client = kernel.evaluation(self.problem, x, owned, self.num_clients, models_of=nodes,
+                                             allreduce=self.comm.allreduce_scalars, here=self.comm.rank == 0)
         m = kernel.metrics_line(t, float(tl[0]), float(tl[1]), test, s.bytes, self.clock.now)
         if strat.comm == "mix":
             m.update(self._node_metrics(x))
-        owned = torch.as_tensor(self.owned, device=self.device)
-        m.update(kernel.client_eval(self.problem, self._scored_models(x), owned, self.num_clients,
-                                    self.comm.allreduce_scalars))
+        m.update(per_client)
         m.update(kernel.strategy_metrics(strat, s.server, self.participation, t, self.seed, self.sizes,
                                          self.dtype))
         m["wall_s"] = round(time.perf_counter() - self.t0, 4)
         return m
-
-    def _scored_models(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Client ids -> the models they are scored with on their own test splits."""
-        if self.strategy.comm == "reduce":
-            return lambda ids: x.expand(ids.numel(), -1)
-        return lambda ids: self.state.store.gather(ids)[self.strategy.model_key]
 
     def _node_metrics(self, avg: torch.Tensor) -> dict[str, Any]:
         ids, _ = self.node_rows()

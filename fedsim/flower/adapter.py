@@ -241,17 +241,16 @@ class FlowerAdapter(FlowerStrategy):
             x = self.node_models.sum(0) / self.n
         else:
             x = self.server[self.strategy.model_key]
-        m = kernel.metrics_line(t, self.train_loss[0], self.train_loss[1],
-                                self.problem.evaluate(x[None]), self.bytes, self.clock.now)
-        self.train_loss = [0.0, 0.0]
-        if self.strategy.comm == "mix":
-            assert self.node_models is not None
-            res = self.problem.evaluate(self.node_models)
-            acc = float(res[1].double().sum()) if res is not None and res[1] is not None else None
-            m.update(kernel.node_metrics(float(((self.node_models - x) ** 2).sum()), acc, self.n))
         nodes = self.node_models if self.strategy.comm == "mix" else None
-        scored = (lambda ids: x.expand(ids.numel(), -1)) if nodes is None else (lambda ids: nodes[ids])
-        m.update(kernel.client_eval(self.problem, scored, torch.arange(self.n, device=x.device), self.n))
+        test, per_client = kernel.evaluation(self.problem, x, torch.arange(self.n, device=x.device), self.n,
+                                             models_of=None if nodes is None else (lambda ids: nodes[ids]))
+        m = kernel.metrics_line(t, self.train_loss[0], self.train_loss[1], test, self.bytes, self.clock.now)
+        self.train_loss = [0.0, 0.0]
+        if nodes is not None:
+            res = self.problem.evaluate(nodes)
+            acc = float(res[1].double().sum()) if res is not None and res[1] is not None else None
+            m.update(kernel.node_metrics(float(((nodes - x) ** 2).sum()), acc, self.n))
+        m.update(per_client)
         m.update(kernel.strategy_metrics(self.strategy, self.server, self.setup.participation, t,
                                          self.setup.scenario.seed, self.sizes, self.dtype))
         m["flower_bytes_up"], m["flower_bytes_down"] = self.fed.wire[1], self.fed.wire[0]

@@ -141,12 +141,12 @@ class SeededStrategy(FlowerStrategy):
         m = None
         if kernel.eval_due(t, sc.eval.every, sc.rounds):
             x = record_model(arrays, self.spec, self.setup.device, self.setup.dtype)
-            m = kernel.metrics_line(t, self.train_loss[0], self.train_loss[1],
-                                    self.problem.evaluate(x[None]), self.bytes, self.clock.now)
-            self.train_loss = [0.0, 0.0]
             n = self.setup.num_clients
-            m.update(kernel.client_eval(self.problem, lambda ids: x.expand(ids.numel(), -1),
-                                        torch.arange(n, device=x.device), n))
+            test, per_client = kernel.evaluation(self.problem, x, torch.arange(n, device=x.device), n)
+            m = kernel.metrics_line(t, self.train_loss[0], self.train_loss[1], test, self.bytes,
+                                    self.clock.now)
+            self.train_loss = [0.0, 0.0]
+            m.update(per_client)
             m.update(self.client_eval)
             m["flower_bytes_up"], m["flower_bytes_down"] = self.fed.wire[1], self.fed.wire[0]
             m["wall_s"] = round(time.perf_counter() - self.t0, 4)

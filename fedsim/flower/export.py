@@ -110,9 +110,12 @@ def export_flower(scenario_path: str, out_dir: str, overrides: list[str] | None 
 
     from fedsim.config import load_scenario, to_dict
     from fedsim.setup import build_setup
+    from fedsim.setup_checks import check_model_fits
 
     sc = load_scenario(scenario_path, overrides or [])
-    build_setup(sc)  # fail here, not inside Flower, if the scenario cannot be built
+    # fail here, not inside Flower, if the scenario cannot be built or its model does not fit
+    # the data (`fedsim validate`'s checks), before anything is written
+    check_model_fits(build_setup(sc))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError("export path is a file, not a folder", value=out_dir,
                           allowed="a new or empty folder")

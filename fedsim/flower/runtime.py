@@ -103,13 +103,17 @@ def run_app(server_app: Any, client_app: Any, num_nodes: int, *, runtime: str = 
 def _run_ray(server_app: Any, client_app: Any, num_nodes: int, run_config: dict | None,
              client_resources: dict | None) -> None:
     """Flower's simulation (`flwr.simulation.run_simulation`). It takes no run_config, so with
-    one the apps are wrapped (`with_run_config`) to see it in `context.run_config`."""
+    one the apps are wrapped (`with_run_config`) to see it in `context.run_config`. The caller's
+    SIGINT / SIGTERM / SIGHUP handlers are put back afterwards (Ray's `init` replaces SIGTERM's)."""
     from flwr.simulation import run_simulation
+
+    from fedsim.run import signals_restored
 
     backend = {"client_resources": client_resources or {"num_cpus": 1, "num_gpus": 0.0}}
     if run_config:
         server_app, client_app = with_run_config(server_app, client_app, run_config)
-    run_simulation(server_app, client_app, num_nodes, backend_config=backend)
+    with signals_restored():
+        run_simulation(server_app, client_app, num_nodes, backend_config=backend)
 
 
 def with_run_config(server_app: Any, client_app: Any, run_config: dict) -> tuple[Any, Any]:

@@ -58,12 +58,16 @@ def _run_from_config(grid: Any, cfg: dict[str, Any], app_dir: str | None, timeou
     from fedsim.config import load_scenario
     from fedsim.run import RunWriter, summarize
     from fedsim.setup import build_setup
+    from fedsim.setup_checks import check_model_fits
 
     def located(path: str) -> str:  # the app's config paths are relative to the app folder
         return os.path.join(app_dir, path) if path and app_dir and not os.path.isabs(path) else path
 
     sc = load_scenario(located(str(cfg["scenario"])))
     setup = build_setup(sc)
+    # the export checked its scenario.yaml, but the app runs whatever `scenario` its run config
+    # names (`flwr run --run-config`, an edited copy, another fedsim where it is deployed)
+    check_model_fits(setup)
     out = located(str(cfg.get("output-dir", "") or ""))
     writer = RunWriter(sc, out) if out else None
 
