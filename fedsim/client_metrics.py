@@ -22,7 +22,7 @@ import torch
 
 EVAL_BLOCK = 64
 """Clients scored per `evaluate_clients` call (a fixed block, whatever the engine's chunking)
-when each client has its own model; clients scored by one shared model go in one call."""
+when each client has its own model."""
 
 
 def _np(v: Any) -> np.ndarray:
@@ -82,7 +82,8 @@ def quantile_sorted(ranked: np.ndarray, q: float) -> float:
     return b - (b - a) * (1 - g) if g >= 0.5 else a + (b - a) * g
 
 
-def client_test_sums(problem: Any, models_of: Any, ids: torch.Tensor, n: int) -> torch.Tensor | None:
+def client_test_sums(problem: Any, models_of: Any, ids: torch.Tensor, n: int,
+                     block: int = EVAL_BLOCK) -> torch.Tensor | None:
     """Per client: (correct, count, loss sum) on its own test split, float64 [3, n] on the CPU.
 
     Args:
@@ -92,13 +93,12 @@ def client_test_sums(problem: Any, models_of: Any, ids: torch.Tensor, n: int) ->
       ids: the clients this process holds; columns of other clients stay 0 (so that a sum over
         MPI ranks gives every client's entry).
       n: the number of clients N.
+      block: clients per `evaluate_clients` call (clients scored by one shared model: all of
+        them, so their test rows go through one pass).
     """
     if getattr(problem, "client_test", None) is None:
         return None
     out = torch.zeros(3, n, dtype=torch.float64)
-    probe = models_of(ids[:EVAL_BLOCK])
-    shared = probe.shape[0] > 1 and probe.stride(0) == 0  # one model for all (the server's, expanded)
-    block = max(ids.numel(), 1) if shared else EVAL_BLOCK  # then all test rows in one pass
     for j in range(0, ids.numel(), block):
         chunk = ids[j:j + block]
         loss, correct, count = problem.evaluate_clients(models_of(chunk), chunk)

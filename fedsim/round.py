@@ -383,18 +383,19 @@ def evaluation(problem: Any, x: torch.Tensor, ids: torch.Tensor, n: int, *,
     accuracy are that table's totals, sum loss / sum count and sum correct / sum count: one
     pass over the test rows instead of two, on every process.
     """
-    shared = models_of is None
-    sums = client_test_sums(problem, (lambda c: x.expand(c.numel(), -1)) if shared else models_of, ids, n)
+    if models_of is None:  # x for every client: all of them in one pass over their test rows
+        sums = client_test_sums(problem, lambda c: x.expand(c.numel(), -1), ids, n, max(ids.numel(), 1))
+    else:
+        sums = client_test_sums(problem, models_of, ids, n)
     if sums is not None and allreduce is not None:
         sums = allreduce(sums.reshape(-1)).reshape(3, n)
-    if sums is None:
-        return (problem.evaluate(x[None]) if here else None), {}
-    total = sums[1].sum()
-    if shared and getattr(problem, "client_test_covers", False) and float(total) > 0:
+    total = 0.0 if sums is None else float(sums[1].sum())
+    if models_of is None and total > 0 and getattr(problem, "client_test_covers", False):
+        assert sums is not None
         test: Any = ((sums[2].sum() / total).reshape(1), (sums[0].sum() / total).reshape(1))
     else:
         test = problem.evaluate(x[None]) if here else None
-    return test, client_metrics(sums[0], sums[1], sums[2])
+    return test, {} if sums is None else client_metrics(sums[0], sums[1], sums[2])
 
 
 def strategy_metrics(strategy: Strategy, server: Tree, participation: Participation | None, t: int,
